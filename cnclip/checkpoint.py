@@ -1,0 +1,468 @@
+"""Reading and writing weights: official `.pt` files, Hugging Face ChineseCLIP folders and hub ids,
+and cnclip's own folders. Weights are data, never code: safetensors or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+
+from .config import ModelConfig, TextConfig, VisionConfig, get_model_config, match_zoo
+from .errors import CheckpointError, ModelNotFoundError, VocabularyError
+from .model import CNClipModel
+from .tokenizer import Tokenizer
+from .transform import OPENAI_MEAN, OPENAI_STD
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "ViT-B-16"
+MODEL_ENV = "CNCLIP_MODEL"
+CNCLIP_CONFIG = "cnclip_config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Keys the official and HF checkpoints carry that no forward pass reads.
+_IGNORED = re.compile(r"(^|\.)(pooler\.|position_ids$|token_type_ids$)|num_batches_tracked$")
+
+StateDict = dict[str, torch.Tensor]
+
+
+# -- public entry points ----------------------------------------------------------------------------
+
+
+def create_model(config: str | ModelConfig, device: str | torch.device = "cpu") -> CNClipModel:
+    """A model with freshly initialized (random) weights, e.g. `create_model("tiny-vit")`."""
+    if isinstance(config, str):
+        config = get_model_config(config)
+    return CNClipModel(config).to(device).eval()
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    config: str | ModelConfig | None = None,
+) -> CNClipModel:
+    """Load weights from a zoo name, an official `.pt`, a safetensors file, a folder, or a hub id.
+
+    `name_or_path` defaults to `$CNCLIP_MODEL`, then "ViT-B-16". `config` names the shape the
+    weights must have; by default it is read from the weights themselves. Returns an fp32 model in
+    eval mode on `device`.
+    """
+    if name_or_path is None:
+        name_or_path = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    expected = get_model_config(config) if isinstance(config, str) else config
+    source = str(name_or_path)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path, expected, device)
+    if path.is_file():
+        return _build(read_state_dict(path), expected, Tokenizer(), device, source, None)
+    if _looks_like_path(source):
+        raise ModelNotFoundError(f"no checkpoint file or folder at {source}")
+    if source in _zoo_names():
+        return load_model(_download_official(get_model_config(source)), device, config=expected or source)
+    if "/" in source:
+        return _load_folder(_download_hf_repo(source), expected, device)
+    get_model_config(source)  # raises the unknown-name error listing the zoo
+    raise AssertionError("unreachable")
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Tensors from a checkpoint file, in cnclip's (the official) parameter naming."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); download it again")
+    if path.suffix == ".safetensors":
+        try:
+            raw = load_safetensors(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); download it again") from e
+    else:
+        raw = _torch_load(path)
+    return to_native(_unwrap(raw, path))
+
+
+def save_pretrained(model: CNClipModel, folder: str | os.PathLike) -> Path:
+    """Write `model` to `folder`.
+
+    ViT models get a Hugging Face ChineseCLIP folder (`config.json`, `model.safetensors` in HF
+    naming, `vocab.txt`, tokenizer and preprocessor configs) that `ChineseCLIPModel` and cnclip
+    both load; ResNet models, which transformers has no class for, keep cnclip's naming. Either
+    way `cnclip_config.json` records the exact shape.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if not _IGNORED.search(k)}
+    if cfg.vision.kind == "vit":
+        state = native_to_hf(state, cfg)
+        _write_json(folder / "config.json", hf_config_dict(cfg))
+    _write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_safetensors(state, str(tmp), metadata={"format": "pt"}))
+    _write_atomic(folder / "vocab.txt", lambda tmp: shutil.copyfile(model.tokenizer.vocab_path, tmp))
+    _write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": cfg.context_length,
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+    })
+    size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
+    _write_json(folder / "preprocessor_config.json", {
+        # squash to (s, s), no crop: the official preprocessing (HF's hub configs centre-crop instead)
+        "image_processor_type": "ChineseCLIPImageProcessor", "processor_class": "ChineseCLIPProcessor",
+        "do_resize": True, "size": size, "resample": 3, "do_center_crop": False, "crop_size": size,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD), "do_convert_rgb": True,
+    })
+    _write_json(folder / CNCLIP_CONFIG, cfg.to_dict())
+    return folder
+
+
+# -- building -----------------------------------------------------------------------------------------
+
+
+def _build(
+    state: StateDict, expected: ModelConfig | None, tokenizer: Tokenizer, device, source: str, heads: tuple | None
+) -> CNClipModel:
+    found = infer_config(state, source)
+    if heads is not None:  # head counts come from a folder's config; weights can't reveal them
+        found = dataclasses.replace(
+            found,
+            vision=dataclasses.replace(found.vision, head_width=heads[0]),
+            text=dataclasses.replace(found.text, heads=heads[1]),
+        )
+    config = _check_shape(found, expected, source, heads_known=heads is not None)
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise VocabularyError(
+            f"{tokenizer.vocab_path} has {tokenizer.vocab_size} tokens but {source} embeds only "
+            f"{config.text.vocab_size}; use the vocab.txt that came with these weights"
+        )
+    # Build without allocating random weights, then adopt the checkpoint's tensors (mmap-backed when
+    # the file allows it): loading a model then costs about one copy of the weights, not two.
+    with torch.device("meta"):
+        model = CNClipModel(config, tokenizer=tokenizer)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source} does not fit the {config.name or 'inferred'} shape: {_first_line(e)}") from e
+    _materialize_buffers(model)
+    return model.float().to(device).eval()
+
+
+def _check_shape(found: ModelConfig, expected: ModelConfig | None, source: str, heads_known: bool) -> ModelConfig:
+    zoo = match_zoo(found, ignore_heads=not heads_known)
+    if expected is None:
+        return zoo
+    if expected.shape(ignore_heads=not heads_known) != found.shape(ignore_heads=not heads_known):
+        raise CheckpointError(
+            f"{source} holds a {describe(zoo)} model, not {describe(expected)}; "
+            "name the matching model or leave the name out to use what the weights hold"
+        )
+    return expected
+
+
+def describe(config: ModelConfig) -> str:
+    """A short human description of a shape, e.g. 'ViT-B-16' or 'vit width 64, 2 layers, embed 32'."""
+    if config.name:
+        return config.name
+    v = config.vision
+    return f"{v.kind} width {v.width} layers {v.layers} image {v.image_size} / text width {config.text.hidden_size} x {config.text.layers} / embed {config.embed_dim}"
+
+
+def _materialize_buffers(model: CNClipModel) -> None:
+    # BERT's position/token-type index buffers are not saved in checkpoints; rebuild them for real.
+    emb = model.bert.embeddings
+    n = model.config.text.max_position_embeddings
+    for name, value in (("position_ids", torch.arange(n).unsqueeze(0)), ("token_type_ids", torch.zeros(1, n, dtype=torch.long))):
+        if hasattr(emb, name):
+            emb.register_buffer(name, value, persistent=False)
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if leftovers:
+        raise CheckpointError(f"checkpoint left tensors unset: {', '.join(leftovers[:5])}")
+
+
+def infer_config(state: StateDict, source: str = "checkpoint") -> ModelConfig:
+    """Read the model shape off the tensors of a native-named state dict."""
+    try:
+        embed_dim = state["text_projection"].shape[1]
+        word = state["bert.embeddings.word_embeddings.weight"]
+        text = TextConfig(
+            vocab_size=word.shape[0],
+            hidden_size=word.shape[1],
+            layers=_count(state, r"bert\.encoder\.layer\.(\d+)\."),
+            heads=word.shape[1] // 64,  # every published text tower uses 64-wide heads
+            intermediate_size=state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+            max_position_embeddings=state["bert.embeddings.position_embeddings.weight"].shape[0],
+            type_vocab_size=state["bert.embeddings.token_type_embeddings.weight"].shape[0],
+        )
+        if "visual.attnpool.c_proj.weight" in state:
+            grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+            vision = VisionConfig(
+                kind="resnet",
+                image_size=grid * 32,
+                layers=tuple(_count(state, rf"visual\.layer{i}\.(\d+)\.") for i in range(1, 5)),
+                width=state["visual.conv1.weight"].shape[0] * 2,
+            )
+        else:
+            conv = state["visual.conv1.weight"]
+            grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+            vision = VisionConfig(
+                kind="vit",
+                image_size=grid * conv.shape[-1],
+                layers=_count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
+                width=conv.shape[0],
+                patch_size=conv.shape[-1],
+            )
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"{source} is not a Chinese-CLIP checkpoint (no {e} tensor)") from e
+    return ModelConfig(embed_dim=embed_dim, vision=vision, text=text)
+
+
+def _count(state: StateDict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    indices = {int(m.group(1)) for k in state if (m := rx.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+# -- folders and the hub ----------------------------------------------------------------------------
+
+
+def _load_folder(folder: Path, expected: ModelConfig | None, device) -> CNClipModel:
+    weights = next((folder / f for f in (WEIGHTS_FILE, "pytorch_model.bin") if (folder / f).is_file()), None)
+    if weights is None:
+        pts = sorted(folder.glob("*.pt"))
+        if len(pts) == 1:
+            return load_model(pts[0], device, config=expected)
+        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE} or pytorch_model.bin; point at the checkpoint file itself")
+    vocab = folder / "vocab.txt"
+    if not vocab.is_file():
+        raise VocabularyError(
+            f"{folder} has no vocab.txt; copy the vocab.txt that came with these weights into it "
+            "(the standard Chinese BERT one is cnclip/resources/vocab.txt)"
+        )
+    heads = None
+    if (folder / CNCLIP_CONFIG).is_file():
+        own = ModelConfig.from_dict(json.loads((folder / CNCLIP_CONFIG).read_text("utf-8")))
+        heads = (own.vision.head_width, own.text.heads)
+        expected = expected or own
+    elif (folder / "config.json").is_file():
+        heads = _heads_from_hf_config(folder / "config.json")
+    return _build(read_state_dict(weights), expected, Tokenizer(vocab), device, str(folder), heads)
+
+
+def _heads_from_hf_config(path: Path) -> tuple[int, int] | None:
+    try:
+        hf = json.loads(path.read_text("utf-8"))
+        v, t = hf["vision_config"], hf["text_config"]
+        return v["hidden_size"] // v["num_attention_heads"], t["num_attention_heads"]
+    except (KeyError, ValueError, TypeError):
+        return None  # not a ChineseCLIP config; fall back to what the weights say
+
+
+def _download_official(config: ModelConfig) -> str:
+    if not config.hub_repo or not config.official_file:
+        raise ModelNotFoundError(
+            f"{config.name} has no published weights; use cnclip.create_model({config.name!r}) for random ones"
+        )
+    return _hub_file(config.hub_repo, config.official_file, label=config.name)
+
+
+def _download_hf_repo(repo_id: str) -> Path:
+    for name in ("vocab.txt", "config.json"):
+        local = _hub_file(repo_id, name, label=repo_id)
+    try:
+        _hub_file(repo_id, WEIGHTS_FILE, label=repo_id)
+    except ModelNotFoundError:
+        _hub_file(repo_id, "pytorch_model.bin", label=repo_id)
+    return Path(local).parent
+
+
+def _hub_file(repo_id: str, filename: str, label: str) -> str:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id, filename)
+    except LocalEntryNotFoundError as e:
+        raise ModelNotFoundError(
+            f"{label}: {filename} from {repo_id} is not in the local Hugging Face cache and the hub cannot be reached; "
+            f"download it on a machine with internet and pass its path (--model PATH or {MODEL_ENV}=PATH)"
+        ) from e
+    except (RepositoryNotFoundError, EntryNotFoundError) as e:
+        raise ModelNotFoundError(f"{label}: no {filename} in Hugging Face repo {repo_id}") from e
+
+
+# -- state-dict formats ------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) files can't be memory-mapped; read them plainly
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors; cnclip loads weights only (never runs pickled code)"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(e)}); download it again") from e
+
+
+def _unwrap(raw: object, path: Path) -> StateDict:
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]  # official training checkpoints: {"epoch", "name", "state_dict", ...}
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()}
+
+
+def to_native(state: StateDict) -> StateDict:
+    """Any supported naming (official / cnclip, or Hugging Face ChineseCLIP) -> cnclip's naming."""
+    state = {k: v for k, v in state.items() if not _IGNORED.search(k)}
+    if any(k.startswith(("vision_model.", "text_model.")) for k in state):
+        return hf_to_native(state)
+    return state
+
+
+# Native <-> Hugging Face names for the ViT tower; {i} is the layer index.
+_VIT_NAMES = [
+    ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre.{p}", "vision_model.pre_layrnorm.{p}"),
+    ("visual.ln_post.{p}", "vision_model.post_layernorm.{p}"),
+    ("visual.transformer.resblocks.{i}.ln_1.{p}", "vision_model.encoder.layers.{i}.layer_norm1.{p}"),
+    ("visual.transformer.resblocks.{i}.ln_2.{p}", "vision_model.encoder.layers.{i}.layer_norm2.{p}"),
+    ("visual.transformer.resblocks.{i}.attn.out_proj.{p}", "vision_model.encoder.layers.{i}.self_attn.out_proj.{p}"),
+    ("visual.transformer.resblocks.{i}.mlp.c_fc.{p}", "vision_model.encoder.layers.{i}.mlp.fc1.{p}"),
+    ("visual.transformer.resblocks.{i}.mlp.c_proj.{p}", "vision_model.encoder.layers.{i}.mlp.fc2.{p}"),
+]
+
+
+def _name_pairs(layers: int) -> list[tuple[str, str]]:
+    pairs = []
+    for native, hf in _VIT_NAMES:
+        for p in ("weight", "bias"):
+            for i in range(layers if "{i}" in native else 1):
+                pairs.append((native.format(i=i, p=p), hf.format(i=i, p=p)))
+    return pairs
+
+
+def native_to_hf(state: StateDict, config: ModelConfig) -> StateDict:
+    """cnclip (official) names -> Hugging Face ChineseCLIPModel names (ViT models only)."""
+    out: StateDict = {}
+    state = dict(state)
+    for native, hf in _name_pairs(config.vision.layers):
+        if native in state:
+            out[hf] = state.pop(native)
+    for i in range(config.vision.layers):
+        block = f"visual.transformer.resblocks.{i}.attn"
+        for kind in ("weight", "bias"):
+            q, k, v = state.pop(f"{block}.in_proj_{kind}").chunk(3)
+            for name, t in zip("qkv", (q, k, v)):
+                out[f"vision_model.encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = t.contiguous()
+    out["visual_projection.weight"] = state.pop("visual.proj").t().contiguous()
+    out["text_projection.weight"] = state.pop("text_projection").t().contiguous()
+    out["logit_scale"] = state.pop("logit_scale")
+    for k in list(state):
+        if k.startswith("bert."):
+            out["text_model." + k[len("bert."):]] = state.pop(k)
+    if state:
+        raise CheckpointError(f"no Hugging Face name for: {', '.join(sorted(state)[:5])}")
+    return out
+
+
+def hf_to_native(state: StateDict) -> StateDict:
+    """Hugging Face ChineseCLIPModel names -> cnclip (official) names."""
+    state = dict(state)
+    layers = _count(state, r"vision_model\.encoder\.layers\.(\d+)\.")
+    out: StateDict = {}
+    for native, hf in _name_pairs(layers):
+        if hf in state:
+            out[native] = state.pop(hf)
+    for i in range(layers):
+        attn = f"vision_model.encoder.layers.{i}.self_attn"
+        for kind in ("weight", "bias"):
+            parts = [state.pop(f"{attn}.{n}_proj.{kind}", None) for n in "qkv"]
+            if any(p is None for p in parts):
+                raise CheckpointError(f"Hugging Face checkpoint lacks {attn} q/k/v {kind}")
+            out[f"visual.transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(parts)
+    try:
+        # contiguous: a transposed view would send matmuls down another kernel (last-bit differences)
+        out["visual.proj"] = state.pop("visual_projection.weight").t().contiguous()
+        out["text_projection"] = state.pop("text_projection.weight").t().contiguous()
+        out["logit_scale"] = state.pop("logit_scale")
+    except KeyError as e:
+        raise CheckpointError(f"Hugging Face checkpoint lacks {e}") from e
+    for k in list(state):
+        if k.startswith("text_model."):
+            out["bert." + k[len("text_model."):]] = state.pop(k)
+    if state:
+        raise CheckpointError(f"unexpected tensors in Hugging Face checkpoint: {', '.join(sorted(state)[:5])}")
+    return out
+
+
+def hf_config_dict(config: ModelConfig) -> dict:
+    """A transformers ChineseCLIPConfig for a ViT model, as a JSON-ready dict."""
+    from transformers import ChineseCLIPConfig
+
+    v, t = config.vision, config.text
+    hf = ChineseCLIPConfig(
+        text_config={
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads, "intermediate_size": t.intermediate_size, "hidden_act": "gelu",
+            "max_position_embeddings": t.max_position_embeddings, "type_vocab_size": t.type_vocab_size,
+            "layer_norm_eps": t.layer_norm_eps, "pad_token_id": 0,
+        },
+        vision_config={
+            "hidden_size": v.width, "intermediate_size": v.width * 4, "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,
+            "projection_dim": config.embed_dim, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+        },
+        projection_dim=config.embed_dim,
+    )
+    out = hf.to_dict()
+    out["architectures"] = ["ChineseCLIPModel"]
+    return out
+
+
+# -- small helpers -------------------------------------------------------------------------------------
+
+
+def _zoo_names() -> set[str]:
+    from .config import available_models
+
+    return set(available_models(include_tiny=True))
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep * 2 in source
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's text folded onto one line (load_state_dict puts the useful part on line two)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    # write beside the target then rename, so an interrupted save never leaves half a file
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8"))

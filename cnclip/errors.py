@@ -1,0 +1,26 @@
+"""The exceptions cnclip raises; each message is one line naming the thing and what to do.
+
+The CLI catches `CNClipError` and prints its message; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class CNClipError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug in cnclip."""
+
+
+class ModelNotFoundError(CNClipError, LookupError):
+    """A model name, path or hub id that cannot be resolved to weights."""
+
+
+class CheckpointError(CNClipError, ValueError):
+    """A weights file that is unreadable, truncated, or of another shape than expected."""
+
+
+class VocabularyError(CNClipError, ValueError):
+    """A missing or malformed WordPiece vocabulary file."""
+
+
+class ImageError(CNClipError, ValueError):
+    """An image file that cannot be decoded (corrupt, truncated, too large, not an image)."""

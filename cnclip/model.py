@@ -1,0 +1,190 @@
+"""The two-tower Chinese-CLIP model: open_clip image tower, transformers BERT text tower, shared space.
+
+Parameter names equal the official checkpoints' (after their `module.` prefix), so an official
+state dict loads with no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import QuickGELU, VisionTransformer
+from PIL import Image
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from .config import ModelConfig
+from .tokenizer import Tokenizer, default_tokenizer, normalize_text
+from .transform import ImageTransform, load_image
+
+ImageInput = Image.Image | str | os.PathLike
+
+
+def build_image_tower(config: ModelConfig) -> nn.Module:
+    """open_clip's ViT or CLIP ModifiedResNet, configured like the official towers."""
+    v = config.vision
+    if v.kind == "resnet":
+        return ModifiedResNet(
+            layers=list(v.layers), output_dim=config.embed_dim, heads=v.heads, image_size=v.image_size, width=v.width
+        )
+    return VisionTransformer(
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        width=v.width,
+        layers=v.layers,
+        heads=v.heads,
+        mlp_ratio=4.0,
+        output_dim=config.embed_dim,
+        act_layer=QuickGELU,  # the official ViTs were trained with OpenAI's QuickGELU, not exact GELU
+    )
+
+
+def bert_config(config: ModelConfig) -> BertConfig:
+    t = config.text
+    return BertConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        intermediate_size=t.intermediate_size,
+        hidden_act="gelu",
+        max_position_embeddings=t.max_position_embeddings,
+        type_vocab_size=t.type_vocab_size,
+        layer_norm_eps=t.layer_norm_eps,
+        pad_token_id=0,
+    )
+
+
+class CNClipModel(nn.Module):
+    """Image and text towers projecting into one `embed_dim` space.
+
+    `encode_image` / `encode_text` work on tensors; `embed_images` / `embed_texts` take PIL images
+    and strings and return L2-normalized float32 numpy rows.
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        self.config = config
+        self.visual = build_image_tower(config)
+        # The official text tower has no pooler: the embedding is the [CLS] of the last hidden state.
+        self.bert = BertModel(bert_config(config), add_pooling_layer=False)
+        self.text_projection = nn.Parameter(torch.empty(config.text.hidden_size, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if self.text_projection.device.type != "meta":
+            nn.init.normal_(self.text_projection, std=config.text.hidden_size**-0.5)
+        self.tokenizer = tokenizer or default_tokenizer()
+        self.preprocess = ImageTransform(config.vision.image_size)
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_projection.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_projection.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    # -- tensors in, tensors out ----------------------------------------------------------------
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(N, 3, s, s) preprocessed pixels -> (N, embed_dim) image features."""
+        features = self.visual(pixels.to(device=self.device, dtype=self.dtype))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, token_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(N, L) token ids, padded with [PAD] -> (N, embed_dim) text features."""
+        token_ids = token_ids.to(self.device)
+        mask = token_ids.ne(self.tokenizer.pad_id)
+        hidden = self.bert(input_ids=token_ids, attention_mask=mask).last_hidden_state
+        features = hidden[:, 0, :] @ self.text_projection
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(
+        self, image: torch.Tensor | None = None, text: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Normalized (image_features, text_features, logit_scale.exp()); either input may be None."""
+        image_features = self.encode_image(image, normalize=True) if image is not None else None
+        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        return image_features, text_features, self.logit_scale.exp()
+
+    # -- Python objects in, numpy out -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+        """PIL images (or paths) -> float32 (N, embed_dim), rows L2-normalized."""
+        out = np.empty((len(images), self.embed_dim), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            chunk = [img if isinstance(img, Image.Image) else load_image(img) for img in images[start:start + batch_size]]
+            out[start:start + len(chunk)] = self._to_numpy(self.encode_image(self.preprocess.batch(chunk), normalize=True))
+        return out
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Strings -> float32 (N, embed_dim), rows L2-normalized.
+
+        Texts get the official normalization, and each batch is padded only to its longest member
+        (same [CLS] embedding as padding to 52, far less compute); sorting by length first keeps
+        batches tight.
+        """
+        if isinstance(texts, str):
+            raise TypeError("embed_texts takes a list of strings; wrap a single query as [query]")
+        encoded = [self.tokenizer.encode(normalize_text(t)) for t in texts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+            out[rows] = self._to_numpy(self.encode_text(ids, normalize=True))
+        return out
+
+    @staticmethod
+    def _to_numpy(features: torch.Tensor) -> np.ndarray:
+        # normalize again in float32: bf16 rows are only unit length to ~3 digits
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    # -- training helpers -----------------------------------------------------------------------
+
+    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
+        """Freeze the image tower, leaving the last `unlocked_groups` layer groups trainable (ViT)."""
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.lock(unlocked_groups=unlocked_groups)
+            return
+        for p in self.visual.parameters():
+            p.requires_grad = False
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower, leaving the last `unlocked_layers` BERT layers trainable."""
+        for p in self.bert.parameters():
+            p.requires_grad = False
+        if unlocked_layers > 0:
+            for layer in self.bert.encoder.layer[-unlocked_layers:]:
+                for p in layer.parameters():
+                    p.requires_grad = True
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        if enable:
+            self.bert.gradient_checkpointing_enable()
+        else:
+            self.bert.gradient_checkpointing_disable()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write a Hugging Face-compatible ChineseCLIP folder (ViT) or a cnclip folder (ResNet)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, folder)

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models, generated images; never the network."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub: tests must never reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.pop("CNCLIP_MODEL", None)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def random_images(n: int, seed: int = 0, size: tuple[int, int] = (96, 72)) -> list[Image.Image]:
+    """Smooth random RGB images (noise plus gradients), different per index."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        base = rng.integers(0, 256, size=(3,), dtype=np.int64)
+        grad = np.linspace(0, 1, size[0])[None, :, None] * rng.integers(-120, 120, size=(3,))
+        noise = rng.integers(-40, 40, size=(size[1], size[0], 3))
+        arr = np.clip(base + grad + noise, 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(arr, "RGB"))
+    return images
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    import cnclip
+
+    torch.manual_seed(0)
+    return cnclip.create_model("tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_rn():
+    import cnclip
+
+    torch.manual_seed(0)
+    return cnclip.create_model("tiny-rn")
+
+
+@pytest.fixture
+def images():
+    return random_images(4)
