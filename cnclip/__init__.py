@@ -1,7 +1,7 @@
 """cnclip: Chinese-CLIP text-image retrieval.
 
-    model = cnclip.load_model("ViT-B-16")        # zoo name, .pt / .safetensors path, folder or hub id
-    vecs = model.embed_texts(["海边的日落"])        # float32 (N, D), rows L2-normalized
+model = cnclip.load_model("ViT-B-16")        # zoo name, .pt / .safetensors path, folder or hub id
+vecs = model.embed_texts(["海边的日落"])        # float32 (N, D), rows L2-normalized
 """
 
 from __future__ import annotations
@@ -16,7 +16,20 @@ from .transform import ImageTransform, load_image, preprocess
 __version__ = "0.1.0"
 
 __all__ = [
-    "CNClipError", "CNClipModel", "CheckpointError", "ImageError", "ImageTransform", "ModelConfig",
-    "ModelNotFoundError", "Tokenizer", "VocabularyError", "available_models", "create_model",
-    "get_model_config", "load_image", "load_model", "preprocess", "tokenize",
+    "CNClipError",
+    "CNClipModel",
+    "CheckpointError",
+    "ImageError",
+    "ImageTransform",
+    "ModelConfig",
+    "ModelNotFoundError",
+    "Tokenizer",
+    "VocabularyError",
+    "available_models",
+    "create_model",
+    "get_model_config",
+    "load_image",
+    "load_model",
+    "preprocess",
+    "tokenize",
 ]

@@ -88,7 +88,9 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         try:
             raw = load_safetensors(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); download it again") from e
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({_first_line(e)}); download it again"
+            ) from e
     else:
         raw = _torch_load(path)
     return to_native(_unwrap(raw, path))
@@ -111,18 +113,39 @@ def save_pretrained(model: CNClipModel, folder: str | os.PathLike) -> Path:
         _write_json(folder / "config.json", hf_config_dict(cfg))
     _write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_safetensors(state, str(tmp), metadata={"format": "pt"}))
     _write_atomic(folder / "vocab.txt", lambda tmp: shutil.copyfile(model.tokenizer.vocab_path, tmp))
-    _write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": cfg.context_length,
-        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
-    })
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": True,
+            "model_max_length": cfg.context_length,
+            "unk_token": "[UNK]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+        },
+    )
     size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
-    _write_json(folder / "preprocessor_config.json", {
-        # squash to (s, s), no crop: the official preprocessing (HF's hub configs centre-crop instead)
-        "image_processor_type": "ChineseCLIPImageProcessor", "processor_class": "ChineseCLIPProcessor",
-        "do_resize": True, "size": size, "resample": 3, "do_center_crop": False, "crop_size": size,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD), "do_convert_rgb": True,
-    })
+    _write_json(
+        folder / "preprocessor_config.json",
+        {
+            # squash to (s, s), no crop: the official preprocessing (HF's hub configs centre-crop instead)
+            "image_processor_type": "ChineseCLIPImageProcessor",
+            "processor_class": "ChineseCLIPProcessor",
+            "do_resize": True,
+            "size": size,
+            "resample": 3,
+            "do_center_crop": False,
+            "crop_size": size,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(OPENAI_MEAN),
+            "image_std": list(OPENAI_STD),
+            "do_convert_rgb": True,
+        },
+    )
     _write_json(folder / CNCLIP_CONFIG, cfg.to_dict())
     return folder
 
@@ -175,14 +198,21 @@ def describe(config: ModelConfig) -> str:
     if config.name:
         return config.name
     v = config.vision
-    return f"{v.kind} width {v.width} layers {v.layers} image {v.image_size} / text width {config.text.hidden_size} x {config.text.layers} / embed {config.embed_dim}"
+    t = config.text
+    return (
+        f"{v.kind} width {v.width} layers {v.layers} image {v.image_size} / "
+        f"text width {t.hidden_size} x {t.layers} / embed {config.embed_dim}"
+    )
 
 
 def _materialize_buffers(model: CNClipModel) -> None:
     # BERT's position/token-type index buffers are not saved in checkpoints; rebuild them for real.
     emb = model.bert.embeddings
     n = model.config.text.max_position_embeddings
-    for name, value in (("position_ids", torch.arange(n).unsqueeze(0)), ("token_type_ids", torch.zeros(1, n, dtype=torch.long))):
+    for name, value in (
+        ("position_ids", torch.arange(n).unsqueeze(0)),
+        ("token_type_ids", torch.zeros(1, n, dtype=torch.long)),
+    ):
         if hasattr(emb, name):
             emb.register_buffer(name, value, persistent=False)
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
@@ -242,7 +272,9 @@ def _load_folder(folder: Path, expected: ModelConfig | None, device) -> CNClipMo
         pts = sorted(folder.glob("*.pt"))
         if len(pts) == 1:
             return load_model(pts[0], device, config=expected)
-        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE} or pytorch_model.bin; point at the checkpoint file itself")
+        raise CheckpointError(
+            f"{folder} has no {WEIGHTS_FILE} or pytorch_model.bin; point at the checkpoint file itself"
+        )
     vocab = folder / "vocab.txt"
     if not vocab.is_file():
         raise VocabularyError(
@@ -317,7 +349,9 @@ def _torch_load(path: Path) -> object:
             f"{path} holds Python objects besides tensors; cnclip loads weights only (never runs pickled code)"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(e)}); download it again") from e
+        raise CheckpointError(
+            f"{path} is truncated or not a PyTorch checkpoint ({_first_line(e)}); download it again"
+        ) from e
 
 
 def _unwrap(raw: object, path: Path) -> StateDict:
@@ -325,7 +359,7 @@ def _unwrap(raw: object, path: Path) -> StateDict:
         raw = raw["state_dict"]  # official training checkpoints: {"epoch", "name", "state_dict", ...}
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in raw.items()}
 
 
 def to_native(state: StateDict) -> StateDict:
@@ -371,14 +405,14 @@ def native_to_hf(state: StateDict, config: ModelConfig) -> StateDict:
         block = f"visual.transformer.resblocks.{i}.attn"
         for kind in ("weight", "bias"):
             q, k, v = state.pop(f"{block}.in_proj_{kind}").chunk(3)
-            for name, t in zip("qkv", (q, k, v)):
+            for name, t in zip("qkv", (q, k, v), strict=True):
                 out[f"vision_model.encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = t.contiguous()
     out["visual_projection.weight"] = state.pop("visual.proj").t().contiguous()
     out["text_projection.weight"] = state.pop("text_projection").t().contiguous()
     out["logit_scale"] = state.pop("logit_scale")
     for k in list(state):
         if k.startswith("bert."):
-            out["text_model." + k[len("bert."):]] = state.pop(k)
+            out["text_model." + k[len("bert.") :]] = state.pop(k)
     if state:
         raise CheckpointError(f"no Hugging Face name for: {', '.join(sorted(state)[:5])}")
     return out
@@ -408,7 +442,7 @@ def hf_to_native(state: StateDict) -> StateDict:
         raise CheckpointError(f"Hugging Face checkpoint lacks {e}") from e
     for k in list(state):
         if k.startswith("text_model."):
-            out["bert." + k[len("text_model."):]] = state.pop(k)
+            out["bert." + k[len("text_model.") :]] = state.pop(k)
     if state:
         raise CheckpointError(f"unexpected tensors in Hugging Face checkpoint: {', '.join(sorted(state)[:5])}")
     return out
@@ -421,15 +455,27 @@ def hf_config_dict(config: ModelConfig) -> dict:
     v, t = config.vision, config.text
     hf = ChineseCLIPConfig(
         text_config={
-            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "num_hidden_layers": t.layers,
-            "num_attention_heads": t.heads, "intermediate_size": t.intermediate_size, "hidden_act": "gelu",
-            "max_position_embeddings": t.max_position_embeddings, "type_vocab_size": t.type_vocab_size,
-            "layer_norm_eps": t.layer_norm_eps, "pad_token_id": 0,
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads,
+            "intermediate_size": t.intermediate_size,
+            "hidden_act": "gelu",
+            "max_position_embeddings": t.max_position_embeddings,
+            "type_vocab_size": t.type_vocab_size,
+            "layer_norm_eps": t.layer_norm_eps,
+            "pad_token_id": 0,
         },
         vision_config={
-            "hidden_size": v.width, "intermediate_size": v.width * 4, "num_hidden_layers": v.layers,
-            "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,
-            "projection_dim": config.embed_dim, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+            "hidden_size": v.width,
+            "intermediate_size": v.width * 4,
+            "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "projection_dim": config.embed_dim,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
         },
         projection_dim=config.embed_dim,
     )
@@ -448,7 +494,11 @@ def _zoo_names() -> set[str]:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep * 2 in source
+    return (
+        source.startswith((".", "/", "~"))
+        or source.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        or os.sep * 2 in source
+    )
 
 
 def _first_line(e: BaseException) -> str:

@@ -14,11 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import QuickGELU, VisionTransformer
 from PIL import Image
 from torch import nn
-from transformers import BertConfig, BertModel
 
 from .config import ModelConfig
 from .tokenizer import Tokenizer, default_tokenizer, normalize_text
@@ -29,6 +26,11 @@ ImageInput = Image.Image | str | os.PathLike
 
 def build_image_tower(config: ModelConfig) -> nn.Module:
     """open_clip's ViT or CLIP ModifiedResNet, configured like the official towers."""
+    # imported here: open_clip pulls in torchvision and half of torch._dynamo (~3 s), which
+    # commands that never build a model (help, listing, index status) should not pay for
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
     v = config.vision
     if v.kind == "resnet":
         return ModifiedResNet(
@@ -46,9 +48,12 @@ def build_image_tower(config: ModelConfig) -> nn.Module:
     )
 
 
-def bert_config(config: ModelConfig) -> BertConfig:
+def build_text_tower(config: ModelConfig) -> nn.Module:
+    """transformers' BertModel shaped like the official RoBERTa-wwm-ext tower, without a pooler."""
+    from transformers import BertConfig, BertModel  # lazy for the same reason as open_clip above
+
     t = config.text
-    return BertConfig(
+    bert = BertConfig(
         vocab_size=t.vocab_size,
         hidden_size=t.hidden_size,
         num_hidden_layers=t.layers,
@@ -60,6 +65,8 @@ def bert_config(config: ModelConfig) -> BertConfig:
         layer_norm_eps=t.layer_norm_eps,
         pad_token_id=0,
     )
+    # The official text tower has no pooler: the embedding is the [CLS] of the last hidden state.
+    return BertModel(bert, add_pooling_layer=False)
 
 
 class CNClipModel(nn.Module):
@@ -73,8 +80,7 @@ class CNClipModel(nn.Module):
         super().__init__()
         self.config = config
         self.visual = build_image_tower(config)
-        # The official text tower has no pooler: the embedding is the [CLS] of the last hidden state.
-        self.bert = BertModel(bert_config(config), add_pooling_layer=False)
+        self.bert = build_text_tower(config)
         self.text_projection = nn.Parameter(torch.empty(config.text.hidden_size, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         if self.text_projection.device.type != "meta":
@@ -126,8 +132,12 @@ class CNClipModel(nn.Module):
         """PIL images (or paths) -> float32 (N, embed_dim), rows L2-normalized."""
         out = np.empty((len(images), self.embed_dim), dtype=np.float32)
         for start in range(0, len(images), batch_size):
-            chunk = [img if isinstance(img, Image.Image) else load_image(img) for img in images[start:start + batch_size]]
-            out[start:start + len(chunk)] = self._to_numpy(self.encode_image(self.preprocess.batch(chunk), normalize=True))
+            chunk = [
+                img if isinstance(img, Image.Image) else load_image(img) for img in images[start : start + batch_size]
+            ]
+            out[start : start + len(chunk)] = self._to_numpy(
+                self.encode_image(self.preprocess.batch(chunk), normalize=True)
+            )
         return out
 
     @torch.inference_mode()
@@ -144,7 +154,7 @@ class CNClipModel(nn.Module):
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in rows)
             ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
             for r, i in enumerate(rows):
@@ -161,9 +171,11 @@ class CNClipModel(nn.Module):
 
     def lock_image_tower(self, unlocked_groups: int = 0) -> None:
         """Freeze the image tower, leaving the last `unlocked_groups` layer groups trainable (ViT)."""
-        if isinstance(self.visual, VisionTransformer):
+        if self.config.vision.kind == "vit":
             self.visual.lock(unlocked_groups=unlocked_groups)
             return
+        if unlocked_groups:
+            raise ValueError("partial unlocking is only available for ViT image towers; use 0 for ResNet")
         for p in self.visual.parameters():
             p.requires_grad = False
 

@@ -39,7 +39,9 @@ def test_load_hf_folder_matches_transformers(tmp_path):
     model = cnclip.load_model(tmp_path)
     assert model.config.name == "tiny-vit"
     pixels = model.preprocess.batch(random_images(3))
-    for ours, theirs in zip(_our_features(model, pixels, TEXTS), _hf_features(hf, pixels, TEXTS, model.tokenizer)):
+    for ours, theirs in zip(
+        _our_features(model, pixels, TEXTS), _hf_features(hf, pixels, TEXTS, model.tokenizer), strict=True
+    ):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
@@ -55,7 +57,9 @@ def test_transformers_loads_our_folder(tmp_path):
     hf = ChineseCLIPModel.from_pretrained(folder).eval()
     images = random_images(3)
     pixels = model.preprocess.batch(images)
-    for ours, theirs in zip(_our_features(model, pixels, TEXTS), _hf_features(hf, pixels, TEXTS, model.tokenizer)):
+    for ours, theirs in zip(
+        _our_features(model, pixels, TEXTS), _hf_features(hf, pixels, TEXTS, model.tokenizer), strict=True
+    ):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     # their tokenizer and image processor, read from our folder, feed the model the same inputs
     hf_ids = BertTokenizer.from_pretrained(folder)(TEXTS, padding=True, return_tensors="pt")["input_ids"]
@@ -74,7 +78,7 @@ def test_round_trip_is_exact(name, tmp_path):
     again = cnclip.load_model(model.save_pretrained(tmp_path / "m"))
     assert again.config == model.config
     after = again.embed_images(images), again.embed_texts(TEXTS)
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
     # and once more through the loaded copy: saving is stable
     third = cnclip.load_model(again.save_pretrained(tmp_path / "m2"))

@@ -50,7 +50,7 @@ def test_half_precision_checkpoint_loads_as_fp32(tmp_path):
     # the published .pt files hold fp16 weights; the official loader upcasts them on CPU
     ref = official_model(get_model_config("tiny-vit"))
     path = save_official_checkpoint(ref, tmp_path / "half.pt", half=True)
-    ref.load_state_dict({k[len("module."):]: v.float() for k, v in torch.load(path)["state_dict"].items()})
+    ref.load_state_dict({k[len("module.") :]: v.float() for k, v in torch.load(path)["state_dict"].items()})
     model = cnclip.load_model(path)
     assert model.dtype == torch.float32
     _assert_parity(model, ref, random_images(2))
