@@ -352,20 +352,6 @@ def test_missing_file(tmp_path: Path) -> None:
     assert "no such file" in _assert_one_line_naming(exc, path)
 
 
-def test_permission_denied_real(tmp_path: Path) -> None:
-    path = tmp_path / "locked.png"
-    _rgb_noise(8, 8, seed=5).save(path)
-    path.chmod(0)
-    try:
-        if os.access(path, os.R_OK):
-            pytest.skip("running as root: a mode-000 file stays readable (see the simulated test)")
-        with pytest.raises(ImageError) as exc:
-            load_image(path)
-        assert "permission denied" in _assert_one_line_naming(exc, path)
-    finally:
-        path.chmod(0o644)
-
-
 def test_permission_denied_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Root ignores mode bits, so make the module's open() fail the way it would for a normal user.
     path = tmp_path / "locked.png"
