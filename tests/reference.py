@@ -12,11 +12,17 @@ from cnclip.config import ModelConfig
 
 def official_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """cn_clip's CLIP in `config`'s shape, every weight random (no zero-init shortcuts)."""
+    torch.manual_seed(seed)
+    model = _official_clip(config)
+    randomize(model)
+    return model.eval()
+
+
+def _official_clip(config: ModelConfig) -> torch.nn.Module:
     from cn_clip.clip.model import CLIP
 
     v, t = config.vision, config.text
-    torch.manual_seed(seed)
-    model = CLIP(
+    return CLIP(
         embed_dim=config.embed_dim,
         image_resolution=v.image_size,
         vision_layers=list(v.layers) if v.kind == "resnet" else v.layers,
@@ -35,8 +41,6 @@ def official_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
         text_num_hidden_layers=t.layers,
         text_type_vocab_size=t.type_vocab_size,
     )
-    randomize(model)
-    return model.eval()
 
 
 def randomize(model: torch.nn.Module) -> None:
@@ -69,3 +73,8 @@ def hf_model(config: ModelConfig, seed: int = 0):
     model = ChineseCLIPModel(ChineseCLIPConfig.from_dict(hf_config_dict(config)))
     randomize(model)
     return model.eval()
+
+
+def official_state_shapes(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The official model's state dict for `config`, as it appears in a checkpoint (call under meta)."""
+    return {k: v for k, v in _official_clip(config).state_dict().items() if "bert.pooler" not in k}

@@ -8,7 +8,7 @@ import torch
 from cn_clip.clip import image_transform as official_transform
 from cn_clip.clip import tokenize as official_tokenize
 from conftest import random_images
-from reference import official_model, save_official_checkpoint
+from reference import official_model, official_state_shapes, save_official_checkpoint
 
 import cnclip
 from cnclip.config import get_model_config
@@ -108,3 +108,28 @@ def test_available_models():
     assert {"tiny-vit", "tiny-rn"} <= set(cnclip.available_models(include_tiny=True))
     assert cnclip.get_model_config("ViT-H-14").vision.heads == 16
     assert cnclip.get_model_config("RN50").vision.heads == 32
+
+
+@pytest.mark.slow
+def test_official_parity_full_rn50(tmp_path):
+    config = get_model_config("RN50")
+    ref = official_model(config)
+    model = cnclip.load_model(save_official_checkpoint(ref, tmp_path / "clip_cn_rn50.pt"))
+    assert model.config.name == "RN50"
+    _assert_parity(model, ref, random_images(2, size=(320, 240)))
+
+
+@pytest.mark.parametrize("name", cnclip.available_models())
+def test_every_official_shape_is_recognized(name):
+    # Shapes only (meta tensors, no memory): each official state dict must map onto its zoo entry,
+    # including ViT-H's 80-wide heads, which the weights alone cannot reveal.
+    from cnclip.checkpoint import infer_config
+    from cnclip.config import match_zoo
+
+    with torch.device("meta"):
+        state = official_state_shapes(get_model_config(name))
+    found = match_zoo(infer_config(state), ignore_heads=True)
+    assert found == get_model_config(name)
+    with torch.device("meta"):
+        ours = cnclip.CNClipModel(found).state_dict()
+    assert {k: v.shape for k, v in ours.items() if "position_ids" not in k} == {k: v.shape for k, v in state.items()}
