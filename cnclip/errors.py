@@ -24,3 +24,15 @@ class VocabularyError(CNClipError, ValueError):
 
 class ImageError(CNClipError, ValueError):
     """An image file that cannot be decoded (corrupt, truncated, too large, not an image)."""
+
+
+class IndexNotFoundError(CNClipError, LookupError):
+    """An index path that holds no cnclip index."""
+
+
+class ModelMismatchError(CNClipError, ValueError):
+    """An index opened with a different model than the one that built it (vectors would not mix)."""
+
+
+class QueryError(CNClipError, ValueError):
+    """An empty, over-long or otherwise unusable search query."""

@@ -6,6 +6,7 @@ state dict loads with no renaming.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -69,6 +70,11 @@ def build_text_tower(config: ModelConfig) -> nn.Module:
     return BertModel(bert, add_pooling_layer=False)
 
 
+def unit_rows(features: torch.Tensor) -> np.ndarray:
+    """Features -> float32 numpy rows of unit length (normalized in fp32: bf16 rows are unit only to ~3 digits)."""
+    return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+
 class CNClipModel(nn.Module):
     """Image and text towers projecting into one `embed_dim` space.
 
@@ -101,6 +107,21 @@ class CNClipModel(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.config.embed_dim
+
+    def weights_digest(self) -> str:
+        """Hex digest of the weights' values (fp32, name order): the same for a .pt and its converted folder.
+
+        Computed once and cached: indexes record it so vectors from different models never mix.
+        """
+        if getattr(self, "_digest", None) is None:
+            h = hashlib.blake2b(digest_size=16)
+            for name, tensor in sorted(self.state_dict().items()):
+                if not tensor.is_floating_point():  # BatchNorm's step counters say nothing about the function
+                    continue
+                h.update(name.encode())
+                h.update(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     # -- tensors in, tensors out ----------------------------------------------------------------
 
@@ -135,9 +156,7 @@ class CNClipModel(nn.Module):
             chunk = [
                 img if isinstance(img, Image.Image) else load_image(img) for img in images[start : start + batch_size]
             ]
-            out[start : start + len(chunk)] = self._to_numpy(
-                self.encode_image(self.preprocess.batch(chunk), normalize=True)
-            )
+            out[start : start + len(chunk)] = unit_rows(self.encode_image(self.preprocess.batch(chunk), normalize=True))
         return out
 
     @torch.inference_mode()
@@ -159,13 +178,8 @@ class CNClipModel(nn.Module):
             ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
             for r, i in enumerate(rows):
                 ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            out[rows] = self._to_numpy(self.encode_text(ids, normalize=True))
+            out[rows] = unit_rows(self.encode_text(ids, normalize=True))
         return out
-
-    @staticmethod
-    def _to_numpy(features: torch.Tensor) -> np.ndarray:
-        # normalize again in float32: bf16 rows are only unit length to ~3 digits
-        return F.normalize(features.float(), dim=-1).cpu().numpy()
 
     # -- training helpers -----------------------------------------------------------------------
 

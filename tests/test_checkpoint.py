@@ -80,6 +80,7 @@ def test_round_trip_is_exact(name, tmp_path):
     after = again.embed_images(images), again.embed_texts(TEXTS)
     for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
+    assert again.weights_digest() == model.weights_digest()
     # and once more through the loaded copy: saving is stable
     third = cnclip.load_model(again.save_pretrained(tmp_path / "m2"))
     np.testing.assert_array_equal(third.embed_texts(TEXTS), before[1])
