@@ -1,0 +1,688 @@
+"""The SQLite catalog: the source of truth of a cnclip index.
+
+An index is a folder; its catalog is `<folder>/catalog.sqlite3`. The catalog records which model
+built the index, every indexed file (path, size, mtime, content hash) and one embedding per distinct
+content hash, plus text collections for image -> text search. Anything else in the folder (the FAISS
+index in particular) is derived from the catalog and can be rebuilt from it; `Catalog.generation()`
+tells such caches when they are stale.
+
+Scans are mark-and-sweep: `begin_scan` hands out a scan id, the scanner records every file it sees
+(`touch` for unchanged files, `put_files` for new or changed ones), and only `finish_scan` deletes
+the files under the scanned root that the scan did not see. A scan that is killed half-way therefore
+deletes nothing, and every committed `put_files` batch survives it.
+
+Concurrency: the catalog runs in WAL mode, so one process can `search` (read) while another `index`es
+(writes); writers queue behind each other for up to `BUSY_TIMEOUT_S`. A `Catalog` wraps one SQLite
+connection and must stay in the thread that opened it: open one per thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from cnclip.errors import CNClipError, IndexNotFoundError, ModelMismatchError
+
+__all__ = [
+    "BUSY_TIMEOUT_S",
+    "CATALOG_FILE",
+    "SCHEMA_VERSION",
+    "Catalog",
+    "FileRecord",
+    "ModelIdentity",
+    "NewFile",
+]
+
+log = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.sqlite3"
+# Long enough to ride out another process committing a big batch, short enough that a stuck
+# writer surfaces as an error instead of a hang.
+BUSY_TIMEOUT_S = 30.0
+
+# Vectors are stored as raw little-endian float32 so the file reads the same on any machine.
+_VEC_DTYPE = np.dtype("<f4")
+_PAGE_SIZE = 32768
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Stay well under SQLite's bound-parameter limit (999 before 3.32) when building IN (...) lists.
+_IN_CHUNK = 500
+
+# Keys the catalog itself keeps in `meta`; set_meta refuses them so a cache cannot corrupt them.
+_META_MODEL = "model"
+_META_GENERATION = "generation"
+_META_SCAN = "last_scan"
+_RESERVED_META = frozenset({_META_MODEL, _META_GENERATION, _META_SCAN})
+
+
+# --------------------------------------------------------------------------- schema & migrations
+
+
+def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
+    """Create the schema."""
+    # AUTOINCREMENT so ids are never reused: a stale FAISS cache can then at worst miss a file,
+    # never map an old id to a different file.
+    statements = [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE vectors (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            hash TEXT NOT NULL UNIQUE,
+            vector BLOB NOT NULL
+        )""",
+        """CREATE TABLE files (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            hash TEXT NOT NULL,
+            vector_id INTEGER REFERENCES vectors(id),
+            seen_scan INTEGER NOT NULL
+        )""",
+        # Needed by the orphan sweep and by the foreign-key check on every vector delete;
+        # without it each deleted vector would scan the whole files table.
+        "CREATE INDEX files_vector_id ON files(vector_id)",
+        """CREATE TABLE texts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            collection TEXT NOT NULL,
+            text TEXT NOT NULL,
+            vector BLOB NOT NULL,
+            UNIQUE (collection, text)
+        )""",
+        f"INSERT INTO meta (key, value) VALUES ('{_META_GENERATION}', '0'), ('{_META_SCAN}', '0')",
+    ]
+    for sql in statements:
+        conn.execute(sql)
+
+
+# Migration i takes the catalog from schema version i to i + 1. To change the schema, append one
+# function; it runs inside the same write transaction as the version bump, so it is all-or-nothing.
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1]
+SCHEMA_VERSION: int = len(_MIGRATIONS)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model embedded an index's vectors; vectors of two different models never mix."""
+
+    name: str | None  # zoo name such as "ViT-B-16", or None for an unnamed checkpoint
+    source: str  # what load_model was given, so search can load the same model again
+    digest: str  # hex digest of the weights
+    dim: int  # embedding size
+    image_size: int
+    preprocessing: str  # e.g. "squash-bicubic-clip-meanstd"
+
+    def to_json(self) -> str:
+        """Serialize to a JSON object string."""
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> ModelIdentity:
+        """Parse `to_json` output; unknown keys are ignored, missing or mistyped ones raise CNClipError."""
+        try:
+            data = json.loads(s)
+            ident = cls(
+                name=data.get("name"),
+                source=data["source"],
+                digest=data["digest"],
+                dim=data["dim"],
+                image_size=data["image_size"],
+                preprocessing=data["preprocessing"],
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CNClipError(f"unreadable model record in index catalog ({e!r}); rebuild the index") from e
+        ok = (
+            (ident.name is None or isinstance(ident.name, str))
+            and all(isinstance(v, str) for v in (ident.source, ident.digest, ident.preprocessing))
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in (ident.dim, ident.image_size))
+        )
+        if not ok:
+            raise CNClipError(f"malformed model record in index catalog: {s[:200]}; rebuild the index")
+        return ident
+
+    def same_model(self, other: ModelIdentity) -> bool:
+        """True when both produce interchangeable vectors (a renamed or converted copy is the same model)."""
+        return (self.digest, self.dim, self.image_size, self.preprocessing) == (
+            other.digest,
+            other.dim,
+            other.image_size,
+            other.preprocessing,
+        )
+
+    def label(self) -> str:
+        """Short human name: zoo name plus digest prefix (names alone can collide across fine-tunes)."""
+        short = self.digest[:12]
+        return f"{self.name} ({short})" if self.name else short
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One indexed file as the catalog knows it."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    hash: str
+
+
+# eq=False: a generated __eq__ would compare numpy arrays element-wise and fail on truth-testing.
+@dataclass(frozen=True, eq=False)
+class NewFile:
+    """A new or changed file for `Catalog.put_files`.
+
+    Give `vector` when it was just embedded, or `vector_id` (from `vector_id_for_hash`) when its
+    content is already in the index. Give neither for a file that could not be embedded: it is
+    recorded, so later scans skip it until it changes, but it is not searchable.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    hash: str
+    vector: np.ndarray | None = None  # float32 (dim,)
+    vector_id: int | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _prefix_range(root: str) -> tuple[str, str]:
+    """[lo, hi) such that lo <= path < hi exactly when path starts with `root` + separator.
+
+    A range on the UNIQUE path index instead of LIKE: LIKE treats `%` and `_` in paths as
+    wildcards and is case-insensitive for ASCII. Python's code-point order equals SQLite's
+    BINARY collation (memcmp of UTF-8), so the bounds mean the same on both sides.
+    """
+    seps = os.sep + (os.altsep or "")
+    # "/a/photos/" and "/a/photos" name the same folder; "/" strips to "" and yields just "/".
+    lo = os.fspath(root).rstrip(seps) + os.sep
+    hi = lo[:-1] + chr(ord(lo[-1]) + 1)
+    return lo, hi
+
+
+def _decode_matrix(blobs: Sequence[bytes], dim: int, what: str) -> np.ndarray:
+    """Stack float32 blobs into an (n, dim) array with one copy."""
+    nbytes = dim * _VEC_DTYPE.itemsize
+    for b in blobs:
+        if len(b) != nbytes:
+            raise CNClipError(
+                f"{what} holds a vector of {len(b) // _VEC_DTYPE.itemsize} floats but the index's model makes {dim}; "
+                "the catalog is inconsistent, rebuild the index"
+            )
+    # bytearray.join gives a writable buffer, so the array is writable without a second copy.
+    buf = bytearray().join(blobs)
+    return np.frombuffer(buf, dtype=_VEC_DTYPE).reshape(len(blobs), dim).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- the catalog
+
+
+class Catalog:
+    """An open index catalog. Create with `Catalog.open`; use as a context manager or call `close`.
+
+    One instance per thread (the SQLite connection refuses other threads). Several processes may
+    open the same catalog: readers never block, writers wait for each other.
+    """
+
+    def __init__(self, folder: Path, conn: sqlite3.Connection) -> None:
+        """Wrap an already configured connection; use `Catalog.open` instead."""
+        self.folder = folder
+        self.path = folder / CATALOG_FILE
+        self._conn = conn
+
+    # ---------------------------------------------------------------- opening & closing
+
+    @classmethod
+    def open(cls, folder: str | Path, create: bool = False) -> Catalog:
+        """Open the index at `folder`; with `create`, make the folder and an empty catalog if missing."""
+        folder = Path(folder)
+        path = folder / CATALOG_FILE
+        if not path.is_file():
+            if not create:
+                raise IndexNotFoundError(
+                    f"no cnclip index at {folder}; build one with `cnclip index DIR --index {folder}`"
+                )
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CNClipError(
+                    f"cannot create index folder {folder}: {e.strerror or e}; choose another --index"
+                ) from e
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so every write is explicit and
+            # reads outside a transaction never hold a snapshot open.
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as e:
+            raise CNClipError(f"cannot open index catalog {path}: {e}; check the path and its permissions") from e
+        try:
+            cls._configure(conn)
+            cls._migrate(conn, path)
+        except sqlite3.OperationalError as e:
+            conn.close()
+            raise CNClipError(f"cannot open index catalog {path}: {e}; check the path and its permissions") from e
+        except sqlite3.DatabaseError as e:  # SQLITE_NOTADB / SQLITE_CORRUPT
+            conn.close()
+            raise CNClipError(f"{path} is not a usable cnclip catalog ({e}); move it away and rebuild the index") from e
+        except BaseException:
+            conn.close()
+            raise
+        log.debug("opened catalog %s (schema %d)", path, SCHEMA_VERSION)
+        return cls(folder, conn)
+
+    @staticmethod
+    def _configure(conn: sqlite3.Connection) -> None:
+        # Reading user_version first makes a non-database file fail here with SQLITE_NOTADB.
+        conn.execute("PRAGMA user_version").fetchone()
+        # Only takes effect on a new, empty file (and must come before WAL fixes it). A 2-4 KiB
+        # vector row fits once in a default 4 KiB page, wasting half the file for 512-d models;
+        # 32 KiB pages hold 7-15 rows and keep the overhead near 10 % for 512- to 1024-d vectors.
+        conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+        # WAL lets readers run during a write; it is persistent, so this only switches once.
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            log.warning("catalog journal mode is %s, not wal; concurrent search during indexing may block", mode)
+        # NORMAL in WAL mode can lose the last commits on power loss but never corrupts the file;
+        # a lost batch is simply re-embedded by the next scan.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # A big sweep grows the WAL to hundreds of MB; without a limit it keeps that size on disk forever.
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise CNClipError(
+                f"index catalog {path} has schema version {version} but this cnclip reads up to {SCHEMA_VERSION}; "
+                "upgrade cnclip (pip install -U cnclip)"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated in the meantime.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                foreign = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                if foreign:
+                    raise CNClipError(
+                        f"{path} is an SQLite database but not a cnclip catalog; move it away or choose another --index"
+                    )
+            for step in range(version, SCHEMA_VERSION):
+                log.info("migrating catalog %s from schema %d to %d", path, step, step + 1)
+                _MIGRATIONS[step](conn)
+            # PRAGMA takes no bound parameters; the value is our own int.
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION:d}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else "open"
+        return f"<Catalog {str(self.path)!r} {state}>"
+
+    @property
+    def schema_version(self) -> int:
+        """The catalog's schema version (SQLite `user_version`)."""
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise CNClipError(f"index catalog {self.path} is closed; open it again with Catalog.open")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. IMMEDIATE takes the write lock up front, so a busy catalog waits
+        in BEGIN (honouring busy_timeout) instead of failing half-way through."""
+        conn = self._db
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise CNClipError(
+                    f"index catalog {self.path} is busy: another process is writing to it; wait for it, then run again"
+                ) from e
+            raise CNClipError(f"cannot write index catalog {self.path}: {e}; check permissions and free space") from e
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as e:
+            # SQLite rolls back by itself after some errors (disk full, I/O); a second ROLLBACK would fail.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError):
+                raise CNClipError(
+                    f"cannot write index catalog {self.path}: {e}; check free disk space, then run again"
+                ) from e
+            raise
+
+    # ---------------------------------------------------------------- metadata
+
+    def get_meta(self, key: str) -> str | None:
+        """The value stored under `key`, or None."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store `value` under `key` (for derived caches; the catalog's own keys are refused)."""
+        if key in _RESERVED_META:
+            raise ValueError(f"meta key {key!r} is reserved by the catalog; pick another key")
+        if not isinstance(value, str):
+            raise TypeError(f"meta values are str, got {type(value).__name__}")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def _meta_int(self, key: str) -> int:
+        value = self.get_meta(key)
+        return int(value) if value is not None else 0
+
+    def _bump(self, conn: sqlite3.Connection, key: str) -> int:
+        conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = ?", (key,))
+        return int(conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+    def generation(self) -> int:
+        """A counter that grows with every committed change to the set of (file id, vector) pairs
+        or texts. A derived cache records it when built and is stale once it differs. Read it
+        *before* reading vectors: a write in between then makes the cache look stale, never fresh."""
+        return self._meta_int(_META_GENERATION)
+
+    # ---------------------------------------------------------------- model identity
+
+    @property
+    def identity(self) -> ModelIdentity | None:
+        """The model bound to this index, or None before the first `bind_model`."""
+        raw = self.get_meta(_META_MODEL)
+        return None if raw is None else ModelIdentity.from_json(raw)
+
+    def bind_model(self, identity: ModelIdentity) -> None:
+        """Record the index's model, or check that `identity` is the same model (ModelMismatchError if not)."""
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (_META_MODEL,)).fetchone()
+            if row is not None:
+                bound = ModelIdentity.from_json(row[0])
+                if not bound.same_model(identity):
+                    raise ModelMismatchError(
+                        f"index {self.folder} was built with model {bound.label()}, not {identity.label()}; "
+                        "use the index's model, or build a new index with --index"
+                    )
+                if bound == identity:
+                    return
+                log.info("index %s: model recorded as %s, was %s", self.folder, identity.label(), bound.label())
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (_META_MODEL, identity.to_json()),
+            )
+
+    def _dim(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (_META_MODEL,)).fetchone()
+        if row is None:
+            raise CNClipError(f"index {self.folder} has no model yet; call Catalog.bind_model before adding vectors")
+        return ModelIdentity.from_json(row[0]).dim
+
+    def _encode(self, vector: np.ndarray, dim: int, what: str) -> bytes:
+        arr = np.asarray(vector)
+        if arr.shape != (dim,):
+            raise ModelMismatchError(
+                f"vector for {what} has shape {arr.shape} but index {self.folder} holds ({dim},) vectors; "
+                "embed with the index's model"
+            )
+        return arr.astype(_VEC_DTYPE, copy=False).tobytes()
+
+    # ---------------------------------------------------------------- scans
+
+    def begin_scan(self) -> int:
+        """Start a scan and return its id; ids only grow, also across processes."""
+        with self._write() as conn:
+            return self._bump(conn, _META_SCAN)
+
+    def lookup(self, path: str) -> FileRecord | None:
+        """The record of `path`, or None if it is not indexed."""
+        row = self._db.execute("SELECT id, path, size, mtime_ns, hash FROM files WHERE path = ?", (path,)).fetchone()
+        return None if row is None else FileRecord(*row)
+
+    def touch(self, scan_id: int, paths: Sequence[str]) -> None:
+        """Record that unchanged `paths` were seen by scan `scan_id`; unknown paths are ignored."""
+        if not paths:
+            return
+        with self._write() as conn:
+            # max(): a slower, older scan running alongside must not move a file back to an
+            # earlier scan id, or the newer scan's sweep would delete it.
+            conn.executemany(
+                "UPDATE files SET seen_scan = max(seen_scan, ?) WHERE path = ?", ((scan_id, p) for p in paths)
+            )
+
+    def vector_id_for_hash(self, content_hash: str) -> int | None:
+        """The id of the stored vector for this content, if any (renames and duplicates reuse it)."""
+        row = self._db.execute("SELECT id FROM vectors WHERE hash = ?", (content_hash,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def put_files(self, scan_id: int, rows: Sequence[NewFile]) -> None:
+        """Add or update `rows` as seen by scan `scan_id`, with their vectors, in one transaction.
+
+        A file whose vector changes gets a new file id (ids map to one vector for life); a file
+        re-put with the same vector keeps its id.
+        """
+        if not rows:
+            return
+        with self._write() as conn:
+            dim = self._dim(conn) if any(r.vector is not None for r in rows) else 0
+            changed = False
+            for row in rows:
+                vid = self._vector_for_row(conn, row, dim)
+                old = conn.execute("SELECT id, vector_id, seen_scan FROM files WHERE path = ?", (row.path,)).fetchone()
+                if old is not None and old[1] == vid:
+                    conn.execute(
+                        "UPDATE files SET size = ?, mtime_ns = ?, hash = ?, seen_scan = max(seen_scan, ?) WHERE id = ?",
+                        (row.size, row.mtime_ns, row.hash, scan_id, old[0]),
+                    )
+                    continue
+                seen = scan_id
+                if old is not None:
+                    conn.execute("DELETE FROM files WHERE id = ?", (old[0],))
+                    seen = max(seen, old[2])
+                conn.execute(
+                    "INSERT INTO files (path, size, mtime_ns, hash, vector_id, seen_scan) VALUES (?, ?, ?, ?, ?, ?)",
+                    (row.path, row.size, row.mtime_ns, row.hash, vid, seen),
+                )
+                changed = True
+            if changed:
+                self._bump(conn, _META_GENERATION)
+
+    def _vector_for_row(self, conn: sqlite3.Connection, row: NewFile, dim: int) -> int | None:
+        if row.vector is not None and row.vector_id is not None:
+            raise ValueError(f"NewFile for {row.path} has both vector and vector_id; give one")
+        if row.vector_id is not None:
+            found = conn.execute("SELECT hash FROM vectors WHERE id = ?", (row.vector_id,)).fetchone()
+            if found is None:
+                # Only possible if another process swept it between vector_id_for_hash and now.
+                raise CNClipError(f"vector {row.vector_id} for {row.path} is no longer in the index; scan again")
+            if found[0] != row.hash:
+                raise ValueError(f"vector {row.vector_id} belongs to content {found[0]}, not {row.path}'s {row.hash}")
+            return int(row.vector_id)
+        if row.vector is None:
+            return None
+        blob = self._encode(row.vector, dim, row.path)
+        cur = conn.execute(
+            "INSERT INTO vectors (hash, vector) VALUES (?, ?) ON CONFLICT(hash) DO NOTHING", (row.hash, blob)
+        )
+        if cur.rowcount == 1:
+            return int(cur.lastrowid)
+        # Same content already embedded (a duplicate in this batch, or a concurrent scan): keep that one.
+        return int(conn.execute("SELECT id FROM vectors WHERE hash = ?", (row.hash,)).fetchone()[0])
+
+    def finish_scan(self, scan_id: int, root: str) -> list[str]:
+        """Delete files under directory `root` that scan `scan_id` did not see, and vectors no file uses.
+
+        Returns the deleted paths, sorted. Files outside `root` are untouched, so one index can hold several folders.
+        """
+        if not os.path.isabs(root):
+            # A relative or empty root would turn the sweep into "everything not seen", or worse.
+            raise ValueError(f"finish_scan needs an absolute folder path, got {root!r}")
+        lo, hi = _prefix_range(root)
+        with self._write() as conn:
+            # seen_scan < scan_id rather than != : files seen by a newer concurrent scan stay.
+            where = "path >= ? AND path < ? AND seen_scan < ?"
+            params = (lo, hi, scan_id)
+            gone = [r[0] for r in conn.execute(f"SELECT path FROM files WHERE {where} ORDER BY path", params)]
+            if gone:
+                conn.execute(f"DELETE FROM files WHERE {where}", params)
+                self._bump(conn, _META_GENERATION)
+            orphans = conn.execute(
+                "DELETE FROM vectors WHERE NOT EXISTS (SELECT 1 FROM files WHERE files.vector_id = vectors.id)"
+            ).rowcount
+        if gone or orphans:
+            log.info("scan %d of %s: removed %d missing files, %d unused vectors", scan_id, root, len(gone), orphans)
+        return gone
+
+    # ---------------------------------------------------------------- reading files & vectors
+
+    def count(self) -> int:
+        """Number of searchable files (those with a vector; what `file_vectors` yields)."""
+        return int(self._db.execute("SELECT count(*) FROM files WHERE vector_id IS NOT NULL").fetchone()[0])
+
+    def file_vectors(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (file ids int64 (n,), vectors float32 (n, dim)) chunks in id order.
+
+        One SQL statement serves all chunks, so they come from one consistent snapshot even while
+        another process writes. Do not write through this Catalog until the iterator is exhausted or closed.
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be positive, got {batch}")
+        ident = self.identity
+        if ident is None:
+            return
+        cur = self._db.execute(
+            "SELECT files.id, vectors.vector FROM files JOIN vectors ON vectors.id = files.vector_id ORDER BY files.id"
+        )
+        try:
+            while rows := cur.fetchmany(batch):
+                ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                yield ids, _decode_matrix([r[1] for r in rows], ident.dim, f"index catalog {self.path}")
+        finally:
+            cur.close()
+
+    def files_by_ids(self, ids: Sequence[int]) -> dict[int, FileRecord]:
+        """Records for the given file ids; ids no longer in the catalog are absent from the result."""
+        out: dict[int, FileRecord] = {}
+        for chunk in _chunks([int(i) for i in ids], _IN_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.execute(
+                f"SELECT id, path, size, mtime_ns, hash FROM files WHERE id IN ({marks})", tuple(chunk)
+            ):
+                out[row[0]] = FileRecord(*row)
+        return out
+
+    def vector_for_path(self, path: str) -> np.ndarray | None:
+        """The stored vector of an indexed file, or None (not indexed, or indexed without a vector)."""
+        row = self._db.execute(
+            "SELECT vectors.vector FROM files JOIN vectors ON vectors.id = files.vector_id WHERE files.path = ?",
+            (path,),
+        ).fetchone()
+        if row is None:
+            return None
+        return _decode_matrix([row[0]], self._dim(self._db), path)[0]
+
+    def file_id_for_path(self, path: str) -> int | None:
+        """The file id of `path`, or None if it is not indexed."""
+        row = self._db.execute("SELECT id FROM files WHERE path = ?", (path,)).fetchone()
+        return None if row is None else int(row[0])
+
+    # ---------------------------------------------------------------- texts
+
+    def add_texts(self, texts: Sequence[str], vectors: np.ndarray, collection: str = "default") -> int:
+        """Store texts with their (n, dim) vectors, skipping ones already in `collection`; returns the number added."""
+        if len(texts) == 0:
+            return 0
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
+            raise ValueError(f"add_texts needs one vector row per text: {len(texts)} texts, vectors {vectors.shape}")
+        with self._write() as conn:
+            dim = self._dim(conn)
+            blobs = [self._encode(v, dim, f"text {t!r}") for t, v in zip(texts, vectors, strict=True)]
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO texts (collection, text, vector) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                ((collection, t, b) for t, b in zip(texts, blobs, strict=True)),
+            )
+            added = conn.total_changes - before
+            if added:
+                self._bump(conn, _META_GENERATION)
+        return added
+
+    def known_texts(self, texts: Sequence[str], collection: str = "default") -> set[str]:
+        """The subset of `texts` already stored in `collection` (so callers embed only the rest)."""
+        found: set[str] = set()
+        unique = list(dict.fromkeys(texts))
+        for chunk in _chunks(unique, _IN_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT text FROM texts WHERE collection = ? AND text IN ({marks})", (collection, *chunk)
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    def text_vectors(self, collection: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(text ids int64 (n,), vectors float32 (n, dim)) in id order, of one collection or all."""
+        if collection is None:
+            rows = self._db.execute("SELECT id, vector FROM texts ORDER BY id").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT id, vector FROM texts WHERE collection = ? ORDER BY id", (collection,)
+            ).fetchall()
+        ident = self.identity
+        dim = ident.dim if ident is not None else 0
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if not rows:
+            return ids, np.zeros((0, dim), dtype=np.float32)
+        return ids, _decode_matrix([r[1] for r in rows], dim, f"index catalog {self.path}")
+
+    def texts_by_ids(self, ids: Sequence[int]) -> dict[int, str]:
+        """Texts for the given text ids; unknown ids are absent from the result."""
+        out: dict[int, str] = {}
+        for chunk in _chunks([int(i) for i in ids], _IN_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            out.update(self._db.execute(f"SELECT id, text FROM texts WHERE id IN ({marks})", tuple(chunk)).fetchall())
+        return out
+
+    def text_count(self) -> int:
+        """Number of stored texts across all collections."""
+        return int(self._db.execute("SELECT count(*) FROM texts").fetchone()[0])
