@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,6 +61,173 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressBar:
+    """One self-rewriting stderr line: done/total, images per second and time left."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled = label, enabled
+        self.start = time.monotonic()
+
+    def __call__(self, p) -> None:
+        if not self.enabled or p.total == 0:
+            return
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = p.done / elapsed
+        eta = (p.total - p.done) / rate if rate > 0 else 0
+        width = 28
+        filled = int(width * p.done / p.total)
+        bar = "█" * filled + "·" * (width - filled)
+        print(
+            f"\r{self.label} {bar} {p.done}/{p.total}  {rate:5.1f} img/s  ETA {_duration(eta)} ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .search import Index
+
+    with Index.open(args.index, model=args.model, create=True) if args.model else _open_for_indexing(args) as index:
+        if args.texts:
+            texts = _read_lines(args.texts)
+            added = index.add_texts(texts, collection=args.collection)
+            print(
+                f"added {added} new texts ({len(texts) - added} already present) to {index.catalog.folder}",
+                file=sys.stderr,
+            )
+            if args.json:
+                print(json.dumps({"texts_added": added}))
+        if args.folder is None:
+            return 0
+        bar = _ProgressBar("embedding", enabled=not args.quiet and sys.stderr.isatty())
+        try:
+            summary = index.add_folder(
+                args.folder,
+                progress=bar,
+                batch_size=args.batch_size,
+                include_hidden=args.hidden,
+                draft=not args.exact_decode,
+            )
+        finally:
+            bar.close()
+    for item in summary.skipped:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary.to_dict(), ensure_ascii=False))
+    else:
+        print(
+            f"{summary.added} added, {summary.updated} updated, {summary.removed} removed, "
+            f"{summary.unchanged} unchanged, {len(summary.skipped)} skipped "
+            f"({summary.embedded} embedded, {summary.reused} reused)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _open_for_indexing(args: argparse.Namespace):
+    """Without --model: an existing index keeps its model; a new one gets $CNCLIP_MODEL or ViT-B-16."""
+    from .checkpoint import DEFAULT_MODEL, MODEL_ENV
+    from .errors import IndexNotFoundError
+    from .search import Index
+
+    try:
+        return Index.open(args.index)
+    except IndexNotFoundError:
+        return Index.open(args.index, model=os.environ.get(MODEL_ENV) or DEFAULT_MODEL, create=True)
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except FileNotFoundError as e:
+        raise CNClipError(f"{path}: no such file") from e
+    except UnicodeDecodeError as e:
+        raise CNClipError(f"{path}: not UTF-8 text; save it as UTF-8, one entry per line") from e
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search import Index
+
+    if (args.query is None) == (args.image is None):
+        raise CNClipError("give either a text query or --image FILE")
+    with Index.open(args.index, model=args.model) as index:
+        if args.texts:
+            if args.image is None:
+                raise CNClipError("--texts searches texts by image; add --image FILE")
+            hits = index.search_texts_by_image(args.image, k=args.k)
+            rows = [(h.score, h.text) for h in hits]
+            payload = [h.to_dict() for h in hits]
+        else:
+            if args.image is not None:
+                hits = index.search_image(args.image, k=args.k, exclude_self=not args.include_self)
+            else:
+                hits = index.search_text(args.query, k=args.k)
+            rows = [(h.score, h.path) for h in hits]
+            payload = [h.to_dict() for h in hits]
+            _write_sheets(args, hits)
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        for score, what in rows:
+            print(f"{score:.4f}\t{what}")
+    return 0
+
+
+def _write_sheets(args: argparse.Namespace, hits) -> None:
+    if not (args.grid or args.html):
+        return
+    from .gallery import GalleryItem, write_grid, write_html
+
+    items = [GalleryItem(h.path, h.score, rank) for rank, h in enumerate(hits, 1)]
+    title = args.query if args.query is not None else f"相似图片：{os.path.basename(args.image)}"
+    if args.grid:
+        print(f"wrote {write_grid(items, args.grid, title=title)}", file=sys.stderr)
+    if args.html:
+        print(f"wrote {write_html(items, args.html, title=title)}", file=sys.stderr)
+
+
+def _cmd_tag(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .search import Index, zero_shot
+    from .transform import load_image
+
+    labels = _read_lines(args.labels)
+    if args.model:
+        model = load_model(args.model)
+    else:
+        with Index.open(args.index) as index:
+            model = index.model
+    hits = zero_shot(model, load_image(args.file), labels)[: args.k]
+    if args.json:
+        print(json.dumps([{"label": h.text, "score": h.score} for h in hits], ensure_ascii=False))
+    else:
+        for h in hits:
+            print(f"{h.score:.4f}\t{h.text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnclip", description="Chinese-CLIP text-image search.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
@@ -75,6 +244,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the zoo shape SRC must have (checked against the weights)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     p.set_defaults(func=_cmd_convert)
+
+    index_help = "index folder (default: $CNCLIP_INDEX, then ./index/default)"
+    p = sub.add_parser("index", help="bring an index up to date with a folder of images")
+    p.add_argument("folder", nargs="?", help="folder of images, walked recursively")
+    p.add_argument("--index", help=index_help)
+    p.add_argument("--model", help=MODEL_HELP + "; only for a new index, or to check an existing one")
+    p.add_argument("--texts", metavar="FILE", help="also add the texts in FILE (one per line) for image->text search")
+    p.add_argument("--collection", default="default", help="name of the text collection (default: default)")
+    p.add_argument("--hidden", action="store_true", help="include hidden files and folders")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument(
+        "--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (default 178,956,970)"
+    )
+    p.add_argument(
+        "--exact-decode",
+        action="store_true",
+        help="decode JPEGs at full size (slower; bit-exact official preprocessing)",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="search an index by Chinese text or by image")
+    p.add_argument("query", nargs="?", help="what to look for, e.g. 海边的日落")
+    p.add_argument("--image", metavar="FILE", help="search by this image instead of text")
+    p.add_argument("--texts", action="store_true", help="with --image: return the closest indexed texts")
+    p.add_argument("--include-self", action="store_true", help="with --image: keep the query image in its own results")
+    p.add_argument("--index", help=index_help)
+    p.add_argument(
+        "--model", help="check the index's model against this one (default: the model recorded in the index)"
+    )
+    p.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
+    p.add_argument("--grid", metavar="OUT.jpg", help="also write a contact sheet of the hits")
+    p.add_argument("--html", metavar="OUT.html", help="also write an HTML page of the hits")
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("tag", help="zero-shot labels for an image")
+    p.add_argument("file", help="image file")
+    p.add_argument("--labels", required=True, metavar="FILE", help="labels, one per line, e.g. 猫 / 狗 / 海滩")
+    p.add_argument("--index", help="take the model from this index (default: $CNCLIP_INDEX, then ./index/default)")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("-k", type=_positive_int, default=5, help="labels to print (default 5)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_tag)
     return parser
 
 

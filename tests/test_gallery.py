@@ -212,13 +212,6 @@ def test_font_choice_honours_cncl_font(monkeypatch: pytest.MonkeyPatch) -> None:
     assert gallery._current_font_choice().path == default.path
 
 
-def test_cjk_font_if_present_has_chinese_glyphs() -> None:
-    path = find_cjk_font()
-    if path is None:
-        pytest.skip("no CJK font on this machine (Chinese titles render as boxes; set CNCLIP_FONT)")
-    assert gallery._has_glyphs(gallery._font(24), "海边的日落")
-
-
 # ---------------------------------------------------------------------------------------------
 # html
 
