@@ -15,7 +15,7 @@ from PIL import Image, ImageFont
 
 from cnclip import gallery
 from cnclip.errors import CNClipError
-from cnclip.gallery import GalleryItem, find_cjk_font, write_grid, write_html
+from cnclip.gallery import GalleryItem, write_grid, write_html
 
 RED, GREEN, BLUE, YELLOW = (220, 30, 30), (30, 200, 40), (30, 40, 210), (230, 210, 20)
 
