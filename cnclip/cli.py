@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,13 @@ MODEL_HELP = (
     "zoo name (ViT-B-16, ...), official .pt, safetensors file, model folder or Hugging Face id "
     "(default: $CNCLIP_MODEL, then ViT-B-16)"
 )
+
+
+def _json(value: object) -> str:
+    """JSON with Chinese kept readable; file names that are not UTF-8 (lone surrogates in Python)
+    become \\udcXX escapes, so the output is valid UTF-8 and json.loads gives back the same str."""
+    text = json.dumps(value, ensure_ascii=False)
+    return re.sub("[\udc80-\udcff]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -36,7 +44,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        print(json.dumps(rows, ensure_ascii=False))
+        print(_json(rows))
         return 0
     for r in rows:
         tower = f"{r['image_tower']}\ttext {r['text_layers']} layers"
@@ -117,7 +125,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             if args.json:
-                print(json.dumps({"texts_added": added}))
+                print(_json({"texts_added": added}))
         if args.folder is None:
             return 0
         bar = _ProgressBar("embedding", enabled=not args.quiet and sys.stderr.isatty())
@@ -128,13 +136,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 include_hidden=args.hidden,
                 draft=not args.exact_decode,
+                **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
             )
         finally:
             bar.close()
     for item in summary.skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     if args.json:
-        print(json.dumps(summary.to_dict(), ensure_ascii=False))
+        print(_json(summary.to_dict()))
     else:
         print(
             f"{summary.added} added, {summary.updated} updated, {summary.removed} removed, "
@@ -188,7 +197,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             payload = [h.to_dict() for h in hits]
             _write_sheets(args, hits)
     if args.json:
-        print(json.dumps(payload, ensure_ascii=False))
+        print(_json(payload))
     else:
         for score, what in rows:
             print(f"{score:.4f}\t{what}")
@@ -221,7 +230,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
             model = index.model
     hits = zero_shot(model, load_image(args.file), labels)[: args.k]
     if args.json:
-        print(json.dumps([{"label": h.text, "score": h.score} for h in hits], ensure_ascii=False))
+        print(_json([{"label": h.text, "score": h.score} for h in hits]))
     else:
         for h in hits:
             print(f"{h.score:.4f}\t{h.text}")

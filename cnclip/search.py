@@ -1,0 +1,253 @@
+"""`Index`: an index folder as users see it — add folders and texts, search every direction.
+
+One ranking routine (`_top_k` over a `VectorIndex`) serves text->image, image->image and
+image->text; the catalog stays the record and the FAISS file is rebuilt whenever it is stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .checkpoint import load_model
+from .errors import ModelMismatchError, QueryError
+from .index import VectorIndex
+from .indexer import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
+from .model import CNClipModel
+from .store import Catalog, ModelIdentity
+from .transform import load_image
+
+log = logging.getLogger(__name__)
+
+INDEX_ENV = "CNCLIP_INDEX"
+DEFAULT_INDEX = Path("index") / "default"
+MAX_QUERY_CHARS = 1000  # the model reads 50 tokens; far longer input is a mistake, not a query
+PREPROCESSING = "squash-bicubic-clip-meanstd"
+# Chinese prompt templates for zero-shot labels, averaged per label (the official evaluation does the same)
+PROMPT_TEMPLATES = (
+    "{}",
+    "一张{}的照片。",
+    "一张{}的图片。",
+    "这是一张{}的照片。",
+    "一张模糊的{}的照片。",
+    "一张清晰的{}的照片。",
+    "{}的特写照片。",
+    "一张好看的{}的照片。",
+)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: a file path (or a text, for image->text) and its cosine similarity."""
+
+    path: str
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "score": self.score}
+
+
+@dataclass(frozen=True)
+class TextHit:
+    text: str
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "score": self.score}
+
+
+def default_index_path() -> Path:
+    """`$CNCLIP_INDEX`, else `index/default` under the current folder."""
+    return Path(os.environ.get(INDEX_ENV) or DEFAULT_INDEX)
+
+
+def model_identity(model: CNClipModel, source: str) -> ModelIdentity:
+    return ModelIdentity(
+        name=model.config.name,
+        source=source,
+        digest=model.weights_digest(),
+        dim=model.embed_dim,
+        image_size=model.config.vision.image_size,
+        preprocessing=PREPROCESSING,
+    )
+
+
+class Index:
+    """An index folder: a SQLite catalog (the record) plus a derived FAISS file."""
+
+    def __init__(self, catalog: Catalog, model: CNClipModel | None = None):
+        self.catalog = catalog
+        self._model = model
+        self._images: VectorIndex | None = None
+        self._images_generation: int | None = None
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike | None = None, *, model: CNClipModel | str | None = None, create: bool = False
+    ) -> Index:
+        """Open (or with `create`, make) the index at `path` (default: `default_index_path()`).
+
+        `model` may be a loaded model or anything `load_model` takes; by default the index's own
+        model is loaded when first needed. A model other than the index's is refused.
+        """
+        catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
+        index = cls(catalog)
+        if model is not None:
+            source = model if isinstance(model, str) else None
+            loaded = load_model(model) if isinstance(model, str) else model
+            index._bind(loaded, _absolute_source(source) if source else None)
+        return index
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the model --------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> CNClipModel:
+        if self._model is None:
+            identity = self.catalog.identity
+            if identity is None:
+                raise ModelMismatchError(f"{self.catalog.folder} has no model yet; index a folder first")
+            self._bind(load_model(identity.source), None)
+        return self._model
+
+    def _bind(self, model: CNClipModel, source: str | None) -> None:
+        recorded = self.catalog.identity
+        source = source or (recorded.source if recorded else None) or model.config.name or "unknown"
+        self.catalog.bind_model(model_identity(model, source))  # raises ModelMismatchError on a different model
+        self._model = model
+
+    # -- adding -----------------------------------------------------------------------------------
+
+    def add_folder(
+        self, folder: str | os.PathLike, *, progress: Callable[[Progress], None] | None = None, **options
+    ) -> IndexSummary:
+        """Bring the index up to date with `folder` (recursively); see `Indexer` for options."""
+        summary = Indexer(self.model, self.catalog, **options).run(folder, progress)
+        self.refresh()
+        return summary
+
+    def add_texts(self, texts: Sequence[str], collection: str = "default") -> int:
+        """Add texts (for image->text search); returns how many were new."""
+        texts = list(dict.fromkeys(t.strip() for t in texts if t.strip()))
+        known = self.catalog.known_texts(texts, collection)
+        new = [t for t in texts if t not in known]
+        if not new:
+            return 0
+        return self.catalog.add_texts(new, self.model.embed_texts(new), collection)
+
+    # -- searching --------------------------------------------------------------------------------
+
+    def refresh(self) -> VectorIndex:
+        """The image vector index, rebuilt from the catalog if the catalog changed since it was saved."""
+        generation = self.catalog.generation()
+        if self._images is not None and self._images_generation == generation:
+            return self._images
+        folder = self.catalog.folder
+        cached = VectorIndex.load(folder)
+        if cached is None or cached.meta.get("generation") != generation:
+            identity = self.catalog.identity
+            dim = identity.dim if identity else self.model.embed_dim
+            cached = VectorIndex.build_streaming(self.catalog.file_vectors(), total=self.catalog.count(), dim=dim)
+            cached.meta["generation"] = generation
+            try:
+                cached.save(folder)
+            except OSError as e:  # a read-only index still searches; it just rebuilds next time
+                log.warning("could not save the vector index in %s: %s", folder, e)
+        self._images, self._images_generation = cached, generation
+        return cached
+
+    def search_text(self, query: str, k: int = 10) -> list[Hit]:
+        """Text -> images, best first."""
+        vector = self.model.embed_texts([check_query(query)])
+        return self._image_hits(vector, k)
+
+    def search_image(self, image: Image.Image | str | os.PathLike, k: int = 10, exclude_self: bool = True) -> list[Hit]:
+        """Image -> similar images; an indexed query file is left out of its own results by default."""
+        vector, self_path = self._image_vector(image)
+        hits = self._image_hits(vector, k + 1 if self_path and exclude_self else k)
+        if self_path and exclude_self:
+            hits = [h for h in hits if h.path != self_path][:k]
+        return hits
+
+    def search_texts_by_image(
+        self, image: Image.Image | str | os.PathLike, k: int = 10, collection: str | None = None
+    ) -> list[TextHit]:
+        """Image -> closest texts added with `add_texts`."""
+        ids, vectors = self.catalog.text_vectors(collection)
+        if len(ids) == 0:
+            return []
+        query, _ = self._image_vector(image)
+        scores, found = VectorIndex.build(ids, vectors, kind="exact").search(query, k)
+        texts = self.catalog.texts_by_ids(found[0].tolist())
+        return [TextHit(texts[i], float(s)) for i, s in zip(found[0].tolist(), scores[0].tolist(), strict=True)]
+
+    def _image_vector(self, image) -> tuple[np.ndarray, str | None]:
+        if isinstance(image, Image.Image):
+            return self.model.embed_images([image]), None
+        path = os.path.abspath(Path(image).expanduser())
+        stored = self.catalog.vector_for_path(to_catalog_path(path))
+        if stored is not None:  # already indexed: no need to decode and embed it again
+            return stored[None, :].astype(np.float32), path
+        return self.model.embed_images([load_image(path)]), None
+
+    def _image_hits(self, vectors: np.ndarray, k: int) -> list[Hit]:
+        if k < 1:
+            raise QueryError(f"k must be at least 1, not {k}")
+        scores, ids = self.refresh().search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        records = self.catalog.files_by_ids(ids[0].tolist())
+        return [
+            Hit(from_catalog_path(records[i].path), float(s))
+            for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True)
+            if i in records  # a file removed since the vector index was built
+        ]
+
+
+def zero_shot(
+    model: CNClipModel, image: Image.Image, labels: Sequence[str], templates=PROMPT_TEMPLATES
+) -> list[TextHit]:
+    """Label probabilities for `image`, best first: each label's prompts are embedded, averaged and
+    renormalized, then softmax over logit_scale x cosine."""
+    labels = [check_query(label) for label in labels]
+    if not labels:
+        raise QueryError("no labels given; put one label per line in the labels file")
+    prompts = [t.format(label) for label in labels for t in templates]
+    text = model.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    image_vec = model.embed_images([image])[0]
+    logits = float(model.logit_scale.exp()) * (text @ image_vec)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    return [TextHit(labels[i], float(probs[i])) for i in order]
+
+
+def check_query(query: str) -> str:
+    """Reject queries that cannot mean anything, with a message saying what to do."""
+    if not isinstance(query, str) or not query.strip():
+        raise QueryError("the query is empty; type what you are looking for, e.g. 海边的日落")
+    if len(query) > MAX_QUERY_CHARS:
+        raise QueryError(
+            f"the query is {len(query):,} characters long; the model reads about 50 tokens, so keep it under "
+            f"{MAX_QUERY_CHARS:,} characters"
+        )
+    return query.strip()
+
+
+def _absolute_source(source: str) -> str:
+    """Record local model paths absolutely, so `search` from another folder reloads the same file."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
