@@ -10,6 +10,7 @@ from .checkpoint import create_model, load_model
 from .config import ModelConfig, available_models, get_model_config
 from .errors import CheckpointError, CNClipError, ImageError, ModelNotFoundError, VocabularyError
 from .model import CNClipModel
+from .search import Hit, Index, TextHit, zero_shot
 from .tokenizer import Tokenizer, tokenize
 from .transform import ImageTransform, load_image, preprocess
 
@@ -17,6 +18,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CNClipError",
+    "Hit",
+    "Index",
+    "TextHit",
+    "zero_shot",
     "CNClipModel",
     "CheckpointError",
     "ImageError",

@@ -64,6 +64,14 @@ def load_model(
         name_or_path = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     expected = get_model_config(config) if isinstance(config, str) else config
     source = str(name_or_path)
+    model = _load(source, expected, device)
+    # what to reload this model from later (an index records it): local paths absolutely
+    local = Path(source).expanduser()
+    model.source = str(local.resolve()) if local.exists() else source
+    return model
+
+
+def _load(source: str, expected: ModelConfig | None, device) -> CNClipModel:
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path, expected, device)
@@ -72,7 +80,7 @@ def load_model(
     if _looks_like_path(source):
         raise ModelNotFoundError(f"no checkpoint file or folder at {source}")
     if source in _zoo_names():
-        return load_model(_download_official(get_model_config(source)), device, config=expected or source)
+        return _load(_download_official(get_model_config(source)), expected or get_model_config(source), device)
     if "/" in source:
         return _load_folder(_download_hf_repo(source), expected, device)
     get_model_config(source)  # raises the unknown-name error listing the zoo
@@ -271,7 +279,7 @@ def _load_folder(folder: Path, expected: ModelConfig | None, device) -> CNClipMo
     if weights is None:
         pts = sorted(folder.glob("*.pt"))
         if len(pts) == 1:
-            return load_model(pts[0], device, config=expected)
+            return _load(str(pts[0]), expected, device)
         raise CheckpointError(
             f"{folder} has no {WEIGHTS_FILE} or pytorch_model.bin; point at the checkpoint file itself"
         )

@@ -93,6 +93,7 @@ class CNClipModel(nn.Module):
             nn.init.normal_(self.text_projection, std=config.text.hidden_size**-0.5)
         self.tokenizer = tokenizer or default_tokenizer()
         self.preprocess = ImageTransform(config.vision.image_size)
+        self.source: str | None = None  # what load_model was given (set there), so indexes can reload it
 
     # -- properties -------------------------------------------------------------------------------
 

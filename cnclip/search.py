@@ -99,9 +99,7 @@ class Index:
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
         index = cls(catalog)
         if model is not None:
-            source = model if isinstance(model, str) else None
-            loaded = load_model(model) if isinstance(model, str) else model
-            index._bind(loaded, _absolute_source(source) if source else None)
+            index._bind(load_model(model) if isinstance(model, str) else model)
         return index
 
     def close(self) -> None:
@@ -121,13 +119,16 @@ class Index:
             identity = self.catalog.identity
             if identity is None:
                 raise ModelMismatchError(f"{self.catalog.folder} has no model yet; index a folder first")
-            self._bind(load_model(identity.source), None)
+            self._bind(load_model(identity.source))
         return self._model
 
-    def _bind(self, model: CNClipModel, source: str | None) -> None:
+    def _bind(self, model: CNClipModel) -> None:
         recorded = self.catalog.identity
-        source = source or (recorded.source if recorded else None) or model.config.name or "unknown"
-        self.catalog.bind_model(model_identity(model, source))  # raises ModelMismatchError on a different model
+        # a model built in memory has no source: keep the recorded one, else its zoo name
+        source = model.source or (recorded.source if recorded else None) or model.config.name or "unknown"
+        identity = model_identity(model, source)
+        if identity != recorded:  # only write when something changed: search must not queue behind `index`
+            self.catalog.bind_model(identity)  # raises ModelMismatchError on a different model
         self._model = model
 
     # -- adding -----------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def zero_shot(
     text = model.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     image_vec = model.embed_images([image])[0]
-    logits = float(model.logit_scale.exp()) * (text @ image_vec)
+    logits = float(model.logit_scale.detach().exp()) * (text @ image_vec)
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     order = np.argsort(-probs)
@@ -245,9 +246,3 @@ def check_query(query: str) -> str:
             f"{MAX_QUERY_CHARS:,} characters"
         )
     return query.strip()
-
-
-def _absolute_source(source: str) -> str:
-    """Record local model paths absolutely, so `search` from another folder reloads the same file."""
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
