@@ -579,10 +579,11 @@ class Catalog:
         """Number of searchable files (those with a vector; what `file_vectors` yields)."""
         return int(self._db.execute("SELECT count(*) FROM files WHERE vector_id IS NOT NULL").fetchone()[0])
 
-    def file_vectors(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (file ids int64 (n,), vectors float32 (n, dim)) chunks in id order.
+    def file_vectors(self, batch: int = 65536, after_id: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (file ids int64 (n,), vectors float32 (n, dim)) chunks in id order, ids > `after_id`.
 
-        One SQL statement serves all chunks, so they come from one consistent snapshot even while
+        File ids only grow and a changed file gets a new one, so `after_id` = the largest id a
+        derived index holds gives exactly what was added since. One SQL statement serves all chunks, so they come from one consistent snapshot even while
         another process writes. Do not write through this Catalog until the iterator is exhausted or closed.
         """
         if batch < 1:
@@ -591,7 +592,9 @@ class Catalog:
         if ident is None:
             return
         cur = self._db.execute(
-            "SELECT files.id, vectors.vector FROM files JOIN vectors ON vectors.id = files.vector_id ORDER BY files.id"
+            "SELECT files.id, vectors.vector FROM files JOIN vectors ON vectors.id = files.vector_id "
+            "WHERE files.id > ? ORDER BY files.id",
+            (int(after_id),),
         )
         try:
             while rows := cur.fetchmany(batch):
@@ -599,6 +602,11 @@ class Catalog:
                 yield ids, _decode_matrix([r[1] for r in rows], ident.dim, f"index catalog {self.path}")
         finally:
             cur.close()
+
+    def file_ids(self) -> np.ndarray:
+        """Ids of the files that have a vector (what a derived index should hold), ascending int64."""
+        rows = self._db.execute("SELECT id FROM files WHERE vector_id IS NOT NULL ORDER BY id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def files_by_ids(self, ids: Sequence[int]) -> dict[int, FileRecord]:
         """Records for the given file ids; ids no longer in the catalog are absent from the result."""

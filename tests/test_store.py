@@ -544,3 +544,18 @@ def test_second_writer_waits_then_fails_clearly(tmp_path, root):
         s = second.begin_scan()  # the lock is gone: works again
         second.put_files(s, [new(f"{root}/a.jpg", 1)])
         assert first.count() == 1
+
+
+def test_file_ids_and_vectors_after_id(tmp_path):
+    cat = Catalog.open(tmp_path / "idx", create=True)
+    cat.bind_model(ModelIdentity(name="t", source="t", digest="d", dim=4, image_size=8, preprocessing="p"))
+    scan = cat.begin_scan()
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((5, 4)).astype(np.float32)
+    cat.put_files(scan, [NewFile(f"/r/{i}.png", 1, 1, f"h{i}", vector=vecs[i]) for i in range(5)])
+    ids = cat.file_ids()
+    assert ids.dtype == np.int64 and len(ids) == 5 and list(ids) == sorted(ids)
+    later = list(cat.file_vectors(after_id=int(ids[2])))
+    assert [int(i) for chunk, _ in later for i in chunk] == [int(ids[3]), int(ids[4])]
+    np.testing.assert_array_equal(np.concatenate([v for _, v in later]), vecs[3:])
+    cat.close()
