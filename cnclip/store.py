@@ -583,8 +583,9 @@ class Catalog:
         """Yield (file ids int64 (n,), vectors float32 (n, dim)) chunks in id order, ids > `after_id`.
 
         File ids only grow and a changed file gets a new one, so `after_id` = the largest id a
-        derived index holds gives exactly what was added since. One SQL statement serves all chunks, so they come from one consistent snapshot even while
-        another process writes. Do not write through this Catalog until the iterator is exhausted or closed.
+        derived index holds gives exactly what was added since. One SQL statement serves all
+        chunks, so they come from one consistent snapshot even while another process writes.
+        Do not write through this Catalog until the iterator is exhausted or closed.
         """
         if batch < 1:
             raise ValueError(f"batch must be positive, got {batch}")

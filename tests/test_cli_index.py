@@ -88,8 +88,10 @@ def test_incremental_indexing_counts(photos, tmp_path, model_dir):
 def test_plain_output_and_image_search(photos, tmp_path, model_dir):
     idx = tmp_path / "idx"
     _index(photos, idx, model_dir)
-    out = run_cli("search", "一只猫", "--index", idx, "-k", "3")
+    grid, page = tmp_path / "out" / "hits.jpg", tmp_path / "out" / "hits.html"
+    out = run_cli("search", "一只猫", "--index", idx, "-k", "3", "--grid", grid, "--html", page)
     lines = out.stdout.strip().splitlines()
+    assert Image.open(grid).format == "JPEG" and page.read_text("utf-8").count('class="card') == 3
     assert out.returncode == 0 and len(lines) == 3
     score, path = lines[0].split("\t")
     assert float(score) <= 1 and os.path.isfile(path)
