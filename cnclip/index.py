@@ -5,16 +5,21 @@ rebuilt at any time, so `load` answers None (never raises) when the files are ab
 damaged. Vectors are L2-normalised float32 and scored by inner product (= cosine similarity).
 
 Why IVF-Flat (see scripts/bench/README.md for the measurements on the 2-core build machine):
-on clustered 512-d vectors it reaches recall@10 >= 0.95 against exact search at 1M vectors with
-~1-3 ms per query, builds in well under a minute (HNSW took ~11 min, IVF-PQ ~2.5 min), removes
-ids natively (no tombstones), and stores the raw vectors, so its scores are exact cosines and
-the only approximation is which cells are visited. It costs 4 bytes per dimension (2 GB at
-1M x 512), like exact search; `kind="ivf-sq8"` stores one byte per dimension instead.
+at 1M clustered 512-d vectors it reached recall@10 0.99 against exact search in ~3 ms per
+query (0.96 in 11 ms on a much harder distribution, after the build raised nprobe itself) and
+built in ~22 s. HNSW searched faster but built in ~120 s, needed efSearch=128 for 0.965 and
+cannot delete; IVF-PQ with exact re-ranking built in ~80 s (PQ training) and needed a 16x
+re-rank. Next to 30-40 ms of text encoding, search time is not the bottleneck; build time
+is. IVF-Flat also deletes ids natively (no tombstones) and stores the raw vectors, so its
+scores are exact cosines and the only approximation is which cells are visited. It costs 4
+bytes per dimension (2 GB at 1M x 512), like exact search; `kind="ivf-sq8"` stores one byte
+per dimension (recall 0.97 at 1M) for machines short of RAM.
 
-Each ANN build measures its own recall@10 against exact search on a sample of the indexed
-vectors (with a little noise added, so a query is near but not on a stored point) and, if it
-comes out below the target, widens the search (nprobe) and measures again. The recall and the
-nprobe it was measured with are recorded and saved with the index.
+Each ANN build measures its own recall@10 against exact search on 200 of the indexed vectors
+(with a little noise added, so a query is near but not on a stored point) and, unless the
+estimate minus two standard errors reaches the target (0.95), doubles nprobe and measures
+again, up to four times. The recall, the nprobe it was measured with and the search time it
+costs are recorded and saved with the index.
 """
 
 from __future__ import annotations
@@ -48,11 +53,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Below this many vectors `kind="auto"` builds an exact IndexFlatIP. Measured on the 2-core
-# build machine (scripts/bench): one exact 512-d query takes ~0.09 ms per 1,000 vectors
-# (9 ms at 100k, 70 ms at 1M), so at 100k exact search still fits the ~15 ms left for search
-# in the 60 ms query budget (text encoding takes 30-40 ms) with room for a 1024-d model or a
-# busy second core, gives perfect recall, and needs no training. Above it IVF-Flat is both
-# faster (<1 ms) and cheap to build (a few seconds at 100k).
+# build machine (scripts/bench): one exact 512-d query costs ~0.08 ms per 1,000 vectors on
+# one thread (8.4 ms at 100k, 17 ms at 200k, 82 ms at 1M). At 100k exact search stays well
+# inside the ~15 ms left for search in the 60 ms budget (text encoding takes 30-40 ms), with
+# room for a 1024-d model (twice the cost) or a busy machine, and it is perfect, needs no
+# training and is built in well under a second. Above it IVF-Flat answers in under 1 ms.
 EXACT_THRESHOLD: int = 100_000
 
 # The ANN kind `kind="auto"` picks above the threshold, and all kinds `build` accepts.
@@ -66,15 +71,16 @@ INDEX_FILE = "vectors.faiss"
 META_FILE = "vectors.json"
 _FORMAT = 1
 
-# k-means training: faiss wants >= 39 points per centroid; 64 gives steadier centroids and
-# stays a few seconds at 1M. 10 iterations instead of faiss's 25: the recall difference was
-# within noise in the benchmark while training took less than half the time.
+# k-means training: faiss wants >= 39 points per centroid and caps at 256; 64 keeps training
+# to a few seconds at 1M. 10 iterations instead of faiss's 25: on the hard 1M benchmark set
+# recall at equal nprobe differed by < 0.01 while the build took 22 s instead of 33 s.
 _TRAIN_PER_LIST = 64
 _MIN_TRAIN_PER_LIST = 39
 _KMEANS_ITER = 10
-# The first nprobe tried is nlist/_PROBE_DIVISOR (at least _MIN_NPROBE): on the benchmark's
-# clustered data that already gives recall ~0.99 at 1M in ~2.5 ms, a margin kept on purpose
-# because real text queries sit further from the image vectors than the build-time sample.
+# The first nprobe tried is nlist/_PROBE_DIVISOR (at least _MIN_NPROBE): 32 of 1,024 cells
+# at 1M gave recall 0.99 in ~3 ms on the benchmark set; half of that would still pass there,
+# but the margin is kept because real text queries sit further from the image vectors than
+# the build-time sample does, and the cost (~1 ms) is small next to text encoding.
 _PROBE_DIVISOR = 32
 _MIN_NPROBE = 8
 _MAX_RAISES = 4
@@ -84,9 +90,9 @@ _RECALL_QUERIES = 200
 # instead of the stored point being a trivial first hit.
 _QUERY_NOISE = 0.3
 _CHUNK = 65_536
+_EXACT_ADD_ROWS = 262_144
 # Batches of at most this many queries run on one thread: a single query is a memory-bound
-# scan that a second core does not speed up (measured slower with 2 threads on this machine,
-# whose other core is usually busy with indexing or the UI).
+# scan that the second core only slows down (exact 100k: 8.4 ms on 1 thread, 10.8 ms on 2).
 _SINGLE_THREAD_MAX_QUERIES = 4
 
 
@@ -134,19 +140,22 @@ def _rows(source: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 
 def _exact_topk(queries: np.ndarray, source: np.ndarray, k: int) -> np.ndarray:
-    """Row numbers (q, k) of the exact top-k of `source` for each query, chunk by chunk."""
+    """Row numbers (q, k) of the exact top-k of `source` for each query (as sets, unordered)."""
+    # A plain matmul + argpartition per chunk: 3x faster than faiss.knn for 200 queries over
+    # 1M x 512 on the 2-core machine (2.6 s vs 8.3 s), and only the set of rows is needed.
     n = source.shape[0]
     k = min(k, n)
-    best_d = np.full((queries.shape[0], 0), -np.inf, dtype=np.float32)
+    best_s = np.empty((queries.shape[0], 0), dtype=np.float32)
     best_i = np.empty((queries.shape[0], 0), dtype=np.int64)
     for start in range(0, n, _CHUNK * 2):
-        chunk = _rows(source, start, start + _CHUNK * 2)
-        d, i = faiss.knn(queries, chunk, min(k, chunk.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
-        best_d = np.concatenate([best_d, d], axis=1)
-        best_i = np.concatenate([best_i, i + start], axis=1)
-        order = np.argsort(-best_d, axis=1, kind="stable")[:, :k]
-        best_d = np.take_along_axis(best_d, order, axis=1)
-        best_i = np.take_along_axis(best_i, order, axis=1)
+        scores = queries @ _rows(source, start, start + _CHUNK * 2).T
+        kk = min(k, scores.shape[1])
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        best_s = np.concatenate([best_s, np.take_along_axis(scores, top, axis=1)], axis=1)
+        best_i = np.concatenate([best_i, top + start], axis=1)
+        keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
+        best_s = np.take_along_axis(best_s, keep, axis=1)
+        best_i = np.take_along_axis(best_i, keep, axis=1)
     return best_i
 
 
@@ -160,9 +169,9 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 
 def _nlist_for(n: int) -> int:
-    # ~sqrt(n) cells, rounded up to a power of two: 1,024 at 1M, where the benchmark found
-    # twice as many cells no better per millisecond of search but much slower to train.
-    # Capped so that every cell gets enough training points.
+    # ~sqrt(n) cells, rounded up to a power of two (1,024 at 1M): the cheapest build that met
+    # the targets in the benchmark. 2,048 cells halved search time on the hard set (0.955 in
+    # 6 ms) for ~1.7x the train+add time; callers can pass `nlist` to make that trade.
     nlist = 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(n)))))
     return max(1, min(nlist, n // _MIN_TRAIN_PER_LIST))
 
@@ -231,16 +240,24 @@ class VectorIndex:
         exact_threshold: int = EXACT_THRESHOLD,
         seed: int = 0,
         target_recall: float = TARGET_RECALL,
+        nlist: int | None = None,
     ) -> VectorIndex:
         """Index `vectors` (n, dim) under `ids` (n,): exact below `exact_threshold`, else ANN.
 
         `kind` is "auto", "exact" or an ANN kind ("ivf-flat", "ivf-sq8"). An ANN build measures
         recall@10 against exact search and raises nprobe until it reaches `target_recall`.
+        `nlist` (IVF cells) defaults to ~sqrt(n); more cells search faster but train slower.
         """
         vectors = _as_vectors(vectors)
         ids = _as_ids(ids, vectors.shape[0])
         return cls._build_from(
-            ids, vectors, kind=kind, exact_threshold=exact_threshold, seed=seed, target_recall=target_recall
+            ids,
+            vectors,
+            kind=kind,
+            exact_threshold=exact_threshold,
+            seed=seed,
+            target_recall=target_recall,
+            nlist=nlist,
         )
 
     @classmethod
@@ -254,6 +271,7 @@ class VectorIndex:
         exact_threshold: int = EXACT_THRESHOLD,
         seed: int = 0,
         target_recall: float = TARGET_RECALL,
+        nlist: int | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
     ) -> VectorIndex:
         """Like `build`, from an iterator of (ids, vectors) chunks holding `total` rows in all.
@@ -272,8 +290,9 @@ class VectorIndex:
         start = time.perf_counter()
         if kind == "exact":
             index = cls.empty(dim)
-            seen = []
-            n = 0
+            seen: list[np.ndarray] = []
+            pending: list[tuple[np.ndarray, np.ndarray]] = []
+            n = pending_rows = 0
             for chunk_ids, chunk_vectors in chunks:
                 chunk_vectors = _as_vectors(chunk_vectors, dim)
                 chunk_ids = _as_ids(chunk_ids, chunk_vectors.shape[0])
@@ -281,7 +300,13 @@ class VectorIndex:
                 if n > total:
                     raise CNClipError(f"build_streaming got more than total={total} rows; pass the true count")
                 seen.append(chunk_ids)
-                index._index.add_with_ids(chunk_vectors, chunk_ids)
+                pending.append((chunk_ids, chunk_vectors))
+                pending_rows += chunk_ids.shape[0]
+                # Small catalog chunks are batched: every add re-copies the whole flat store.
+                if pending_rows >= _EXACT_ADD_ROWS:
+                    index._add_batch(pending)
+                    pending, pending_rows = [], 0
+            index._add_batch(pending)
             all_ids = np.concatenate(seen) if seen else np.empty(0, dtype=np.int64)
             if np.unique(all_ids).shape[0] != all_ids.shape[0]:
                 raise CNClipError("ids must be unique; each catalog file id may appear once")
@@ -315,6 +340,7 @@ class VectorIndex:
                 exact_threshold=exact_threshold,
                 seed=seed,
                 target_recall=target_recall,
+                nlist=nlist,
             )
             del spool  # release the mapping before the folder is deleted
         result.build_seconds = time.perf_counter() - start
@@ -330,7 +356,15 @@ class VectorIndex:
 
     @classmethod
     def _build_from(
-        cls, ids: np.ndarray, source: np.ndarray, *, kind: str, exact_threshold: int, seed: int, target_recall: float
+        cls,
+        ids: np.ndarray,
+        source: np.ndarray,
+        *,
+        kind: str,
+        exact_threshold: int,
+        seed: int,
+        target_recall: float,
+        nlist: int | None,
     ) -> VectorIndex:
         # `source` is an in-memory array or the streaming spool's memmap; it is only ever
         # read in row slices so that the spool never has to fit in RAM.
@@ -346,13 +380,17 @@ class VectorIndex:
                 # Too few vectors to train two IVF cells; exact search is the right answer anyway.
                 log.debug("%d vectors: building an exact index instead of %s", n, kind)
             index = cls.empty(dim)
-            for s in range(0, n, _CHUNK):
-                index._index.add_with_ids(_rows(source, s, s + _CHUNK), ids[s : s + _CHUNK])
+            # One call: faiss grows the flat store to the exact new size on every add, so 16
+            # chunks of 1M rows cost 8 s of copying against 1 s for a single add.
+            index._index.add_with_ids(_rows(source, 0, n), ids)
             index.build_seconds = time.perf_counter() - start
             return index
 
         rng = np.random.default_rng(seed)
-        nlist = _nlist_for(n)
+        if nlist is not None and nlist < 1:
+            raise CNClipError(f"nlist must be >= 1, got {nlist}")
+        # Capped so that every cell gets enough training points.
+        nlist = _nlist_for(n) if nlist is None else max(1, min(nlist, n // _MIN_TRAIN_PER_LIST))
         ntrain = min(n, nlist * _TRAIN_PER_LIST)
         train_rows = np.sort(rng.choice(n, ntrain, replace=False))
         train = np.ascontiguousarray(source[train_rows], dtype=np.float32)
@@ -400,6 +438,13 @@ class VectorIndex:
             )
         else:
             log.info("%s index: recall@10=%.3f (>= %.3f) at nprobe=%d", kind, recall, low, nprobe)
+        # Recorded so that `info` shows what the chosen nprobe costs on this machine.
+        with _omp_threads(1):
+            times = []
+            for q in queries[:20]:
+                t = time.perf_counter()
+                ivf.search(q[None, :], 10)
+                times.append(time.perf_counter() - t)
         params = {
             "nlist": nlist,
             "nprobe": nprobe,
@@ -408,6 +453,7 @@ class VectorIndex:
             "built_ntotal": n,
             "recall_queries": nq,
             "recall_at_10_low": round(low, 4),
+            "search_ms_p50": round(float(np.median(times)) * 1e3, 3),
             "target_recall": target_recall,
             "train_add_seconds": round(train_seconds, 3),
             "seed": seed,
@@ -476,17 +522,37 @@ class VectorIndex:
         removed = self._index.remove_ids(faiss.IDSelectorBatch(ids))
         log.debug("removed %d of %d requested ids", removed, ids.size)
 
-    def needs_rebuild(self, exact_threshold: int = EXACT_THRESHOLD) -> bool:
+    def ids(self) -> np.ndarray:
+        """The ids the index holds, ascending int64 (what `Index.refresh` diffs against the catalog)."""
+        index = self._index
+        if isinstance(index, faiss.IndexIDMap):
+            out = faiss.vector_to_array(index.id_map)
+        else:
+            lists = faiss.extract_index_ivf(index).invlists
+            parts = [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                for i in range(lists.nlist)
+                if lists.list_size(i)
+            ]
+            out = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        return np.sort(out.astype(np.int64, copy=False))
+
+    def needs_rebuild(self, exact_threshold: int = EXACT_THRESHOLD, ntotal: int | None = None) -> bool:
         """Whether incremental adds/removes have left this index far from what `build` would make.
 
         True for an exact index that grew to twice the threshold, or an IVF index that shrank
         below half of it or grew to 4x its build size (its lists, and query time, grew 4x).
+        `ntotal` asks the same question for a size the index would have after pending changes.
         """
-        n = self.ntotal
+        n = self.ntotal if ntotal is None else ntotal
         if self.kind == "exact":
             return n >= 2 * exact_threshold
         built = int(self.params.get("built_ntotal") or n or 1)
         return n < exact_threshold // 2 or n > 4 * built
+
+    def _add_batch(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        if parts:
+            self._index.add_with_ids(np.concatenate([v for _, v in parts]), np.concatenate([i for i, _ in parts]))
 
     def _own(self) -> None:
         # Called before any mutation: copy a memory-mapped index into owned memory.

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 INDEX_ENV = "CNCLIP_INDEX"
 DEFAULT_INDEX = Path("index") / "default"
+# Below this many changed files `refresh` always updates the saved vector index in place.
+_SYNC_MIN_REBUILD = 10_000
 MAX_QUERY_CHARS = 1000  # the model reads 50 tokens; far longer input is a mistake, not a query
 PREPROCESSING = "squash-bicubic-clip-meanstd"
 # Chinese prompt templates for zero-shot labels, averaged per label (the official evaluation does the same)
@@ -153,8 +155,13 @@ class Index:
     # -- searching --------------------------------------------------------------------------------
 
     def refresh(self) -> VectorIndex:
-        """The image vector index, rebuilt from the catalog if the catalog changed since it was saved."""
-        generation = self.catalog.generation()
+        """The image vector index, brought up to date with the catalog if the catalog changed.
+
+        A small change is applied to the saved index in place (vectors of new file ids added,
+        vanished ids removed); a large one, or one that would leave the index far from what a
+        fresh build makes (`VectorIndex.needs_rebuild`), rebuilds it from the catalog.
+        """
+        generation = self.catalog.generation()  # read first: a write after it makes us stale, not wrong
         if self._images is not None and self._images_generation == generation:
             return self._images
         folder = self.catalog.folder
@@ -162,7 +169,10 @@ class Index:
         if cached is None or cached.meta.get("generation") != generation:
             identity = self.catalog.identity
             dim = identity.dim if identity else self.model.embed_dim
-            cached = VectorIndex.build_streaming(self.catalog.file_vectors(), total=self.catalog.count(), dim=dim)
+            synced = self._sync(cached) if cached is not None and cached.dim == dim else None
+            if synced is None:
+                synced = VectorIndex.build_streaming(self.catalog.file_vectors(), total=self.catalog.count(), dim=dim)
+            cached = synced
             cached.meta["generation"] = generation
             try:
                 cached.save(folder)
@@ -170,6 +180,25 @@ class Index:
                 log.warning("could not save the vector index in %s: %s", folder, e)
         self._images, self._images_generation = cached, generation
         return cached
+
+    def _sync(self, index: VectorIndex) -> VectorIndex | None:
+        """Apply the catalog's changes since `index` was saved, or None when a rebuild is better."""
+        wanted, held = self.catalog.file_ids(), index.ids()
+        gone = np.setdiff1d(held, wanted, assume_unique=True)
+        new = np.setdiff1d(wanted, held, assume_unique=True)
+        after = held.size - gone.size + new.size
+        # Past half of the index changed, a build is about as cheap and gives fresh IVF cells.
+        if gone.size + new.size > max(_SYNC_MIN_REBUILD, held.size // 2) or index.needs_rebuild(ntotal=after):
+            return None
+        index.remove(gone)
+        if new.size:
+            # File ids only grow, so the new ones are (almost always) all above what the index holds.
+            for ids, vectors in self.catalog.file_vectors(after_id=int(new[0]) - 1):
+                keep = np.isin(ids, new, assume_unique=True)
+                if keep.any():
+                    index.add(ids[keep], vectors[keep])
+        log.debug("vector index synced: %d added, %d removed", new.size, gone.size)
+        return index
 
     def search_text(self, query: str, k: int = 10) -> list[Hit]:
         """Text -> images, best first."""

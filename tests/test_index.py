@@ -315,3 +315,16 @@ def test_needs_rebuild(data):
     assert not index.needs_rebuild(exact_threshold=1000)
     index.add(ids[100:2000], vectors[100:2000])
     assert index.needs_rebuild(exact_threshold=1000)
+    assert not index.needs_rebuild(exact_threshold=1000, ntotal=100)
+
+
+def test_ids_of_both_kinds_after_updates(data, tmp_path):
+    ids, vectors, _ = data
+    for index in (VectorIndex.build(ids[:500], vectors[:500]), VectorIndex.build(ids, vectors, exact_threshold=1_000)):
+        n = index.ntotal
+        np.testing.assert_array_equal(index.ids(), np.sort(ids[:n]))
+        index.remove(ids[:10])
+        index.add(np.array([7, 8]), vectors[:2])
+        np.testing.assert_array_equal(index.ids(), np.sort(np.concatenate([ids[10:n], [7, 8]])))
+        index.save(tmp_path / index.kind)  # a memory-mapped index answers the same
+        np.testing.assert_array_equal(VectorIndex.load(tmp_path / index.kind).ids(), index.ids())

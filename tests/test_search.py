@@ -8,6 +8,7 @@ from conftest import random_images
 
 import cnclip
 from cnclip.errors import IndexNotFoundError, ModelMismatchError, QueryError
+from cnclip.index import VectorIndex
 
 
 @pytest.fixture
@@ -66,3 +67,37 @@ def test_zero_shot_probabilities(tiny_vit):
     assert sum(h.score for h in hits) == pytest.approx(1.0, abs=1e-6)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert np.isfinite([h.score for h in hits]).all()
+
+
+def test_refresh_updates_the_saved_vector_index_in_place(tiny_vit, folder, tmp_path, monkeypatch):
+    builds = []
+    real_build = VectorIndex.build_streaming.__func__
+
+    def counting_build(cls, *args, **kwargs):
+        builds.append(kwargs.get("total"))
+        return real_build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(VectorIndex, "build_streaming", classmethod(counting_build))
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+        index.add_folder(folder, workers=1)
+        assert builds == [6]  # first time: built from the catalog
+        (folder / "0.png").unlink()
+        for i, img in enumerate(random_images(3, seed=9)):
+            img.save(folder / f"new{i}.png")
+        index.add_folder(folder, workers=1)
+        assert builds == [6]  # 3 added and 1 removed were applied to the saved index, not rebuilt
+        synced = index.refresh()
+        assert synced.ntotal == 8
+        np.testing.assert_array_equal(synced.ids(), index.catalog.file_ids())
+        query = tiny_vit.embed_texts(["一只猫"])
+        rebuilt = VectorIndex.build(*_catalog_arrays(index.catalog), kind="exact")
+        for got, want in zip(synced.search(query, 8), rebuilt.search(query, 8), strict=True):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # a fresh process sees the saved, synced index as current: no build
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit) as index:
+        assert index.refresh().ntotal == 8 and builds == [6]
+
+
+def _catalog_arrays(catalog):
+    chunks = list(catalog.file_vectors())
+    return np.concatenate([i for i, _ in chunks]), np.concatenate([v for _, v in chunks])
