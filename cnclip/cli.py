@@ -69,6 +69,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .onnx import export_onnx
+
+    model = load_model(args.model)
+    for tower, path in export_onnx(model, args.out, tuple(args.towers.split(","))).items():
+        print(f"wrote {path} ({tower} tower, dynamic batch axis)", file=sys.stderr)
+    return 0
+
+
 class _ProgressBar:
     """One self-rewriting stderr line: done/total, images per second and time left."""
 
@@ -116,9 +126,13 @@ def _positive_int(text: str) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     from .search import Index
 
+    if args.folder is not None and not os.path.isdir(os.path.expanduser(args.folder)):
+        raise CNClipError(f"{args.folder} is not a folder; give the folder of images to index")
+    if args.folder is None and not args.texts:
+        raise CNClipError("nothing to index; give a folder of images and/or --texts FILE")
+    texts = _read_lines(args.texts) if args.texts else None
     with Index.open(args.index, model=args.model, create=True) if args.model else _open_for_indexing(args) as index:
-        if args.texts:
-            texts = _read_lines(args.texts)
+        if texts is not None:
             added = index.add_texts(texts, collection=args.collection)
             print(
                 f"added {added} new texts ({len(texts) - added} already present) to {index.catalog.folder}",
@@ -160,10 +174,15 @@ def _open_for_indexing(args: argparse.Namespace):
     from .errors import IndexNotFoundError
     from .search import Index
 
+    default = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     try:
-        return Index.open(args.index)
+        index = Index.open(args.index)
     except IndexNotFoundError:
-        return Index.open(args.index, model=os.environ.get(MODEL_ENV) or DEFAULT_MODEL, create=True)
+        return Index.open(args.index, model=default, create=True)
+    if index.catalog.identity is None:  # made but never given a model: treat it as new
+        index.close()
+        return Index.open(args.index, model=default)
+    return index
 
 
 def _read_lines(path: str) -> list[str]:
@@ -177,10 +196,12 @@ def _read_lines(path: str) -> list[str]:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search import Index
+    from .search import Index, check_query
 
     if (args.query is None) == (args.image is None):
         raise CNClipError("give either a text query or --image FILE")
+    if args.query is not None:
+        check_query(args.query)  # before the index and its model are loaded
     with Index.open(args.index, model=args.model) as index:
         if args.texts:
             if args.image is None:
@@ -215,6 +236,33 @@ def _write_sheets(args: argparse.Namespace, hits) -> None:
         print(f"wrote {write_grid(items, args.grid, title=title)}", file=sys.stderr)
     if args.html:
         print(f"wrote {write_html(items, args.html, title=title)}", file=sys.stderr)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .search import Index
+
+    with Index.open(args.index) as index:
+        stats = index.stats()
+    if args.json:
+        print(_json(stats))
+        return 0
+    model = stats["model"]
+    print(f"index    {stats['index']}")
+    print(f"images   {stats['images']:,}")
+    print(f"texts    {stats['texts']:,}")
+    print(
+        f"model    {model['name'] or '-'} ({model['digest'][:12]}), {model['dim']}-d, from {model['source']}"
+        if model
+        else "model    none yet"
+    )
+    vectors = stats["vector_index"]
+    if vectors is None:
+        print("vectors  not built yet (the next search builds it)")
+    else:
+        recall = "" if vectors["recall_at_10"] is None else f", recall@10 {vectors['recall_at_10']:.3f} at build"
+        state = "current" if vectors["current"] else "stale (the next search updates it)"
+        print(f"vectors  {vectors['kind']}, {vectors['ntotal']:,} vectors{recall}; {state}")
+    return 0
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
@@ -254,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     p.set_defaults(func=_cmd_convert)
 
+    p = sub.add_parser("export-onnx", help="export the image and text towers to ONNX (dynamic batch axis)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("out", help="output folder: image.onnx and text.onnx")
+    p.add_argument("--towers", default="image,text", help="comma list of towers to export (default: image,text)")
+    p.set_defaults(func=_cmd_export_onnx)
+
     index_help = "index folder (default: $CNCLIP_INDEX, then ./index/default)"
     p = sub.add_parser("index", help="bring an index up to date with a folder of images")
     p.add_argument("folder", nargs="?", help="folder of images, walked recursively")
@@ -289,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", metavar="OUT.jpg", help="also write a contact sheet of the hits")
     p.add_argument("--html", metavar="OUT.html", help="also write an HTML page of the hits")
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("info", help="what an index holds: counts, model, vector index")
+    p.add_argument("--index", help=index_help)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("tag", help="zero-shot labels for an image")
     p.add_argument("file", help="image file")

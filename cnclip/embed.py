@@ -84,5 +84,5 @@ def embed_files(
             vectors = np.empty((0, model.embed_dim), dtype=np.float32)
             if tensors:
                 with torch.inference_mode():
-                    vectors = unit_rows(model.encode_image(torch.stack(tensors)))
+                    vectors = unit_rows(model._image_features(torch.stack(tensors)))
             yield EmbeddedBatch(ok_paths, vectors, failed)

@@ -98,10 +98,16 @@ class Index:
         `model` may be a loaded model or anything `load_model` takes; by default the index's own
         model is loaded when first needed. A model other than the index's is refused.
         """
+        # The model first: a model that fails to load must not leave an empty index folder behind.
+        loaded = load_model(model) if isinstance(model, str | os.PathLike) else model
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
         index = cls(catalog)
-        if model is not None:
-            index._bind(load_model(model) if isinstance(model, str) else model)
+        if loaded is not None:
+            try:
+                index._bind(loaded)
+            except BaseException:
+                catalog.close()
+                raise
         return index
 
     def close(self) -> None:
@@ -199,6 +205,26 @@ class Index:
                     index.add(ids[keep], vectors[keep])
         log.debug("vector index synced: %d added, %d removed", new.size, gone.size)
         return index
+
+    def stats(self) -> dict:
+        """What the index holds, without loading the model or touching the vector index:
+        counts, the model record, and the saved vector index (kind, recall, whether current)."""
+        identity = self.catalog.identity
+        saved = VectorIndex.load(self.catalog.folder)
+        vectors = None
+        if saved is not None:
+            vectors = saved.info()
+            vectors["current"] = saved.meta.get("generation") == self.catalog.generation()
+            del vectors["memory_mapped"]
+        return {
+            "index": str(self.catalog.folder),
+            "images": self.catalog.count(),
+            "texts": self.catalog.text_count(),
+            "model": None
+            if identity is None
+            else {"name": identity.name, "source": identity.source, "digest": identity.digest, "dim": identity.dim},
+            "vector_index": vectors,
+        }
 
     def search_text(self, query: str, k: int = 10) -> list[Hit]:
         """Text -> images, best first."""

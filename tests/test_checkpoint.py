@@ -135,6 +135,11 @@ def test_empty_and_non_checkpoint_files(tmp_path):
     with pytest.raises(CheckpointError) as e:
         cnclip.load_model(tmp_path / "notes.pt")
     _one_line(e, "notes.pt")
+    for name in ("noise.pt", "noise.safetensors"):  # random bytes reach deep into the readers
+        (tmp_path / name).write_bytes(np.random.default_rng(0).bytes(1000))
+        with pytest.raises(CheckpointError) as e:
+            cnclip.load_model(tmp_path / name)
+        _one_line(e, name)
     torch.save({"state_dict": {"module.foo.weight": torch.zeros(2)}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError) as e:
         cnclip.load_model(tmp_path / "other.pt")

@@ -84,6 +84,12 @@ def test_incremental_indexing_counts(photos, tmp_path, model_dir):
     scores = [h["score"] for h in hits]
     assert scores == sorted(scores, reverse=True)
 
+    info = run_cli("info", "--index", idx, "--json")
+    assert info.returncode == 0, info.stderr
+    stats = json.loads(info.stdout)
+    assert stats["images"] == 9 and stats["texts"] == 0 and stats["model"]["dim"] == 32
+    assert stats["vector_index"]["kind"] == "exact" and stats["vector_index"]["current"] is True
+
 
 def test_plain_output_and_image_search(photos, tmp_path, model_dir):
     idx = tmp_path / "idx"
@@ -172,10 +178,16 @@ def test_query_and_path_errors(photos, tmp_path, model_dir):
         (("search", "猫" * 10_000, "--index", idx), "10,000 characters"),
         (("search", "猫", "--index", tmp_path / "nowhere"), "no cnclip index"),
         (("index", tmp_path / "no-such-dir", "--index", idx), "not a folder"),
+        (("index", tmp_path / "no-such-dir", "--index", tmp_path / "new1"), "not a folder"),
+        (("index", photos, "--index", tmp_path / "new2", "--model", "ViT-Nope"), "unknown model"),
+        (("index", photos, "--index", tmp_path / "new3", "--model", tmp_path / "nothing.pt"), "nothing.pt"),
+        (("index", "--index", tmp_path / "new4"), "nothing to index"),
     ]:
         out = run_cli(*args)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 1 and len(lines) == 1 and needle in lines[0], out.stderr
+    # a failed first run leaves no half-made index behind
+    assert not any((tmp_path / f"new{i}").exists() for i in range(1, 5))
 
 
 def test_model_mismatch_is_refused(photos, tmp_path, model_dir):

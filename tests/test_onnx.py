@@ -1,0 +1,69 @@
+"""ONNX export of both towers, checked against PyTorch with ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_images
+from test_cli import run_cli
+
+import cnclip
+from cnclip.errors import CNClipError
+from cnclip.onnx import OnnxTower, export_onnx
+
+TEXTS = ["猫", "海边的日落和沙滩上的脚印", "一只在沙发上睡觉的橘猫，旁边有一本书", "iPhone 截图 2024"]
+
+
+@pytest.mark.parametrize("shape", ["tiny_vit", "tiny_rn"])
+def test_exported_towers_equal_torch(shape, request, tmp_path):
+    model = request.getfixturevalue(shape)
+    paths = export_onnx(model, tmp_path)
+    assert not any(m.training for m in model.modules())  # the exporter must not leave dropout on
+    ids = model.tokenizer(TEXTS)
+    for batch in (ids[:, : int(ids.ne(0).sum(1).max())], ids[:1, :3], ids):  # padded, unpadded, full 52
+        with torch.inference_mode():
+            want = model.encode_text(batch).numpy()
+        np.testing.assert_allclose(OnnxTower(paths["text"])(batch), want, atol=1e-5, rtol=1e-4)
+    for n in (1, 5):  # batch sizes other than the exported example's
+        pixels = model.preprocess.batch(random_images(n, seed=n))
+        with torch.inference_mode():
+            want = model.encode_image(pixels).numpy()
+        np.testing.assert_allclose(OnnxTower(paths["image"])(pixels), want, atol=1e-5, rtol=1e-4)
+
+
+def test_use_onnx_gives_the_same_embeddings_and_caches_the_export(tmp_path):
+    torch.manual_seed(1)
+    model = cnclip.create_model("tiny-vit")
+    images = random_images(3, seed=2)
+    want_text, want_image = model.embed_texts(TEXTS), model.embed_images(images)
+    model.use_onnx(("text", "image"), folder=tmp_path)
+    np.testing.assert_allclose(model.embed_texts(TEXTS), want_text, atol=1e-5)
+    np.testing.assert_allclose(model.embed_images(images), want_image, atol=1e-5)
+    exported = sorted(tmp_path.rglob("*.onnx"))
+    assert [p.name for p in exported] == ["image.onnx", "text.onnx"]
+    stamps = [p.stat().st_mtime_ns for p in exported]
+    model.use_onnx(("text",), folder=tmp_path)  # cached by weights digest: not exported again
+    assert [p.stat().st_mtime_ns for p in exported] == stamps
+    other = cnclip.create_model("tiny-vit")  # other weights get their own export
+    other.use_onnx(("text",), folder=tmp_path)
+    assert len(list(tmp_path.rglob("text.onnx"))) == 2
+    model.use_onnx(())  # back to torch
+    np.testing.assert_array_equal(model.embed_texts(TEXTS), want_text)
+
+
+def test_bad_onnx_file_is_one_clear_error(tmp_path):
+    (tmp_path / "text.onnx").write_bytes(b"not a model")
+    with pytest.raises(CNClipError, match="export it again"):
+        OnnxTower(tmp_path / "text.onnx")
+
+
+def test_export_onnx_cli(tmp_path, tiny_vit):
+    src = tiny_vit.save_pretrained(tmp_path / "model")
+    out = run_cli("export-onnx", src, tmp_path / "onnx")
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["image.onnx", "text.onnx"]
+    ids = tiny_vit.tokenizer(TEXTS[:2])
+    with torch.inference_mode():
+        want = tiny_vit.encode_text(ids).numpy()
+    np.testing.assert_allclose(OnnxTower(tmp_path / "onnx" / "text.onnx")(ids), want, atol=1e-5, rtol=1e-4)
