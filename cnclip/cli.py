@@ -285,10 +285,72 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .evaluate import evaluate_pairs, zero_shot_accuracy
+    from .indexer import Progress
+
+    if args.labels and args.zero_shot is None:
+        raise CNClipError("--labels names the classes of --zero-shot FOLDER; add --zero-shot FOLDER")
+    if args.zero_shot is not None and not os.path.isdir(os.path.expanduser(args.zero_shot)):
+        raise CNClipError(f"{args.zero_shot} is not a folder; give a folder with one sub-folder of images per class")
+    pairs = _read_pairs(args.data) if args.data is not None else None  # data problems show before the model loads
+    model = load_model(args.model)
+    bar = _ProgressBar("embedding", enabled=not args.quiet and sys.stderr.isatty())
+    skipped: list[str] = []
+    options = {"batch_size": args.batch_size, "progress": lambda done, total: bar(Progress(done, total))}
+    try:
+        if pairs is not None:
+            result = evaluate_pairs(model, pairs, on_skip=skipped.append, **options)
+        else:
+            result = zero_shot_accuracy(model, args.zero_shot, args.labels, on_skip=skipped.append, **options)
+    finally:
+        bar.close()
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    del result["failed"]  # named on stderr just above
+    if args.json:
+        print(_json(result))
+    elif pairs is not None:
+        _print_recall_table(result)
+    else:
+        print(f"top1\t{100 * result['top1']:.1f}\ntop5\t{100 * result['top5']:.1f}")
+        print(f"{result['images']} images, {result['classes']} classes", file=sys.stderr)
+    return 0
+
+
+def _read_pairs(path: str) -> list:
+    """Image-caption pairs from a data file; what was left out is summed up on stderr."""
+    from .data import read_pairs
+
+    pairs, report = read_pairs(path)
+    if report.dropped:
+        problems = ", ".join(f"{count} {reason}" for reason, count in report.problems.items())
+        print(
+            f"{report.source}: left out {report.dropped} of {report.kept + report.dropped} ({problems})",
+            file=sys.stderr,
+        )
+        for example in report.examples:
+            print(f"  {example}", file=sys.stderr)
+    return pairs
+
+
+def _print_recall_table(result: dict) -> None:
+    """Recall in percent, one row per direction, then the mean recall."""
+    print("\tR@1\tR@5\tR@10")
+    for direction in ("t2i", "i2t"):
+        print(direction + "".join(f"\t{100 * result[direction][k]:.1f}" for k in ("R@1", "R@5", "R@10")))
+    print(f"MR\t{100 * result['MR']:.1f}")
+    print(f"{result['images']} images, {result['texts']} texts", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnclip", description="Chinese-CLIP text-image search.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # listed for --help only: main() hands `cnclip train ...` to cnclip.train.main before parsing
+    sub.add_parser("train", help="fine-tune on image-caption pairs (cnclip train --help)", add_help=False)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.add_argument("--all", action="store_true", help="include the tiny test shapes")
@@ -357,10 +419,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=5, help="labels to print (default 5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_tag)
+
+    p = sub.add_parser("eval", help="retrieval recall on image-caption pairs, or zero-shot accuracy on a folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", metavar="FILE", help="image-caption pairs: JSONL, CSV or a folder with .txt captions")
+    what.add_argument("--zero-shot", metavar="FOLDER", help="a folder with one sub-folder of images per class")
+    p.add_argument(
+        "--labels", metavar="FILE", help="with --zero-shot: folder<TAB>label per line, or labels in folder order"
+    )
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON (fractions, not percent)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the trainer parses its own options (it is also run by torchrun)
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

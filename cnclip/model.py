@@ -126,6 +126,10 @@ class CNClipModel(nn.Module):
             self._digest = h.hexdigest()
         return self._digest
 
+    def forget_weights_digest(self) -> None:
+        """Drop the cached digest after the weights changed (training), so it is computed afresh."""
+        self._digest = None
+
     # -- tensors in, tensors out ----------------------------------------------------------------
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -219,9 +223,12 @@ class CNClipModel(nn.Module):
             p.requires_grad = False
 
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
-        """Freeze the text tower, leaving the last `unlocked_layers` BERT layers trainable."""
+        """Freeze the text tower (BERT and its projection), leaving the last `unlocked_layers` BERT
+        layers, and then the projection too, trainable."""
         for p in self.bert.parameters():
             p.requires_grad = False
+        # like the image tower, whose projection lives inside it and locks with it
+        self.text_projection.requires_grad = unlocked_layers > 0
         if unlocked_layers > 0:
             for layer in self.bert.encoder.layer[-unlocked_layers:]:
                 for p in layer.parameters():

@@ -278,17 +278,22 @@ def zero_shot(
     """Label probabilities for `image`, best first: each label's prompts are embedded, averaged and
     renormalized, then softmax over logit_scale x cosine."""
     labels = [check_query(label) for label in labels]
-    if not labels:
-        raise QueryError("no labels given; put one label per line in the labels file")
-    prompts = [t.format(label) for label in labels for t in templates]
-    text = model.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    text = label_embeddings(model, labels, templates)
     image_vec = model.embed_images([image])[0]
     logits = float(model.logit_scale.detach().exp()) * (text @ image_vec)
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     order = np.argsort(-probs)
     return [TextHit(labels[i], float(probs[i])) for i in order]
+
+
+def label_embeddings(model: CNClipModel, labels: Sequence[str], templates=PROMPT_TEMPLATES) -> np.ndarray:
+    """float32 (len(labels), D) unit rows: each label's prompts embedded, averaged and renormalized."""
+    if not labels:
+        raise QueryError("no labels given; put one label per line in the labels file")
+    prompts = [t.format(label) for label in labels for t in templates]
+    text = model.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+    return text / np.linalg.norm(text, axis=1, keepdims=True)
 
 
 def check_query(query: str) -> str:

@@ -1,0 +1,7 @@
+"""`python -m cnclip.train` (what torchrun launches): the same as `cnclip train`."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
