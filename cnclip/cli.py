@@ -130,7 +130,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
         raise CNClipError(f"{args.folder} is not a folder; give the folder of images to index")
     if args.folder is None and not args.texts:
         raise CNClipError("nothing to index; give a folder of images and/or --texts FILE")
-    texts = _read_lines(args.texts) if args.texts else None
+    from .data import read_lines
+
+    texts = read_lines(args.texts) if args.texts else None
     with Index.open(args.index, model=args.model, create=True) if args.model else _open_for_indexing(args) as index:
         if texts is not None:
             added = index.add_texts(texts, collection=args.collection)
@@ -183,16 +185,6 @@ def _open_for_indexing(args: argparse.Namespace):
         index.close()
         return Index.open(args.index, model=default)
     return index
-
-
-def _read_lines(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    except FileNotFoundError as e:
-        raise CNClipError(f"{path}: no such file") from e
-    except UnicodeDecodeError as e:
-        raise CNClipError(f"{path}: not UTF-8 text; save it as UTF-8, one entry per line") from e
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -267,10 +259,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_tag(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
+    from .data import read_lines
     from .search import Index, zero_shot
     from .transform import load_image
 
-    labels = _read_lines(args.labels)
+    labels = read_lines(args.labels)
     if args.model:
         model = load_model(args.model)
     else:
@@ -282,6 +275,24 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     else:
         for h in hits:
             print(f"{h.score:.4f}\t{h.text}")
+    return 0
+
+
+def _cmd_import_official(args: argparse.Namespace) -> int:
+    from .data import read_official, read_official_lmdb
+
+    if bool(args.lmdb) == bool(args.imgs or args.texts):
+        raise CNClipError("give either --imgs FILE --texts FILE (tsv + jsonl) or --lmdb DIR")
+    if args.lmdb:
+        path, report = read_official_lmdb(args.lmdb, args.out)
+    else:
+        if not (args.imgs and args.texts):
+            raise CNClipError("the tsv layout needs both --imgs *_imgs.tsv and --texts *_texts.jsonl")
+        path, report = read_official(args.imgs, args.texts, args.out)
+    print(f"wrote {path}: {report.summary()}", file=sys.stderr)
+    for line in report.examples:
+        print(f"  {line}", file=sys.stderr)
+    print(f"train on it with: cnclip train --train {path} --out runs/NAME", file=sys.stderr)
     return 0
 
 
@@ -432,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON (fractions, not percent)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "import-official", help="convert the official Chinese-CLIP data layout (tsv+jsonl or LMDB) to pairs.jsonl"
+    )
+    p.add_argument("--imgs", metavar="FILE", help="*_imgs.tsv: image_id<TAB>base64 image")
+    p.add_argument("--texts", metavar="FILE", help="*_texts.jsonl: {text_id, text, image_ids}")
+    p.add_argument("--lmdb", metavar="DIR", help="the official LMDB folder (imgs/ and pairs/) instead")
+    p.add_argument("--out", required=True, help="folder for images/ and pairs.jsonl")
+    p.set_defaults(func=_cmd_import_official)
     return parser
 
 

@@ -750,3 +750,16 @@ def read_official_lmdb(lmdb_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     finally:
         imgs_env.close()
         pairs_env.close()
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (labels, texts to index), stripped."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8-sig")
+    except FileNotFoundError as e:
+        raise CNClipError(f"{path}: no such file") from e
+    except UnicodeDecodeError as e:
+        raise CNClipError(f"{path}: not UTF-8 text; save it as UTF-8, one entry per line") from e
+    except OSError as e:
+        raise CNClipError(f"{path}: {e.strerror or e}") from e
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .data import read_lines
 from .embed import embed_files
 from .errors import CNClipError
 from .search import PROMPT_TEMPLATES, label_embeddings
@@ -229,7 +230,7 @@ def class_labels(classes: Sequence[str], labels: str | os.PathLike | None = None
     """
     if labels is None:
         return list(classes)
-    lines = _read_label_lines(labels)
+    lines = read_lines(labels)
     tabbed = ["\t" in line for line in lines]
     if all(tabbed):
         names = _mapped_labels(labels, lines, classes)
@@ -248,18 +249,6 @@ def class_labels(classes: Sequence[str], labels: str | os.PathLike | None = None
             raise EvaluationError(f"{labels} gives {name} to both {seen[name]} and {folder}; labels must differ")
         seen[name] = folder
     return names
-
-
-def _read_label_lines(labels: str | os.PathLike) -> list[str]:
-    try:
-        text = Path(labels).expanduser().read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise EvaluationError(f"{labels}: no such file") from e
-    except UnicodeDecodeError as e:
-        raise EvaluationError(f"{labels}: not UTF-8 text; save it as UTF-8, one label per line") from e
-    except OSError as e:
-        raise EvaluationError(f"{labels}: {e.strerror or e}") from e
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def _mapped_labels(labels: str | os.PathLike, lines: list[str], classes: Sequence[str]) -> list[str]:

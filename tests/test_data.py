@@ -486,3 +486,15 @@ def test_read_official_lmdb_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_report_defaults() -> None:
     report = DataReport(source="x")
     assert (report.kept, report.dropped, report.summary()) == (0, 0, "kept 0 pairs of 0 images")
+
+
+def test_import_official_cli(tmp_path: Path) -> None:
+    from test_cli import run_cli
+
+    tsv, texts, _ = _official_tsv_and_texts(tmp_path)
+    out = run_cli("import-official", "--imgs", tsv, "--texts", texts, "--out", tmp_path / "conv")
+    assert out.returncode == 0, out.stderr
+    assert "kept 3 pairs" in out.stderr and "cnclip train --train" in out.stderr
+    assert len(read_pairs(tmp_path / "conv" / "pairs.jsonl")[0]) == 3
+    wrong = run_cli("import-official", "--imgs", tsv, "--out", tmp_path / "conv2")
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1

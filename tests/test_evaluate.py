@@ -14,6 +14,7 @@ from test_cli import run_cli
 
 import cnclip
 from cnclip.data import Pair
+from cnclip.errors import CNClipError
 from cnclip.evaluate import (
     EvaluationError,
     class_labels,
@@ -296,7 +297,7 @@ def test_bad_label_files_are_refused(tmp_path, text, needle):
 
 
 def test_zero_shot_folder_errors(tmp_path):
-    with pytest.raises(EvaluationError, match="no such file"):
+    with pytest.raises(CNClipError, match="no such file"):
         class_labels(["a"], tmp_path / "missing.txt")
     with pytest.raises(EvaluationError, match="not a folder"):
         zero_shot_accuracy(ColourModel(), tmp_path / "missing")

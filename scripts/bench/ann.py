@@ -26,13 +26,14 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
 from cnclip.index import VectorIndex, _nlist_for
+from cnclip.index import _omp_threads as threads  # the library's own per-thread OpenMP setting
 
 ALL_KINDS = ("exact", "ivf-flat", "ivf-sq8", "ivf-pq-refine", "hnsw")
 
@@ -81,16 +82,6 @@ def index_mb(index: faiss.Index) -> float:
         path = os.path.join(tmp, "index.faiss")
         faiss.write_index(index, path)
         return os.path.getsize(path) / 2**20
-
-
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
