@@ -762,4 +762,6 @@ def read_lines(path: str | os.PathLike) -> list[str]:
         raise CNClipError(f"{path}: not UTF-8 text; save it as UTF-8, one entry per line") from e
     except OSError as e:
         raise CNClipError(f"{path}: {e.strerror or e}") from e
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    # Tabs are kept: in label files they separate a folder name from its label.
+    lines = (line.strip(" \r\n\f\v\u3000") for line in text.splitlines())
+    return [line for line in lines if line.strip()]
