@@ -236,10 +236,9 @@ class CNClipModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
-        if enable:
-            self.bert.gradient_checkpointing_enable()
-        else:
-            self.bert.gradient_checkpointing_disable()
+        # transformers 5 renamed gradient_* to activation_checkpointing_* (the old names warn)
+        prefix = "activation" if hasattr(self.bert, "activation_checkpointing_enable") else "gradient"
+        getattr(self.bert, f"{prefix}_checkpointing_{'enable' if enable else 'disable'}")()
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write a Hugging Face-compatible ChineseCLIP folder (ViT) or a cnclip folder (ResNet)."""

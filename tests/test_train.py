@@ -204,3 +204,25 @@ def test_bad_arguments_and_data_are_one_line_errors(tmp_path, small_data, init_m
         out = run_cli("train", *map(str, args), "--model", init_model, "--out", tmp_path / "o")
         lines = [line for line in out.stderr.strip().splitlines() if "error" in line]
         assert out.returncode == 1 and len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_bf16_runs(tmp_path, small_data):
+    pairs, _ = read_pairs(small_data[0])
+    grads = {}
+    for checkpointing in (False, True):
+        model = _no_dropout(_tiny_64(seed=4))
+        trainer = Trainer(model, pairs, TrainOptions(batch_size=8, workers=0, grad_checkpointing=checkpointing),
+                          tmp_path / str(checkpointing), DistInfo())  # fmt: skip
+        micro, _ = next(trainer._micro_batches(epoch=0, first_step=0))
+        trainer.backward(micro)
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+    # bf16 autocast on the CPU (chosen automatically only where the CPU has fast bf16)
+    trainer = Trainer(_tiny_64(seed=4), pairs, TrainOptions(batch_size=8, workers=0, precision="bf16"),
+                      tmp_path / "bf16", DistInfo())  # fmt: skip
+    assert trainer.amp_dtype == torch.bfloat16
+    micro, _ = next(trainer._micro_batches(epoch=0, first_step=0))
+    assert np.isfinite(trainer.train_step(micro))
