@@ -130,17 +130,28 @@ def _load(args: argparse.Namespace, resume_from: Path | None):
 
 
 def _printer(dist: DistInfo):
+    """Progress on stderr: on a terminal one self-rewriting bar line, in a log one line per report."""
+    tty = sys.stderr.isatty()
+
     def show(event: dict) -> None:
         if not dist.is_main:
             return
         if event["kind"] == "train":
-            print(
-                f"step {event['step']}/{event['total_steps']}  epoch {event['epoch']}  loss {event['loss']:.4f}  "
-                f"lr {event['lr']:.2e}  scale {event['logit_scale']:.1f}  {event['pairs_per_s']:.1f} pairs/s",
-                file=sys.stderr,
-                flush=True,
+            step, total = event["step"], event["total_steps"]
+            line = (
+                f"step {step}/{total}  epoch {event['epoch']}  loss {event['loss']:.4f}  "
+                f"lr {event['lr']:.2e}  scale {event['logit_scale']:.1f}  {event['pairs_per_s']:.1f} pairs/s"
             )
+            if tty:
+                filled = int(20 * step / max(total, 1))
+                print(f"\r{'█' * filled}{'·' * (20 - filled)} {line} ", end="", file=sys.stderr, flush=True)
+                if step == total:
+                    print(file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
         else:
+            if tty:
+                print(file=sys.stderr)
             t, i = event["t2i"], event["i2t"]
             print(
                 f"eval step {event['step']}: text->image R@1 {t['R@1']:.3f} R@5 {t['R@5']:.3f} R@10 {t['R@10']:.3f} | "
