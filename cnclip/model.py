@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from .config import ModelConfig
+from .errors import CNClipError
 from .tokenizer import Tokenizer, default_tokenizer, normalize_text
 from .transform import ImageTransform, load_image
 
@@ -166,7 +167,7 @@ class CNClipModel(nn.Module):
         from .onnx import cached_tower
 
         if towers and self.device.type != "cpu":
-            raise ValueError(f"ONNX Runtime runs here on the CPU; the model is on {self.device}")
+            raise CNClipError(f"ONNX Runtime runs here on the CPU; the model is on {self.device}")
         self._runners = {tower: cached_tower(self, tower, folder) for tower in towers}
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -218,7 +219,7 @@ class CNClipModel(nn.Module):
             self.visual.lock(unlocked_groups=unlocked_groups)
             return
         if unlocked_groups:
-            raise ValueError("partial unlocking is only available for ViT image towers; use 0 for ResNet")
+            raise CNClipError("--lock-image-unlocked needs a ViT image tower; ResNet towers lock whole (use 0)")
         for p in self.visual.parameters():
             p.requires_grad = False
 
