@@ -1,0 +1,185 @@
+"""Embedding speed against the official implementation, measured in one run on one machine.
+
+Reference: the official `cn_clip` model (fp32) with the official preprocessing and tokenizer
+(padded to 52). Ours: `cnclip` with the same weights (the official state dict loaded through
+`load_model`), in PyTorch and in ONNX Runtime. Prints Markdown tables with the ratio ours /
+reference and the lowest cosine of our rows to the reference's.
+
+    nice .venv/bin/python scripts/bench/embed.py                       # ViT-B-16 shape, ~5 minutes
+    nice .venv/bin/python scripts/bench/embed.py --photos 24           # + `cnclip index` over 12 MP JPEGs
+
+Random weights: speed depends on the shape, not on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1] / "tests"))  # the parity tests' reference builder
+from ann import machine  # noqa: E402
+from reference import official_model, save_official_checkpoint  # noqa: E402
+
+import cnclip  # noqa: E402
+from cnclip.config import get_model_config  # noqa: E402
+
+QUERIES = ["海边的日落", "一只在沙发上睡觉的橘猫", "城市夜景", "我家的狗在公园里奔跑", "生日蛋糕和蜡烛", "雪山"]
+
+
+def photo(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A smooth random colour field with grain: compresses like a photo, not like noise."""
+    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    grain = rng.integers(-12, 12, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.asarray(img, np.int16) + grain, 0, 255).astype(np.uint8))
+
+
+def rate(fn, items: int, repeats: int) -> float:
+    """Items per second of `fn` (called `repeats` times after one warm-up call), best of the calls."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return items / best
+
+
+def p50_ms(fn, queries: list[str], rounds: int) -> float:
+    for q in queries:
+        fn(q)
+    times = []
+    for _ in range(rounds):
+        for q in queries:
+            t = time.perf_counter()
+            fn(q)
+            times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(axis=1).min())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="ViT-B-16")
+    ap.add_argument("--batch", type=int, default=32, help="images per forward pass")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--photos", type=int, default=0, help="12 MP JPEGs to index end to end (0: skip)")
+    args = ap.parse_args(argv)
+    from cn_clip.clip.utils import _convert_to_rgb, image_transform  # the official preprocessing
+    from cn_clip.clip.utils import tokenize as official_tokenize
+
+    work = Path(tempfile.mkdtemp(prefix="cnclip-embed-bench-"))
+    try:
+        config = get_model_config(args.shape)
+        reference = official_model(config)
+        ours = cnclip.load_model(save_official_checkpoint(reference, work / "official.pt"))
+        size = config.vision.image_size
+        rng = np.random.default_rng(0)
+        images = [photo(rng, (640, 480)) for _ in range(args.batch)]
+        official_preprocess = image_transform(size)
+        ref_pixels = torch.stack([official_preprocess(_convert_to_rgb(im)) for im in images])
+        our_pixels = ours.preprocess.batch(images)
+
+        rows = []
+        with torch.inference_mode():
+            ref_vecs = reference.encode_image(ref_pixels).numpy()
+            ref_rate = rate(lambda: reference.encode_image(ref_pixels), args.batch, args.repeats)
+            rows.append(("official `cn_clip`, fp32", ref_rate, 1.0))
+            our_rate = rate(lambda: ours.encode_image(our_pixels), args.batch, args.repeats)
+            rows.append(("cnclip, PyTorch fp32", our_rate, cosine_min(ours.encode_image(our_pixels).numpy(), ref_vecs)))
+        ours.use_onnx(("image", "text"), folder=work / "onnx")
+        runner = ours._runners["image"]
+        onnx_rate = rate(lambda: runner(our_pixels), args.batch, args.repeats)
+        rows.append(("cnclip, ONNX Runtime fp32", onnx_rate, cosine_min(runner(our_pixels), ref_vecs)))
+
+        def official_text(q: str) -> np.ndarray:
+            with torch.inference_mode():
+                return F.normalize(reference.encode_text(official_tokenize([q])), dim=-1).numpy()
+
+        ref_text = np.concatenate([official_text(q) for q in QUERIES])
+        text_rows = [("official `cn_clip`, fp32, padded to 52", p50_ms(official_text, QUERIES, args.repeats * 3), 1.0)]
+        ours.use_onnx(())
+        text_rows.append(
+            ("cnclip, PyTorch fp32", p50_ms(lambda q: ours.embed_texts([q]), QUERIES, args.repeats * 3),
+             cosine_min(ours.embed_texts(QUERIES), ref_text))
+        )  # fmt: skip
+        ours.use_onnx(("text",), folder=work / "onnx")
+        text_rows.append(
+            ("cnclip, ONNX Runtime fp32", p50_ms(lambda q: ours.embed_texts([q]), QUERIES, args.repeats * 3),
+             cosine_min(ours.embed_texts(QUERIES), ref_text))
+        )  # fmt: skip
+
+        print(f"### Embedding speed, {args.shape} shape — {dt.date.today().isoformat()}\n")
+        print(f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads.\n")
+        print(f"Images (model only, batches of {args.batch} preprocessed {size}px images):\n")
+        print("| implementation | images/s | vs official | lowest cosine to official |")
+        print("|---|---:|---:|---:|")
+        for name, r, cos in rows:
+            print(f"| {name} | {r:.2f} | {r / ref_rate:.2f}x | {cos:.6f} |")
+        print(f"\nOne text query ({len(QUERIES)} Chinese queries, one per call, p50):\n")
+        print("| implementation | ms | speed-up vs official | lowest cosine to official |")
+        print("|---|---:|---:|---:|")
+        for name, ms, cos in text_rows:
+            print(f"| {name} | {ms:.1f} | {text_rows[0][1] / ms:.2f}x | {cos:.6f} |")
+        if args.photos:
+            index_rows(work, reference, official_preprocess, _convert_to_rgb, ours, args)
+        print()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def index_rows(work: Path, reference, official_preprocess, to_rgb, ours, args) -> None:
+    """`Index.add_folder` over 12 MP JPEGs against the official preprocessing + model in a loop."""
+    folder = work / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(args.photos):
+        photo(rng, (4000, 3000)).save(folder / f"IMG_{i:04d}.jpg", quality=90)
+    paths = sorted(folder.iterdir())
+
+    def official_loop() -> None:
+        for start in range(0, len(paths), args.batch):
+            batch = [official_preprocess(to_rgb(Image.open(p))) for p in paths[start : start + args.batch]]
+            with torch.inference_mode():
+                reference.encode_image(torch.stack(batch))
+
+    t = time.perf_counter()
+    official_loop()
+    ref_rate = len(paths) / (time.perf_counter() - t)
+    results = [("official preprocessing + `cn_clip` fp32, one process", ref_rate)]
+    for runtime in ("torch", "onnxruntime"):
+        ours.use_onnx(("image",), folder=work / "onnx") if runtime == "onnxruntime" else ours.use_onnx(())
+        shutil.rmtree(work / "index", ignore_errors=True)
+        with cnclip.Index.open(work / "index", model=ours, create=True) as index:
+            t = time.perf_counter()
+            summary = index.add_folder(folder, batch_size=args.batch)
+            elapsed = time.perf_counter() - t
+        assert summary.embedded == len(paths), summary
+        results.append((f"`Index.add_folder`, {runtime}, draft JPEG decoding", len(paths) / elapsed))
+    print(f"\nIndexing {len(paths)} JPEGs of 4000x3000 (end to end: walk, hash, decode, embed, commit):\n")
+    print("| implementation | images/s | vs official |")
+    print("|---|---:|---:|")
+    for name, r in results:
+        print(f"| {name} | {r:.2f} | {r / ref_rate:.2f}x |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
