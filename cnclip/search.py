@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ INDEX_ENV = "CNCLIP_INDEX"
 DEFAULT_INDEX = Path("index") / "default"
 # Below this many changed files `refresh` always updates the saved vector index in place.
 _SYNC_MIN_REBUILD = 10_000
+QUERY_CACHE_SIZE = 1024  # recent query embeddings kept per open index (2 KB each at 512-d)
 MAX_QUERY_CHARS = 1000  # the model reads 50 tokens; far longer input is a mistake, not a query
 PREPROCESSING = "squash-bicubic-clip-meanstd"
 # Chinese prompt templates for zero-shot labels, averaged per label (the official evaluation does the same)
@@ -88,6 +90,9 @@ class Index:
         self._model = model
         self._images: VectorIndex | None = None
         self._images_generation: int | None = None
+        # Recent query embeddings: a server sees the same queries again and again (paging,
+        # refreshes), and the text tower is most of a query's cost.
+        self._query_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @classmethod
     def open(
@@ -228,8 +233,18 @@ class Index:
 
     def search_text(self, query: str, k: int = 10) -> list[Hit]:
         """Text -> images, best first."""
-        vector = self.model.embed_texts([check_query(query)])
-        return self._image_hits(vector, k)
+        return self._image_hits(self.query_vector(query), k)
+
+    def query_vector(self, query: str) -> np.ndarray:
+        """The (1, D) embedding of a text query, from a small cache of recent queries."""
+        query = check_query(query)
+        vector = self._query_vectors.pop(query, None)
+        if vector is None:
+            vector = self.model.embed_texts([query])
+        self._query_vectors[query] = vector
+        if len(self._query_vectors) > QUERY_CACHE_SIZE:
+            self._query_vectors.popitem(last=False)
+        return vector
 
     def search_image(self, image: Image.Image | str | os.PathLike, k: int = 10, exclude_self: bool = True) -> list[Hit]:
         """Image -> similar images; an indexed query file is left out of its own results by default."""

@@ -101,3 +101,15 @@ def test_refresh_updates_the_saved_vector_index_in_place(tiny_vit, folder, tmp_p
 def _catalog_arrays(catalog):
     chunks = list(catalog.file_vectors())
     return np.concatenate([i for i, _ in chunks]), np.concatenate([v for _, v in chunks])
+
+
+def test_repeated_queries_reuse_their_embedding(tiny_vit, folder, tmp_path, monkeypatch):
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+        index.add_folder(folder, workers=1)
+        first = index.search_text(" 海边的日落 ", k=3)
+        calls = []
+        real = tiny_vit.embed_texts
+        monkeypatch.setattr(tiny_vit, "embed_texts", lambda texts: calls.append(texts) or real(texts))
+        assert index.search_text("海边的日落", k=3) == first and calls == []  # same query after trimming
+        index.search_text("一只猫", k=3)
+        assert calls == [["一只猫"]]
