@@ -457,10 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # the trainer parses its own options (it is also run by torchrun)
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] == "train":  # the trainer parses its own options (torchrun runs it too)
         from .train import main as train_main
 
-        return train_main(argv[1:])
+        verbose = any(a in ("-v", "--verbose") for a in argv[:first])
+        return train_main(argv[first + 1 :] + (["--verbose"] if verbose else []))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
