@@ -161,7 +161,7 @@ class CNClipModel(nn.Module):
 
         The towers are exported once per model (cached by weights digest, see `cnclip.onnx`); the
         output equals the torch towers' to float32 rounding. Worth it for long-lived processes
-        (a server, a notebook): a text query took about half the time on a CPU without AMX.
+        (a server, a notebook): a text query took about a third of the time on a CPU without AMX.
         `towers=()` goes back to torch.
         """
         from .onnx import cached_tower

@@ -1,8 +1,8 @@
 """ONNX export of the two towers, and ONNX Runtime sessions that run them on the CPU.
 
 Why: on CPUs without AMX, PyTorch's GEMMs on the few rows of a text query are inefficient;
-ONNX Runtime's fused BERT graph ran a ViT-B-16 query in about half the time, with the same
-output (cosine 1.0 to fp32 PyTorch). See scripts/bench/query.py for the figures.
+ONNX Runtime's fused BERT graph ran a ViT-B-16 query in about a third of the time (20.9 vs
+65.5 ms), with the same output (cosine 1.0 to fp32 PyTorch). See scripts/bench/query.py for the figures.
 
 Exports have a dynamic batch axis (and a dynamic length axis for text), take what
 `encode_image` / `encode_text` take, and return their un-normalized features.
@@ -35,22 +35,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cnclip")
 
 
-class _TextTower(nn.Module):
-    def __init__(self, model: CNClipModel):
+class _Tower(nn.Module):
+    """One tower of a model as a module of its own, so the exporter traces just that tower."""
+
+    def __init__(self, model: CNClipModel, tower: str):
         super().__init__()
         self.model = model
+        self.encode = model.encode_text if tower == "text" else model.encode_image
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids)
-
-
-class _ImageTower(nn.Module):
-    def __init__(self, model: CNClipModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.encode(inputs)
 
 
 def _example_ids(model: CNClipModel) -> torch.Tensor:
@@ -76,8 +70,8 @@ def export_onnx(
     # The wrappers must be in eval mode: the exporter restores the wrapper's mode afterwards, and
     # a wrapper in training mode would leave `model` (its child) with dropout switched on.
     jobs = {
-        "text": (_TextTower(model).eval(), _example_ids(model), "input_ids", {0: "batch", 1: "length"}),
-        "image": (_ImageTower(model).eval(), torch.zeros(2, 3, s, s), "pixels", {0: "batch"}),
+        "text": (_Tower(model, "text").eval(), _example_ids(model), "input_ids", {0: "batch", 1: "length"}),
+        "image": (_Tower(model, "image").eval(), torch.zeros(2, 3, s, s), "pixels", {0: "batch"}),
     }
     out = {}
     for tower in towers:

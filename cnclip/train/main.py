@@ -170,7 +170,7 @@ def train(args: argparse.Namespace, dist: DistInfo) -> dict:
     val_pairs = _read(args.val, "val", dist)[0] if args.val else None
     resume_from = None if args.no_resume else find_checkpoint(out)
     model = _load(args, resume_from)
-    trainer = Trainer(model, pairs, options_from(args), out, dist, val_pairs=val_pairs, on_event=_printer(dist))
+    trainer = Trainer(model, pairs, options_from(args), out, dist, on_event=_printer(dist))
     if resume_from is not None:
         trainer.restore(resume_from)
         _say(dist, f"resuming from {resume_from} at step {trainer.progress.step}")

@@ -142,12 +142,10 @@ class Trainer:
         out: Path,
         dist: DistInfo,
         *,
-        val_pairs: list[Pair] | None = None,
         on_event: Callable[[dict], None] | None = None,
     ):
         opts.check()
         self.model, self.pairs, self.opts, self.out, self.dist = model, pairs, opts, Path(out), dist
-        self.val_pairs = val_pairs
         self.on_event = on_event or (lambda event: None)
         self.global_batch = opts.batch_size * dist.world_size * opts.accum_freq
         self.steps_per_epoch = len(pairs) // self.global_batch
