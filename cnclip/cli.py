@@ -123,6 +123,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_runtime_options(p: argparse.ArgumentParser, backend: str | None) -> None:
+    """--device / --backend / --precision; `backend` is the command's default (None: $CNCLIP_BACKEND, then auto)."""
+    g = p.add_argument_group("how the model runs")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: $CNCLIP_DEVICE, then cuda when a GPU is visible)")
+    g.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx"),
+        default=backend,
+        help="auto: on CPUs the text tower in ONNX Runtime (2-3x faster queries, same output), images in PyTorch; "
+        "onnx: both towers in ONNX Runtime; torch: both in PyTorch"
+        + ("" if backend is None else f" (default here: {backend}: one query does not pay back opening a session)"),
+    )
+    g.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="auto: fp32 on CPUs, fp16 on GPUs; bf16 is ~3x faster on AMX CPUs, cosine ~0.998 to fp32",
+    )
+
+
+def _runtime(args: argparse.Namespace):
+    from .runtime import Runtime
+
+    return Runtime.resolve(args.device, args.backend, args.precision)
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from .search import Index
 
@@ -133,7 +158,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from .data import read_lines
 
     texts = read_lines(args.texts) if args.texts else None
-    with Index.open(args.index, model=args.model, create=True) if args.model else _open_for_indexing(args) as index:
+    runtime = _runtime(args)
+    opened = (
+        Index.open(args.index, model=args.model, create=True, runtime=runtime)
+        if args.model
+        else _open_for_indexing(args, runtime)
+    )
+    with opened as index:
         if texts is not None:
             added = index.add_texts(texts, collection=args.collection)
             print(
@@ -170,7 +201,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_for_indexing(args: argparse.Namespace):
+def _open_for_indexing(args: argparse.Namespace, runtime):
     """Without --model: an existing index keeps its model; a new one gets $CNCLIP_MODEL or ViT-B-16."""
     from .checkpoint import DEFAULT_MODEL, MODEL_ENV
     from .errors import IndexNotFoundError
@@ -178,12 +209,12 @@ def _open_for_indexing(args: argparse.Namespace):
 
     default = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     try:
-        index = Index.open(args.index)
+        index = Index.open(args.index, runtime=runtime)
     except IndexNotFoundError:
-        return Index.open(args.index, model=default, create=True)
+        return Index.open(args.index, model=default, create=True, runtime=runtime)
     if index.catalog.identity is None:  # made but never given a model: treat it as new
         index.close()
-        return Index.open(args.index, model=default)
+        return Index.open(args.index, model=default, runtime=runtime)
     return index
 
 
@@ -194,7 +225,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise CNClipError("give either a text query or --image FILE")
     if args.query is not None:
         check_query(args.query)  # before the index and its model are loaded
-    with Index.open(args.index, model=args.model) as index:
+    with Index.open(args.index, model=args.model, runtime=_runtime(args)) as index:
         if args.texts:
             if args.image is None:
                 raise CNClipError("--texts searches texts by image; add --image FILE")
@@ -264,10 +295,11 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     from .transform import load_image
 
     labels = read_lines(args.labels)
+    runtime = _runtime(args)
     if args.model:
-        model = load_model(args.model)
+        model = runtime.apply(load_model(args.model, device=runtime.device))
     else:
-        with Index.open(args.index) as index:
+        with Index.open(args.index, runtime=runtime) as index:
             model = index.model
     hits = zero_shot(model, load_image(args.file), labels)[: args.k]
     if args.json:
@@ -275,6 +307,32 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     else:
         for h in hits:
             print(f"{h.score:.4f}\t{h.text}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve import TOKEN_ENV, check_bind, create_app, listen_socket
+    except ImportError as e:
+        raise CNClipError(
+            f"cnclip serve needs FastAPI and uvicorn ({e.name} is missing); install them: pip install 'cnclip[serve]'"
+        ) from e
+    from .search import default_index_path
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_bind(args.host, token)
+    sock = listen_socket(args.host, args.port)  # a busy port fails before the model loads
+    index = args.index or default_index_path()
+    runtime = _runtime(args)
+    print(f"loading {index} ({runtime.describe()}) ...", file=sys.stderr)
+    app = create_app(index, token=token, runtime=runtime, host=args.host)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{sock.getsockname()[1]}/" + ("?token=" + token if token else "")
+    print(f"serving {index} at {url}  (Ctrl+C stops)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", access_log=args.verbose)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
@@ -306,7 +364,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.zero_shot is not None and not os.path.isdir(os.path.expanduser(args.zero_shot)):
         raise CNClipError(f"{args.zero_shot} is not a folder; give a folder with one sub-folder of images per class")
     pairs = _read_pairs(args.data) if args.data is not None else None  # data problems show before the model loads
-    model = load_model(args.model)
+    runtime = _runtime(args)
+    model = runtime.apply(load_model(args.model, device=runtime.device))
     bar = _ProgressBar("embedding", enabled=not args.quiet and sys.stderr.isatty())
     skipped: list[str] = []
     options = {"batch_size": args.batch_size, "progress": lambda done, total: bar(Progress(done, total))}
@@ -400,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("search", help="search an index by Chinese text or by image")
@@ -415,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
     p.add_argument("--grid", metavar="OUT.jpg", help="also write a contact sheet of the hits")
     p.add_argument("--html", metavar="OUT.html", help="also write an HTML page of the hits")
+    _add_runtime_options(p, "torch")
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("info", help="what an index holds: counts, model, vector index")
@@ -429,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("-k", type=_positive_int, default=5, help="labels to print (default 5)")
     p.add_argument("--json", action="store_true")
+    _add_runtime_options(p, "torch")
     p.set_defaults(func=_cmd_tag)
 
     p = sub.add_parser("eval", help="retrieval recall on image-caption pairs, or zero-shot accuracy on a folder")
@@ -442,7 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON (fractions, not percent)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("serve", help="a web page and JSON API to search an index from a browser or a program")
+    p.add_argument("--index", help=index_help)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--token",
+        help="require this secret (Authorization: Bearer, or /?token= for the page); needed for a non-loopback "
+        "--host (default: $CNCLIP_TOKEN)",
+    )
+    _add_runtime_options(p, None)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
         "import-official", help="convert the official Chinese-CLIP data layout (tsv+jsonl or LMDB) to pairs.jsonl"

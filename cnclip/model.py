@@ -95,7 +95,9 @@ class CNClipModel(nn.Module):
         self.tokenizer = tokenizer or default_tokenizer()
         self.preprocess = ImageTransform(config.vision.image_size)
         self.source: str | None = None  # what load_model was given (set there), so indexes can reload it
-        # Set by `use_onnx`: ONNX Runtime sessions that embed_* run instead of the torch towers.
+        # Set by `use_onnx`: towers embed_* runs through ONNX Runtime (export folder per tower), and
+        # their sessions, opened on first use.
+        self._onnx_towers: dict[str, str | os.PathLike | None] = {}
         self._runners: dict[str, Callable[[torch.Tensor], np.ndarray]] = {}
 
     # -- properties -------------------------------------------------------------------------------
@@ -159,23 +161,39 @@ class CNClipModel(nn.Module):
     def use_onnx(self, towers: Sequence[str] = ("text",), folder: str | os.PathLike | None = None) -> None:
         """Run `embed_texts` (and/or `embed_images`) through ONNX Runtime on the CPU.
 
-        The towers are exported once per model (cached by weights digest, see `cnclip.onnx`); the
-        output equals the torch towers' to float32 rounding. Worth it for long-lived processes
-        (a server, a notebook): a text query took about a third of the time on a CPU without AMX.
-        `towers=()` goes back to torch.
+        Each tower is exported once per model (cached by weights digest, see `cnclip.onnx`) and its
+        session opened when the tower is first used, so a tower that is never used costs nothing.
+        The output equals the torch towers' to float32 rounding. `towers=()` goes back to torch.
         """
-        from .onnx import cached_tower
-
+        unknown = set(towers) - {"image", "text"}
+        if unknown:
+            raise CNClipError(f"unknown tower(s) {', '.join(sorted(unknown))}; choose from image, text")
         if towers and self.device.type != "cpu":
             raise CNClipError(f"ONNX Runtime runs here on the CPU; the model is on {self.device}")
-        self._runners = {tower: cached_tower(self, tower, folder) for tower in towers}
+        self._onnx_towers = {tower: folder for tower in towers}
+        self._runners = {}
+
+    @property
+    def onnx_towers(self) -> tuple[str, ...]:
+        """The towers `use_onnx` switched to ONNX Runtime."""
+        return tuple(self._onnx_towers)
+
+    def _runner(self, tower: str) -> Callable[[torch.Tensor], np.ndarray] | None:
+        towers = self._onnx_towers
+        if tower not in towers:
+            return None
+        if tower not in self._runners:
+            from .onnx import cached_tower
+
+            self._runners[tower] = cached_tower(self, tower, towers[tower])
+        return self._runners[tower]
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        runner = self._runners.get("image")
+        runner = self._runner("image")
         return torch.from_numpy(runner(pixels)) if runner else self.encode_image(pixels)
 
     def _text_features(self, token_ids: torch.Tensor) -> torch.Tensor:
-        runner = self._runners.get("text")
+        runner = self._runner("text")
         return torch.from_numpy(runner(token_ids)) if runner else self.encode_text(token_ids)
 
     @torch.inference_mode()

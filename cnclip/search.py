@@ -21,6 +21,7 @@ from .errors import ModelMismatchError, QueryError
 from .index import VectorIndex
 from .indexer import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
 from .model import CNClipModel
+from .runtime import Runtime
 from .store import Catalog, ModelIdentity
 from .transform import load_image
 
@@ -48,10 +49,11 @@ PROMPT_TEMPLATES = (
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: a file path (or a text, for image->text) and its cosine similarity."""
+    """One search result: a file path and its cosine similarity (`id`: the file's catalog id)."""
 
     path: str
     score: float
+    id: int | None = None
 
     def to_dict(self) -> dict:
         return {"path": self.path, "score": self.score}
@@ -64,6 +66,10 @@ class TextHit:
 
     def to_dict(self) -> dict:
         return {"text": self.text, "score": self.score}
+
+
+def _load(source: str | os.PathLike, runtime: Runtime | None) -> CNClipModel:
+    return load_model(source, device=runtime.device if runtime is not None else "cpu")
 
 
 def default_index_path() -> Path:
@@ -85,9 +91,10 @@ def model_identity(model: CNClipModel, source: str) -> ModelIdentity:
 class Index:
     """An index folder: a SQLite catalog (the record) plus a derived FAISS file."""
 
-    def __init__(self, catalog: Catalog, model: CNClipModel | None = None):
+    def __init__(self, catalog: Catalog, model: CNClipModel | None = None, runtime: Runtime | None = None):
         self.catalog = catalog
         self._model = model
+        self._runtime = runtime
         self._images: VectorIndex | None = None
         self._images_generation: int | None = None
         # Recent query embeddings: a server sees the same queries again and again (paging,
@@ -96,17 +103,26 @@ class Index:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike | None = None, *, model: CNClipModel | str | None = None, create: bool = False
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        model: CNClipModel | str | None = None,
+        create: bool = False,
+        runtime: Runtime | None = None,
     ) -> Index:
         """Open (or with `create`, make) the index at `path` (default: `default_index_path()`).
 
         `model` may be a loaded model or anything `load_model` takes; by default the index's own
-        model is loaded when first needed. A model other than the index's is refused.
+        model is loaded when first needed. A model other than the index's is refused. `runtime`
+        (e.g. `Runtime.resolve()`: ONNX Runtime on CPUs) is applied to the model; without it the
+        model runs as loaded (PyTorch fp32 on the CPU).
         """
         # The model first: a model that fails to load must not leave an empty index folder behind.
-        loaded = load_model(model) if isinstance(model, str | os.PathLike) else model
+        loaded = _load(model, runtime) if isinstance(model, str | os.PathLike) else model
+        if loaded is not None and runtime is not None:
+            runtime.apply(loaded)
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
-        index = cls(catalog)
+        index = cls(catalog, runtime=runtime)
         if loaded is not None:
             try:
                 index._bind(loaded)
@@ -132,7 +148,8 @@ class Index:
             identity = self.catalog.identity
             if identity is None:
                 raise ModelMismatchError(f"{self.catalog.folder} has no model yet; index a folder first")
-            self._bind(load_model(identity.source))
+            model = _load(identity.source, self._runtime)
+            self._bind(self._runtime.apply(model) if self._runtime is not None else model)
         return self._model
 
     def _bind(self, model: CNClipModel) -> None:
@@ -281,7 +298,7 @@ class Index:
         scores, ids = self.refresh().search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         records = self.catalog.files_by_ids(ids[0].tolist())
         return [
-            Hit(from_catalog_path(records[i].path), float(s))
+            Hit(from_catalog_path(records[i].path), float(s), i)
             for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True)
             if i in records  # a file removed since the vector index was built
         ]

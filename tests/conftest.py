@@ -7,7 +7,8 @@ import os
 # Before anything imports huggingface_hub: tests must never reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.pop("CNCLIP_MODEL", None)
+for name in ("CNCLIP_MODEL", "CNCLIP_DEVICE", "CNCLIP_BACKEND"):
+    os.environ.pop(name, None)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -26,6 +27,12 @@ def random_images(n: int, seed: int = 0, size: tuple[int, int] = (96, 72)) -> li
         arr = np.clip(base + grad + noise, 0, 255).astype(np.uint8)
         images.append(Image.fromarray(arr, "RGB"))
     return images
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Exported ONNX towers go to a per-run folder, not the user's ~/.cache (subprocesses inherit it)."""
+    os.environ["CNCLIP_CACHE"] = str(tmp_path_factory.mktemp("cnclip-cache"))
 
 
 @pytest.fixture(scope="session")

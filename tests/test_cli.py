@@ -14,8 +14,8 @@ import cnclip
 from cnclip.config import get_model_config
 
 
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+def run_cli(*args: str, cwd=None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "cnclip.cli", *map(str, args)],
         capture_output=True,

@@ -45,8 +45,10 @@ def test_use_onnx_gives_the_same_embeddings_and_caches_the_export(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in exported]
     model.use_onnx(("text",), folder=tmp_path)  # cached by weights digest: not exported again
     assert [p.stat().st_mtime_ns for p in exported] == stamps
-    other = cnclip.create_model("tiny-vit")  # other weights get their own export
+    other = cnclip.create_model("tiny-vit")  # other weights get their own export, on first use
     other.use_onnx(("text",), folder=tmp_path)
+    assert len(list(tmp_path.rglob("text.onnx"))) == 1
+    other.embed_texts(TEXTS[:1])
     assert len(list(tmp_path.rglob("text.onnx"))) == 2
     model.use_onnx(())  # back to torch
     np.testing.assert_array_equal(model.embed_texts(TEXTS), want_text)

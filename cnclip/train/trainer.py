@@ -26,6 +26,7 @@ from ..data import Pair, PairDataset, collate_pairs, unique_image_batches
 from ..errors import CNClipError
 from ..loss import ContrastiveLoss
 from ..model import CNClipModel
+from ..runtime import cpu_has_fast_bf16
 from .distributed import DistInfo, all_reduce_mean, barrier
 
 log = logging.getLogger(__name__)
@@ -98,16 +99,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp16" and device.type != "cuda":
         raise CNClipError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
     return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 BF16: without them bf16 matmuls run *slower* than fp32 (measured here)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +77,27 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(axis=1).min())
 
 
+def image_gflop(model, size: int) -> float:
+    """Floating-point operations of one image through the image tower (multiply-add = 2), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel is invisible to the counter
+    try:
+        with counter, torch.inference_mode():
+            model.encode_image(torch.zeros(1, 3, size, size))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter.get_total_flops() / 1e9
+
+
+def sgemm_gflops(n: int = 3072, repeats: int = 3) -> float:
+    """The machine's fp32 matrix-product rate: what a transformer's GEMMs can hope for."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / 1e9 * rate(lambda: a @ b, 1, repeats)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="ViT-B-16")
@@ -105,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             our_rate = rate(lambda: ours.encode_image(our_pixels), args.batch, args.repeats)
             rows.append(("cnclip, PyTorch fp32", our_rate, cosine_min(ours.encode_image(our_pixels).numpy(), ref_vecs)))
         ours.use_onnx(("image", "text"), folder=work / "onnx")
-        runner = ours._runners["image"]
+        runner = ours._runner("image")
         onnx_rate = rate(lambda: runner(our_pixels), args.batch, args.repeats)
         rows.append(("cnclip, ONNX Runtime fp32", onnx_rate, cosine_min(runner(our_pixels), ref_vecs)))
 
@@ -128,11 +151,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"### Embedding speed, {args.shape} shape — {dt.date.today().isoformat()}\n")
         print(f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads.\n")
+        gflop, peak = image_gflop(ours, size), sgemm_gflops()
+        ceiling = peak / gflop
+        print(
+            f"Ceiling: one {size}px image is {gflop:.1f} GFLOP; a large fp32 matrix product runs at "
+            f"{peak:.0f} GFLOP/s here (torch, all threads), so fp32 cannot pass ~{ceiling:.1f} images/s.\n"
+        )
         print(f"Images (model only, batches of {args.batch} preprocessed {size}px images):\n")
-        print("| implementation | images/s | vs official | lowest cosine to official |")
-        print("|---|---:|---:|---:|")
+        print("| implementation | images/s | vs official | of the fp32 ceiling | lowest cosine to official |")
+        print("|---|---:|---:|---:|---:|")
         for name, r, cos in rows:
-            print(f"| {name} | {r:.2f} | {r / ref_rate:.2f}x | {cos:.6f} |")
+            print(f"| {name} | {r:.2f} | {r / ref_rate:.2f}x | {100 * r / ceiling:.0f}% | {cos:.6f} |")
         print(f"\nOne text query ({len(QUERIES)} Chinese queries, one per call, p50):\n")
         print("| implementation | ms | speed-up vs official | lowest cosine to official |")
         print("|---|---:|---:|---:|")
@@ -165,20 +194,48 @@ def index_rows(work: Path, reference, official_preprocess, to_rgb, ours, args) -
     official_loop()
     ref_rate = len(paths) / (time.perf_counter() - t)
     results = [("official preprocessing + `cn_clip` fp32, one process", ref_rate)]
-    for runtime in ("torch", "onnxruntime"):
-        ours.use_onnx(("image",), folder=work / "onnx") if runtime == "onnxruntime" else ours.use_onnx(())
-        shutil.rmtree(work / "index", ignore_errors=True)
-        with cnclip.Index.open(work / "index", model=ours, create=True) as index:
-            t = time.perf_counter()
-            summary = index.add_folder(folder, batch_size=args.batch)
-            elapsed = time.perf_counter() - t
-        assert summary.embedded == len(paths), summary
-        results.append((f"`Index.add_folder`, {runtime}, draft JPEG decoding", len(paths) / elapsed))
+    # Interleaved rounds, best of each: on a shared 2-core VM one run's timing moves by +-15 %.
+    best = {"torch": 0.0, "onnxruntime": 0.0}
+    for _ in range(args.repeats):
+        for runtime in best:
+            ours.use_onnx(("image",), folder=work / "onnx") if runtime == "onnxruntime" else ours.use_onnx(())
+            shutil.rmtree(work / "index", ignore_errors=True)
+            with cnclip.Index.open(work / "index", model=ours, create=True) as index:
+                t = time.perf_counter()
+                summary = index.add_folder(folder, batch_size=args.batch)
+                elapsed = time.perf_counter() - t
+            assert summary.embedded == len(paths), summary
+            best[runtime] = max(best[runtime], len(paths) / elapsed)
+    for runtime, r in best.items():
+        results.append((f"`Index.add_folder`, {runtime}, draft JPEG decoding (best of {args.repeats})", r))
+    startup, cli = cli_rate(work, ours, folder)
+    results.append((f"`cnclip index` (the CLI, default backend) after its start-up ({startup:.1f} s)", cli))
     print(f"\nIndexing {len(paths)} JPEGs of 4000x3000 (end to end: walk, hash, decode, embed, commit):\n")
     print("| implementation | images/s | vs official |")
     print("|---|---:|---:|")
     for name, r in results:
         print(f"| {name} | {r:.2f} | {r / ref_rate:.2f}x |")
+
+
+def cli_rate(work: Path, ours, folder: Path) -> tuple[float, float]:
+    """The real `cnclip index` in fresh processes (its ONNX export already cached): start-up plus
+    first image (s), and images/s after that, from a 1-photo run and a full run."""
+    model_dir = ours.save_pretrained(work / "model")
+    env = dict(os.environ, CNCLIP_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1")
+    one = work / "one"
+    one.mkdir()
+    shutil.copy(next(folder.iterdir()), one)
+    command = [sys.executable, "-m", "cnclip.cli", "index", "--model", str(model_dir), "-q"]
+
+    def timed(src: Path, name: str) -> float:
+        t = time.perf_counter()
+        subprocess.run([*command, str(src), "--index", str(work / name)], env=env, check=True, capture_output=True)
+        return time.perf_counter() - t
+
+    timed(one, "warm-index")  # exports the image tower, once per model, as a user's first `cnclip index` does
+    first = timed(one, "one-index")
+    full = timed(folder, "cli-index")
+    return first, (len(list(folder.iterdir())) - 1) / (full - first)
 
 
 if __name__ == "__main__":
