@@ -123,6 +123,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, not {text}")
+    return value
+
+
 def _add_runtime_options(p: argparse.ArgumentParser, backend: str | None) -> None:
     """--device / --backend / --precision; `backend` is the command's default (None: $CNCLIP_BACKEND, then auto)."""
     g = p.add_argument_group("how the model runs")
@@ -336,6 +343,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain_text(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .pretrain import PretrainOptions, pretrain_text
+
+    names = PretrainOptions.__dataclass_fields__
+    opts = PretrainOptions(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    summary = pretrain_text(opts, report=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"wrote {summary.model_folder}; use it with --model in cnclip train / cnclip index", file=sys.stderr)
+    if args.json:
+        print(_json(asdict(summary)))
+    return 0
+
+
 def _cmd_import_official(args: argparse.Namespace) -> int:
     from .data import read_official, read_official_lmdb
 
@@ -510,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="a web page and JSON API to search an index from a browser or a program")
     p.add_argument("--index", help=index_help)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument(
         "--token",
         help="require this secret (Authorization: Bearer, or /?token= for the page); needed for a non-loopback "
@@ -518,6 +539,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "pretrain-text", help="adapt the text tower to a corpus: masked-language pretraining, whole-word masking"
+    )
+    p.add_argument("--corpus", required=True, help="text file (one document or sentence per line) or folder of .txt")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="run folder: model/ (the adapted model), last/, metrics.jsonl")
+    p.add_argument("--from-scratch", action="store_true", help="random weights in --model's zoo shape")
+    p.add_argument("--mlm-head", help="BERT checkpoint (file or folder) whose cls.predictions.* start the MLM head")
+    p.add_argument("--user-dict", help="jieba user dictionary: domain words kept whole when masking")
+    p.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help="tokens per packed block (default 128, or fewer if the tower has fewer positions)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="blocks per micro-batch")
+    p.add_argument("--accum", type=_positive_int, default=1, help="micro-batches per step (effective batch size)")
+    p.add_argument("--epochs", type=_positive_int, default=1)
+    p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps spent warming up")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the blocks (default 0.05)")
+    p.add_argument("--eval-every", type=_positive_int, help="steps between held-out evaluations")
+    p.add_argument("--save-every", type=_positive_int, default=200, help="steps between resumable checkpoints")
+    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="start afresh even if --out has a run")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(func=_cmd_pretrain_text)
 
     p = sub.add_parser(
         "import-official", help="convert the official Chinese-CLIP data layout (tsv+jsonl or LMDB) to pairs.jsonl"
