@@ -220,3 +220,33 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, start_model):
         assert torch.equal(x, y), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_mlm_head_comes_from_a_bert_checkpoint_when_given(tmp_path, start_model):
+    from safetensors.torch import save_file
+    from transformers import BertForMaskedLM
+
+    from cnclip.pretrain import MaskedLM
+
+    clip = cnclip.load_model(start_model)
+    torch.manual_seed(9)
+    bert = BertForMaskedLM(clip.bert.config)  # stands in for e.g. hfl/chinese-roberta-wwm-ext's checkpoint
+    state = {k: v.contiguous() for k, v in bert.state_dict().items() if k.startswith("cls.") and "decoder" not in k}
+    save_file(state, str(tmp_path / "bert.safetensors"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(corpus_lines(60)) + "\n", encoding="utf-8")
+    opts = PretrainOptions(
+        corpus=str(corpus), out=str(tmp_path / "run"), model=str(start_model),
+        mlm_head=str(tmp_path / "bert.safetensors"), max_length=64, batch_size=8, max_steps=1, lr=0.0,
+    )  # fmt: skip
+    lines = []
+    summary = pretrain_text(opts, report=lines.append)
+    assert any(line.startswith("MLM head from") for line in lines)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "model" / HEAD_FILE))
+    for key, value in state.items():
+        torch.testing.assert_close(saved[key.removeprefix("cls.")], value)  # lr 0: the head is the given one
+    assert summary.steps == 1
+    with pytest.raises(CNClipError, match="has no MLM head"):
+        MaskedLM(clip).load_head({"bert.embeddings.word_embeddings.weight": torch.zeros(1)}, "some.bin")
