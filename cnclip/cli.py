@@ -190,6 +190,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 include_hidden=args.hidden,
                 draft=not args.exact_decode,
+                ray=_ray_options(args),
                 **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
             )
         finally:
@@ -206,6 +207,23 @@ def _cmd_index(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _ray_options(args: argparse.Namespace):
+    if not (args.ray or args.address):
+        return None
+    from .ray_index import RayOptions
+
+    return RayOptions(
+        address=args.address,
+        workers=args.ray_workers,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        shard_dir=args.shard_dir,
+        gpus_per_worker=args.ray_gpus,
+        device=args.device,
+        backend=args.backend,
+    )
 
 
 def _open_for_indexing(args: argparse.Namespace, runtime):
@@ -481,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_runtime_options(p, None)
+    g = p.add_argument_group("on a Ray cluster (pip install 'cnclip[ray]')")
+    g.add_argument("--ray", action="store_true", help="embed with Ray Data (a local Ray instance without --address)")
+    g.add_argument("--address", help="Ray cluster to join, e.g. ray://head:10001 or auto (implies --ray)")
+    g.add_argument("--ray-workers", type=_positive_int, default=2, help="embedding actors, one model each (default 2)")
+    g.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per embedding actor (default 0: CPU)")
+    g.add_argument("--shard-size", type=_positive_int, default=1024, help="files per embedding shard (default 1024)")
+    g.add_argument("--shard-dir", help="where shards go (default INDEX/shards; shared storage on a cluster)")
     p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("search", help="search an index by Chinese text or by image")

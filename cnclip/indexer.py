@@ -14,12 +14,16 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .embed import embed_files
 from .errors import CNClipError
 from .model import CNClipModel
 from .store import Catalog, NewFile
 from .transform import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    from .ray_index import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +41,11 @@ class IndexSummary:
     embedded: int = 0  # images actually run through the model
     reused: int = 0  # new or changed paths whose content was already embedded (renames, copies)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    shards: dict[str, int] | None = None  # with Ray: embedding shards computed now / read back
 
     def to_dict(self) -> dict:
-        return {
+        extra = {"shards": dict(self.shards)} if self.shards is not None else {}
+        return extra | {
             "added": self.added,
             "updated": self.updated,
             "removed": self.removed,
@@ -102,8 +108,12 @@ class Indexer:
         include_hidden: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         draft: bool = True,
+        ray: RayOptions | None = None,
+        on_shard: Callable[[str], None] | None = None,
     ):
         self.model = model
+        self.ray = ray
+        self.on_shard = on_shard
         self.catalog = catalog
         self.batch_size = batch_size
         self.workers = workers
@@ -133,6 +143,7 @@ class Indexer:
         to_embed = self._reuse_known(scan, todo, summary)
         self._embed(scan, to_embed, summary, progress)
         removed = self.catalog.finish_scan(scan, to_catalog_path(root_str))
+        self.catalog.record_root(to_catalog_path(root_str))
         summary.removed = len(removed)
         return summary
 
@@ -214,14 +225,29 @@ class Indexer:
         by_path = {found.path: (found, known, digest, copies) for found, known, digest, copies in items}
         paths = [found.path for found, *_ in items]
         done = 0
-        batches = embed_files(
-            self.model,
-            paths,
-            batch_size=self.batch_size,
-            workers=self.workers,
-            max_pixels=self.max_pixels,
-            draft=self.draft,
-        )
+        if self.ray is not None:
+            from .ray_index import ShardReport, embed_with_ray
+
+            report = ShardReport()
+            batches = embed_with_ray(
+                self.model,
+                [(found.path, digest) for found, _, digest, _ in items],
+                self.ray,
+                Path(self.ray.shard_dir) if self.ray.shard_dir else self.catalog.folder / "shards",
+                max_pixels=self.max_pixels,
+                draft=self.draft,
+                report=report,
+                on_shard=self.on_shard,
+            )
+        else:
+            batches = embed_files(
+                self.model,
+                paths,
+                batch_size=self.batch_size,
+                workers=self.workers,
+                max_pixels=self.max_pixels,
+                draft=self.draft,
+            )
         for batch in batches:
             rows = []
             for path, vector in zip(batch.paths, batch.vectors, strict=True):
@@ -241,6 +267,11 @@ class Indexer:
             done += len(batch.paths) + len(batch.failed)
             if progress is not None:
                 progress(Progress(done, len(paths)))
+        if self.ray is not None:
+            summary.shards = {"computed": report.computed, "reused": report.reused}
+            # files of shards an earlier run wrote were not run through the model this time
+            summary.embedded -= report.reused_files
+            summary.reused += report.reused_files
 
     @staticmethod
     def _count(summary: IndexSummary, known: bool) -> None:
