@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ _META_MODEL = "model"
 _META_GENERATION = "generation"
 _META_SCAN = "last_scan"
 _RESERVED_META = frozenset({_META_MODEL, _META_GENERATION, _META_SCAN})
+# One key per scanned folder, "root:" + its catalog path -> unix time its last scan finished;
+# `cnclip serve` serves files only from inside these folders.
+_META_ROOT = "root:"
 
 
 # --------------------------------------------------------------------------- schema & migrations
@@ -401,7 +405,7 @@ class Catalog:
 
     def set_meta(self, key: str, value: str) -> None:
         """Store `value` under `key` (for derived caches; the catalog's own keys are refused)."""
-        if key in _RESERVED_META:
+        if key in _RESERVED_META or key.startswith(_META_ROOT):
             raise ValueError(f"meta key {key!r} is reserved by the catalog; pick another key")
         if not isinstance(value, str):
             raise TypeError(f"meta values are str, got {type(value).__name__}")
@@ -424,6 +428,20 @@ class Catalog:
         or texts. A derived cache records it when built and is stale once it differs. Read it
         *before* reading vectors: a write in between then makes the cache look stale, never fresh."""
         return self._meta_int(_META_GENERATION)
+
+    def record_root(self, root: str) -> None:
+        """Remember that the folder `root` (absolute, catalog form) was just scanned completely."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (_META_ROOT + root, f"{time.time():.3f}"),
+            )
+
+    def roots(self) -> dict[str, float]:
+        """The folders scanned into this index (catalog paths) -> unix time their last scan finished."""
+        hi = _META_ROOT[:-1] + chr(ord(_META_ROOT[-1]) + 1)
+        rows = self._db.execute("SELECT key, value FROM meta WHERE key >= ? AND key < ?", (_META_ROOT, hi))
+        return {key[len(_META_ROOT) :]: float(value) for key, value in rows}
 
     # ---------------------------------------------------------------- model identity
 

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -446,6 +447,21 @@ def test_meta(cat):
     assert cat.get_meta("faiss.build") == '{"generation": 4}'
     with pytest.raises(ValueError, match="reserved"):
         cat.set_meta("generation", "0")
+
+
+def test_scanned_folders_are_recorded_with_their_time(cat, root):
+    assert cat.roots() == {}
+    before = time.time()
+    cat.record_root(root)
+    cat.record_root("/other/photos")
+    first = cat.roots()[root]
+    cat.record_root(root)  # a later scan of the same folder moves its time on
+    roots = cat.roots()
+    assert set(roots) == {root, "/other/photos"} and before - 1 <= first <= roots[root] <= time.time() + 1
+    cat.set_meta("roots-cache", "x")  # a key that merely starts alike is not a folder
+    assert set(cat.roots()) == {root, "/other/photos"}
+    with pytest.raises(ValueError, match="reserved"):
+        cat.set_meta("root:/etc", "0")
 
 
 def test_many_ids_in_lookups(cat, root):
