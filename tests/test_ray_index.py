@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -68,29 +70,51 @@ def test_cli_index_with_ray_equals_the_single_process_index(photos, model_dir, t
     assert search.returncode == 0 and len(json.loads(search.stdout)) == 10
 
 
+# Ray runs in child processes, never in the pytest process: a Ray driver shares its process with
+# everything else the test session loaded, and a local cluster's shutdown is then hard to contain.
+_RUN = """
+import json, sys
+import cnclip
+from cnclip.ray_index import RayOptions
+index_dir, model_dir, photos, stop = sys.argv[1:5]
+written = []
+def on_shard(key):
+    written.append(key)
+    if stop == "stop":
+        print(json.dumps({"written": written}), flush=True)
+        raise SystemExit(3)  # as a crash right after the first shard reached the disk
+with cnclip.Index.open(index_dir, model=model_dir, create=True) as index:
+    summary = index.add_folder(photos, ray=RayOptions(workers=2, shard_size=4, batch_size=2, num_cpus=2),
+                               on_shard=on_shard)
+    print(json.dumps({"written": written, "summary": summary.to_dict(), "count": index.catalog.count()}))
+"""
+
+
+def _ray_run(tmp_path, model_dir, photos, stop: bool) -> tuple[int, dict]:
+    out = subprocess.run(
+        [sys.executable, "-c", _RUN, str(tmp_path / "ray"), str(model_dir), str(photos), "stop" if stop else "go"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert lines, out.stderr
+    return out.returncode, json.loads(lines[-1])
+
+
 def test_an_interrupted_ray_run_resumes_without_recomputing_finished_shards(photos, model_dir, tmp_path):
     want = _single_process(photos, model_dir, tmp_path)
-    options = RayOptions(workers=2, shard_size=4, batch_size=2, num_cpus=2)
-    written = []
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_first(key: str) -> None:
-        written.append(key)
-        raise Interrupted  # as a crash right after the first shard reached the disk
-
-    with cnclip.Index.open(tmp_path / "ray", model=str(model_dir), create=True) as index:
-        with pytest.raises(Interrupted):
-            index.add_folder(photos, ray=options, on_shard=stop_after_first)
+    code, cut = _ray_run(tmp_path, model_dir, photos, stop=True)
+    assert code == 3 and len(cut["written"]) == 1
+    shard = tmp_path / "ray" / "shards" / f"{cut['written'][0]}{SHARD_SUFFIX}"
+    first = shard.stat().st_mtime_ns
+    with cnclip.Index.open(tmp_path / "ray") as index:
         assert index.catalog.count() == 0  # nothing merged yet; the shard is on disk
-        first = (tmp_path / "ray" / "shards" / f"{written[0]}{SHARD_SUFFIX}").stat().st_mtime_ns
-        again = []
-        summary = index.add_folder(photos, ray=options, on_shard=again.append)
-    assert written[0] not in again  # the finished shard was read back, not recomputed
-    assert (tmp_path / "ray" / "shards" / f"{written[0]}{SHARD_SUFFIX}").stat().st_mtime_ns == first
-    assert summary.shards == {"computed": 2, "reused": 1}  # 10 files to embed in shards of 4, 4, 2
-    assert summary.embedded == 5 and summary.reused == 5  # 4 read back from the shard, 1 copy
+    code, resumed = _ray_run(tmp_path, model_dir, photos, stop=False)
+    assert code == 0
+    assert cut["written"][0] not in resumed["written"]  # the finished shard was read back, not recomputed
+    assert shard.stat().st_mtime_ns == first
+    summary = resumed["summary"]
+    assert summary["shards"] == {"computed": 2, "reused": 1}  # 10 files to embed in shards of 4, 4, 2
+    assert summary["embedded"] == 5 and summary["reused"] == 5  # 4 read back from the shard, 1 copy
     _assert_same(_contents(tmp_path / "ray"), want)
 
 
