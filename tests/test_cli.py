@@ -14,7 +14,9 @@ import cnclip
 from cnclip.config import get_model_config
 
 
-def run_cli(*args: str, cwd=None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd=None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "cnclip.cli", *map(str, args)],
@@ -22,7 +24,7 @@ def run_cli(*args: str, cwd=None, env: dict[str, str] | None = None) -> subproce
         text=True,
         env=env,
         cwd=cwd,
-        timeout=300,
+        timeout=timeout,
     )
 
 

@@ -46,7 +46,8 @@ def init_model(tmp_path_factory):
 
 
 def _train(*args) -> subprocess.CompletedProcess:
-    out = run_cli("train", "--workers", "0", "--log-every", "1", *map(str, args))
+    # ~2 minutes for the longest run on a quiet 2-core machine; room for a busy or slower one
+    out = run_cli("train", "--workers", "0", "--log-every", "1", *map(str, args), timeout=900)
     assert out.returncode == 0, out.stderr
     return out
 
