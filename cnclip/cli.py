@@ -167,7 +167,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     texts = read_lines(args.texts) if args.texts else None
     runtime = _runtime(args)
     opened = (
-        Index.open(args.index, model=args.model, create=True, runtime=runtime)
+        Index.open(args.index, model=args.model, create=True, runtime=runtime, vector_kind=args.vector_index)
         if args.model
         else _open_for_indexing(args, runtime)
     )
@@ -233,13 +233,14 @@ def _open_for_indexing(args: argparse.Namespace, runtime):
     from .search import Index
 
     default = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    kind = args.vector_index
     try:
-        index = Index.open(args.index, runtime=runtime)
+        index = Index.open(args.index, runtime=runtime, vector_kind=kind)
     except IndexNotFoundError:
-        return Index.open(args.index, model=default, create=True, runtime=runtime)
+        return Index.open(args.index, model=default, create=True, runtime=runtime, vector_kind=kind)
     if index.catalog.identity is None:  # made but never given a model: treat it as new
         index.close()
-        return Index.open(args.index, model=default, runtime=runtime)
+        return Index.open(args.index, model=default, runtime=runtime, vector_kind=kind)
     return index
 
 
@@ -499,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_runtime_options(p, None)
+    p.add_argument(
+        "--vector-index",
+        choices=("auto", "exact", "ivf-flat", "ivf-sq8", "ivf-pq-ondisk"),
+        default="auto",
+        help="the derived search index (auto: exact below 100k vectors, IVF-Flat, on-disk IVF-PQ from 10M)",
+    )
     g = p.add_argument_group("on a Ray cluster (pip install 'cnclip[ray]')")
     g.add_argument("--ray", action="store_true", help="embed with Ray Data (a local Ray instance without --address)")
     g.add_argument("--address", help="Ray cluster to join, e.g. ray://head:10001 or auto (implies --ray)")

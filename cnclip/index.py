@@ -20,6 +20,9 @@ Each ANN build measures its own recall@10 against exact search on 200 of the ind
 estimate minus two standard errors reaches the target (0.95), doubles nprobe and measures
 again, up to four times. The recall, the nprobe it was measured with and the search time it
 costs are recorded and saved with the index.
+
+`kind="ivf-pq-ondisk"` (cnclip.ondisk; `kind="auto"` from ONDISK_THRESHOLD vectors up) keeps
+OPQ+IVF-PQ codes in a memory-mapped file, for collections whose vectors do not fit in RAM.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
 from cnclip.errors import CNClipError, ModelMismatchError
+
+if TYPE_CHECKING:
+    from cnclip.ondisk import OnDiskIndex
 
 __all__ = [
     "ANN_KIND",
@@ -46,6 +52,8 @@ __all__ = [
     "INDEX_FILE",
     "KINDS",
     "META_FILE",
+    "ONDISK_KIND",
+    "ONDISK_THRESHOLD",
     "TARGET_RECALL",
     "VectorIndex",
 ]
@@ -62,7 +70,12 @@ EXACT_THRESHOLD: int = 100_000
 
 # The ANN kind `kind="auto"` picks above the threshold, and all kinds `build` accepts.
 ANN_KIND: str = "ivf-flat"
-KINDS: tuple[str, ...] = ("exact", "ivf-flat", "ivf-sq8")
+ONDISK_KIND: str = "ivf-pq-ondisk"
+KINDS: tuple[str, ...] = ("exact", "ivf-flat", "ivf-sq8", ONDISK_KIND)
+# From this many vectors `kind="auto"` builds the on-disk IVF-PQ index: IVF-Flat would hold
+# 4*dim bytes a vector in RAM (20 GB at 10M x 512-d, most of the 24 GB build machine), the
+# on-disk index ~m+8 bytes a vector on disk and only the quantizers in RAM.
+ONDISK_THRESHOLD: int = 10_000_000
 
 # Recall@10 against exact search that an ANN build must measure before it settles on nprobe.
 TARGET_RECALL: float = 0.95
@@ -202,6 +215,26 @@ class VectorIndex:
         # the process on if asked to grow or shrink them, so mutations copy them in first.
         self._mapped_from: Path | None = None
         self._mapped_stat: tuple[int, int, int] | None = None
+        # Set for kind ONDISK_KIND: the cnclip.ondisk.OnDiskIndex that does the work.
+        self._ondisk: OnDiskIndex | None = None
+
+    @classmethod
+    def _of_ondisk(cls, ondisk: OnDiskIndex) -> VectorIndex:
+        result = cls(
+            ondisk._base,
+            ONDISK_KIND,
+            recall_at_10=ondisk.recall_at_10,
+            params=ondisk.params,
+            build_seconds=ondisk.build_seconds,
+            meta=ondisk.meta,
+        )
+        result._ondisk = ondisk
+        return result
+
+    @property
+    def ondisk(self) -> OnDiskIndex | None:
+        """The on-disk index behind kind ONDISK_KIND (e.g. to set its `reranker`), else None."""
+        return self._ondisk
 
     # -- properties --------------------------------------------------------------------------
 
@@ -213,7 +246,7 @@ class VectorIndex:
     @property
     def ntotal(self) -> int:
         """Number of vectors in the index."""
-        return int(self._index.ntotal)
+        return self._ondisk.ntotal if self._ondisk is not None else int(self._index.ntotal)
 
     def __len__(self) -> int:
         return self.ntotal
@@ -241,15 +274,24 @@ class VectorIndex:
         seed: int = 0,
         target_recall: float = TARGET_RECALL,
         nlist: int | None = None,
+        folder: str | os.PathLike[str] | None = None,
     ) -> VectorIndex:
         """Index `vectors` (n, dim) under `ids` (n,): exact below `exact_threshold`, else ANN.
 
-        `kind` is "auto", "exact" or an ANN kind ("ivf-flat", "ivf-sq8"). An ANN build measures
-        recall@10 against exact search and raises nprobe until it reaches `target_recall`.
-        `nlist` (IVF cells) defaults to ~sqrt(n); more cells search faster but train slower.
+        `kind` is "auto", "exact" or an ANN kind ("ivf-flat", "ivf-sq8", "ivf-pq-ondisk"). An
+        ANN build measures recall@10 against exact search and raises nprobe until it reaches
+        `target_recall`. `nlist` (IVF cells) defaults to ~sqrt(n) (~4 sqrt(n) on disk); more
+        cells search faster but train slower. An on-disk index is written into `folder`
+        (default: a temporary folder, linked or copied into the folder given to `save`).
         """
         vectors = _as_vectors(vectors)
         ids = _as_ids(ids, vectors.shape[0])
+        if cls._resolve_kind(kind, ids.shape[0], exact_threshold) == ONDISK_KIND:
+            rows = ids.shape[0]
+            slices = [(ids[s : s + _CHUNK], vectors[s : s + _CHUNK]) for s in range(0, rows, _CHUNK)]
+            return cls._build_ondisk(
+                slices, rows, vectors.shape[1], seed=seed, target_recall=target_recall, nlist=nlist, folder=folder
+            )
         return cls._build_from(
             ids,
             vectors,
@@ -273,8 +315,13 @@ class VectorIndex:
         target_recall: float = TARGET_RECALL,
         nlist: int | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
+        folder: str | os.PathLike[str] | None = None,
     ) -> VectorIndex:
         """Like `build`, from an iterator of (ids, vectors) chunks holding `total` rows in all.
+
+        `chunks` may also be a function returning such an iterator (e.g. `catalog.file_vectors`);
+        kind "ivf-pq-ondisk" needs one (or a list), since it reads the rows twice: once for a
+        uniform training sample, once to encode them into `folder` (see `build`).
 
         An exact index is filled chunk by chunk. An ANN index must be trained on a uniform
         sample before anything is added, and a catalog streams rows in insertion (folder)
@@ -287,6 +334,12 @@ class VectorIndex:
         if total < 0:
             raise CNClipError(f"total must be >= 0, got {total}")
         kind = cls._resolve_kind(kind, total, exact_threshold)
+        if kind == ONDISK_KIND:
+            return cls._build_ondisk(
+                chunks, total, dim, seed=seed, target_recall=target_recall, nlist=nlist, folder=folder
+            )
+        if callable(chunks):
+            chunks = chunks()
         start = time.perf_counter()
         if kind == "exact":
             index = cls.empty(dim)
@@ -346,10 +399,43 @@ class VectorIndex:
         result.build_seconds = time.perf_counter() - start
         return result
 
+    @classmethod
+    def _build_ondisk(
+        cls,
+        chunks: Any,
+        total: int,
+        dim: int,
+        *,
+        seed: int,
+        target_recall: float,
+        nlist: int | None,
+        folder: str | os.PathLike[str] | None,
+    ) -> VectorIndex:
+        from cnclip.ondisk import OnDiskIndex, min_rows
+
+        if total < min_rows():
+            # Too few vectors to train PQ codebooks; exact search is the right answer anyway.
+            log.debug("%d vectors: building an exact index instead of %s", total, ONDISK_KIND)
+            return cls.build_streaming(chunks() if callable(chunks) else chunks, total, dim, kind="exact")
+        ondisk = OnDiskIndex.build(
+            chunks, folder, total=total, dim=dim, nlist=nlist, seed=seed, target_recall=target_recall
+        )
+        return cls._of_ondisk(ondisk)
+
+    @staticmethod
+    def resolve_kind(kind: str, n: int, exact_threshold: int = EXACT_THRESHOLD) -> str:
+        """The kind `build` makes for `kind` ("auto" or one of KINDS) and `n` vectors."""
+        kind = VectorIndex._resolve_kind(kind, n, exact_threshold)
+        if kind == ONDISK_KIND:
+            from cnclip.ondisk import min_rows
+
+            return "exact" if n < min_rows() else kind
+        return "exact" if n < 2 * _MIN_TRAIN_PER_LIST else kind
+
     @staticmethod
     def _resolve_kind(kind: str, n: int, exact_threshold: int) -> str:
         if kind == "auto":
-            return "exact" if n < exact_threshold else ANN_KIND
+            return "exact" if n < exact_threshold else ONDISK_KIND if n >= ONDISK_THRESHOLD else ANN_KIND
         if kind not in KINDS:
             raise CNClipError(f"unknown index kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
         return kind
@@ -471,6 +557,8 @@ class VectorIndex:
         kk = min(k, self.ntotal)
         if kk == 0 or q == 0:
             return np.empty((q, kk), dtype=np.float32), np.empty((q, kk), dtype=np.int64)
+        if self._ondisk is not None:
+            return self._ondisk.search(queries, kk)
         threads = 1 if q <= _SINGLE_THREAD_MAX_QUERIES else faiss.omp_get_max_threads()
         with _omp_threads(threads):
             scores, ids = self._index.search(queries, kk)
@@ -497,6 +585,9 @@ class VectorIndex:
         An exact index stays exact however large it grows, and an IVF index keeps the cells it
         was trained with; see `needs_rebuild`.
         """
+        if self._ondisk is not None:
+            self._ondisk.add(ids, vectors)  # into its in-RAM delta; see cnclip.ondisk
+            return
         vectors = _as_vectors(vectors, self.dim)
         ids = _as_ids(ids, vectors.shape[0])
         if ids.size == 0:
@@ -515,6 +606,9 @@ class VectorIndex:
         no tombstones and searches need no over-fetch. Each call scans the whole index, so
         batch deletions.
         """
+        if self._ondisk is not None:
+            self._ondisk.remove(ids)  # filtered out of its on-disk lists while searching
+            return
         ids = _as_ids(ids)
         if ids.size == 0 or self.ntotal == 0:
             return
@@ -524,6 +618,8 @@ class VectorIndex:
 
     def ids(self) -> np.ndarray:
         """The ids the index holds, ascending int64 (what `Index.refresh` diffs against the catalog)."""
+        if self._ondisk is not None:
+            return self._ondisk.ids()
         index = self._index
         if isinstance(index, faiss.IndexIDMap):
             out = faiss.vector_to_array(index.id_map)
@@ -545,6 +641,8 @@ class VectorIndex:
         `ntotal` asks the same question for a size the index would have after pending changes.
         """
         n = self.ntotal if ntotal is None else ntotal
+        if self._ondisk is not None:
+            return self._ondisk.needs_rebuild(n)
         if self.kind == "exact":
             return n >= 2 * exact_threshold
         built = int(self.params.get("built_ntotal") or n or 1)
@@ -585,6 +683,12 @@ class VectorIndex:
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if self._ondisk is not None:
+            ondisk = self._ondisk
+            ondisk.meta, ondisk.recall_at_10, ondisk.build_seconds = self.meta, self.recall_at_10, self.build_seconds
+            ondisk.save(folder)  # its own files, then META_FILE
+            (folder / INDEX_FILE).unlink(missing_ok=True)  # another kind's, now stale
+            return
         doc = self._meta_doc()
         try:
             json.dumps(doc)
@@ -605,6 +709,9 @@ class VectorIndex:
         doc["index_mtime_ns"] = st.st_mtime_ns
         _atomic_write_text(folder / META_FILE, json.dumps(doc, indent=2, sort_keys=True) + "\n")
         _fsync_dir(folder)
+        from cnclip.ondisk import remove_files
+
+        remove_files(folder)  # an on-disk index this one replaces
 
     def _meta_doc(self) -> dict[str, Any]:
         return {
@@ -638,6 +745,10 @@ class VectorIndex:
             kind = doc["kind"]
             if kind not in KINDS:
                 raise ValueError(f"unknown kind {kind!r}")
+            if kind == ONDISK_KIND:
+                from cnclip.ondisk import OnDiskIndex  # its lists are always memory-mapped
+
+                return cls._of_ondisk(OnDiskIndex.load(folder))
             st = index_path.stat()
             if st.st_size != doc["index_bytes"] or st.st_mtime_ns != doc["index_mtime_ns"]:
                 raise ValueError(f"{INDEX_FILE} does not match {META_FILE} (interrupted save?)")
@@ -651,7 +762,7 @@ class VectorIndex:
             params = doc.get("params") or {}
             if isinstance(index, faiss.IndexIVF) and "nprobe" in params:
                 index.nprobe = int(params["nprobe"])
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, MemoryError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, MemoryError, CNClipError) as exc:
             log.warning("ignoring the vector index in %s (it will be rebuilt): %s", folder, exc)
             return None
         result = cls(
@@ -676,7 +787,7 @@ class VectorIndex:
             "recall_at_10": self.recall_at_10,
             "params": dict(self.params),
             "build_seconds": self.build_seconds,
-            "memory_mapped": self._mapped_from is not None,
+            "memory_mapped": self._mapped_from is not None or self._ondisk is not None,
         }
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import load_model
 from .errors import ModelMismatchError, QueryError
-from .index import VectorIndex
+from .index import ONDISK_KIND, VectorIndex
 from .indexer import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
 from .model import CNClipModel
 from .runtime import Runtime
@@ -91,10 +91,18 @@ def model_identity(model: CNClipModel, source: str) -> ModelIdentity:
 class Index:
     """An index folder: a SQLite catalog (the record) plus a derived FAISS file."""
 
-    def __init__(self, catalog: Catalog, model: CNClipModel | None = None, runtime: Runtime | None = None):
+    def __init__(
+        self,
+        catalog: Catalog,
+        model: CNClipModel | None = None,
+        runtime: Runtime | None = None,
+        vector_kind: str = "auto",
+    ):
         self.catalog = catalog
         self._model = model
         self._runtime = runtime
+        # What `refresh` builds: "auto" (exact, IVF-Flat, or on disk past ONDISK_THRESHOLD) or a kind.
+        self.vector_kind = vector_kind
         self._images: VectorIndex | None = None
         self._images_generation: int | None = None
         # Recent query embeddings: a server sees the same queries again and again (paging,
@@ -109,20 +117,22 @@ class Index:
         model: CNClipModel | str | None = None,
         create: bool = False,
         runtime: Runtime | None = None,
+        vector_kind: str = "auto",
     ) -> Index:
         """Open (or with `create`, make) the index at `path` (default: `default_index_path()`).
 
         `model` may be a loaded model or anything `load_model` takes; by default the index's own
         model is loaded when first needed. A model other than the index's is refused. `runtime`
         (e.g. `Runtime.resolve()`: ONNX Runtime on CPUs) is applied to the model; without it the
-        model runs as loaded (PyTorch fp32 on the CPU).
+        model runs as loaded (PyTorch fp32 on the CPU). `vector_kind` is the vector index kind
+        `refresh` builds ("auto" or one of `cnclip.index.KINDS`, e.g. "ivf-pq-ondisk").
         """
         # The model first: a model that fails to load must not leave an empty index folder behind.
         loaded = _load(model, runtime) if isinstance(model, str | os.PathLike) else model
         if loaded is not None and runtime is not None:
             runtime.apply(loaded)
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
-        index = cls(catalog, runtime=runtime)
+        index = cls(catalog, runtime=runtime, vector_kind=vector_kind)
         if loaded is not None:
             try:
                 index._bind(loaded)
@@ -187,19 +197,31 @@ class Index:
 
         A small change is applied to the saved index in place (vectors of new file ids added,
         vanished ids removed); a large one, or one that would leave the index far from what a
-        fresh build makes (`VectorIndex.needs_rebuild`), rebuilds it from the catalog.
+        fresh build makes (`VectorIndex.needs_rebuild`), rebuilds it from the catalog. A saved
+        index of another kind than `vector_kind` asks for is rebuilt; with "auto" an on-disk
+        index stays on disk (it was chosen for a collection too large for RAM).
         """
         generation = self.catalog.generation()  # read first: a write after it makes us stale, not wrong
         if self._images is not None and self._images_generation == generation:
             return self._images
         folder = self.catalog.folder
         cached = VectorIndex.load(folder)
-        if cached is None or cached.meta.get("generation") != generation:
+        kind = self.vector_kind
+        if kind == "auto" and cached is not None and cached.kind == ONDISK_KIND:
+            kind = ONDISK_KIND
+        other_kind = (
+            cached is not None and kind != "auto" and cached.kind != VectorIndex.resolve_kind(kind, cached.ntotal)
+        )
+        if cached is None or cached.meta.get("generation") != generation or other_kind:
             identity = self.catalog.identity
             dim = identity.dim if identity else self.model.embed_dim
-            synced = self._sync(cached) if cached is not None and cached.dim == dim else None
+            synced = self._sync(cached) if cached is not None and cached.dim == dim and not other_kind else None
             if synced is None:
-                synced = VectorIndex.build_streaming(self.catalog.file_vectors(), total=self.catalog.count(), dim=dim)
+                # A function, not an iterator: the on-disk kind reads the catalog twice. It is
+                # built inside the index folder, so `save` below only writes its meta.
+                synced = VectorIndex.build_streaming(
+                    self.catalog.file_vectors, total=self.catalog.count(), dim=dim, kind=kind, folder=folder
+                )
             cached = synced
             cached.meta["generation"] = generation
             try:
