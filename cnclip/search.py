@@ -228,6 +228,9 @@ class Index:
                 cached.save(folder)
             except OSError as e:  # a read-only index still searches; it just rebuilds next time
                 log.warning("could not save the vector index in %s: %s", folder, e)
+        if cached.ondisk is not None:
+            # PQ codes alone gave recall@10 ~0.75 at 10^6; exact re-ranking from the catalog ~0.997
+            cached.ondisk.reranker = self.catalog.vectors_for_ids
         self._images, self._images_generation = cached, generation
         return cached
 

@@ -648,6 +648,30 @@ class Catalog:
             return None
         return _decode_matrix([row[0]], self._dim(self._db), path)[0]
 
+    def vectors_for_ids(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 (len(ids), dim) stored vectors of file ids, in order; NaN rows for ids not indexed.
+
+        What an on-disk (PQ) vector index re-ranks its candidates with: the catalog already holds
+        the exact vectors, so no second copy is kept.
+        """
+        ids = [int(i) for i in ids]
+        dim = self._dim(self._db)
+        out = np.full((len(ids), dim), np.nan, dtype=np.float32)
+        rows_of: dict[int, list[int]] = {}
+        for row, file_id in enumerate(ids):
+            rows_of.setdefault(file_id, []).append(row)
+        for chunk in _chunks(list(rows_of), _IN_CHUNK):
+            found = self._db.execute(
+                "SELECT files.id, vectors.vector FROM files JOIN vectors ON vectors.id = files.vector_id "
+                f"WHERE files.id IN ({','.join('?' * len(chunk))})",
+                list(chunk),
+            ).fetchall()
+            if found:
+                matrix = _decode_matrix([r[1] for r in found], dim, "vectors")
+                for (file_id, _), vector in zip(found, matrix, strict=True):
+                    out[rows_of[file_id]] = vector
+        return out
+
     def file_id_for_path(self, path: str) -> int | None:
         """The file id of `path`, or None if it is not indexed."""
         row = self._db.execute("SELECT id FROM files WHERE path = ?", (path,)).fetchone()

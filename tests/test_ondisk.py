@@ -248,6 +248,10 @@ class FakeCatalog:
     def file_ids(self) -> np.ndarray:
         return self.ids
 
+    def vectors_for_ids(self, ids) -> np.ndarray:
+        rows = np.searchsorted(self.ids, np.asarray(ids))
+        return self.vectors[np.minimum(rows, self.ids.size - 1)]
+
     def file_vectors(self, batch: int = 4096, after_id: int = 0):
         start = int(np.searchsorted(self.ids, after_id, side="right"))
         for s in range(start, self.ids.size, batch):
@@ -260,6 +264,9 @@ def test_index_refresh_builds_syncs_and_keeps_the_on_disk_kind(data, tmp_path, m
     catalog = FakeCatalog(tmp_path, ids, vectors)
     first = Index(catalog, vector_kind=ONDISK_KIND).refresh()
     assert first.kind == ONDISK_KIND and first.params["opq"] and first.meta["generation"] == 1
+    assert first.ondisk.reranker == catalog.vectors_for_ids  # searches re-rank with the catalog's exact vectors
+    _, truth = brute_force(ids, vectors, queries, 10)
+    assert recall(first.search(queries, 10)[1], truth) >= 0.95
     assert not (tmp_path / ".ondisk-build").exists()
 
     builds = []

@@ -575,3 +575,12 @@ def test_file_ids_and_vectors_after_id(tmp_path):
     assert [int(i) for chunk, _ in later for i in chunk] == [int(ids[3]), int(ids[4])]
     np.testing.assert_array_equal(np.concatenate([v for _, v in later]), vecs[3:])
     cat.close()
+
+
+def test_vectors_for_ids_returns_stored_vectors_in_order_and_nan_for_unknown(cat):
+    scan = cat.begin_scan()
+    cat.put_files(scan, [new(f"/p/{i}.jpg", seed=i) for i in range(3)])
+    ids, vectors = all_vectors(cat)
+    got = cat.vectors_for_ids([ids[2], 999_999, ids[0], ids[2]])
+    np.testing.assert_array_equal(got[[0, 2, 3]], vectors[[2, 0, 2]])
+    assert np.isnan(got[1]).all()
