@@ -29,6 +29,16 @@ def random_images(n: int, seed: int = 0, size: tuple[int, int] = (96, 72)) -> li
     return images
 
 
+def indexed_vectors(index_dir) -> dict[str, np.ndarray]:
+    """Path -> stored vector of every searchable file in the index at `index_dir`."""
+    import cnclip
+
+    with cnclip.Index.open(index_dir) as index:
+        ids, vectors = next(index.catalog.file_vectors())
+        records = index.catalog.files_by_ids(ids)
+        return {records[i].path: v for i, v in zip(ids.tolist(), vectors, strict=True)}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Exported ONNX towers go to a per-run folder, not the user's ~/.cache (subprocesses inherit it)."""

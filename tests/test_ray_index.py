@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import random_images
+from conftest import indexed_vectors, random_images
 from test_cli import run_cli
 
 import cnclip
@@ -33,18 +33,11 @@ def photos(tmp_path):
     return folder
 
 
-def _contents(index_dir) -> dict[str, np.ndarray]:
-    with cnclip.Index.open(index_dir) as index:
-        ids, vectors = next(index.catalog.file_vectors())
-        records = index.catalog.files_by_ids(ids)
-        return {records[i].path: v for i, v in zip(ids.tolist(), vectors, strict=True)}
-
-
 def _single_process(photos, model_dir, tmp_path) -> dict[str, np.ndarray]:
     with cnclip.Index.open(tmp_path / "single", model=str(model_dir), create=True) as index:
         summary = index.add_folder(photos)
     assert summary.embedded == 9 and len(summary.skipped) == 1
-    return _contents(tmp_path / "single")
+    return indexed_vectors(tmp_path / "single")
 
 
 def _assert_same(got: dict, want: dict) -> None:
@@ -65,7 +58,7 @@ def test_cli_index_with_ray_equals_the_single_process_index(photos, model_dir, t
     assert (summary["added"], summary["embedded"], summary["reused"]) == (10, 9, 1)
     assert [s["path"] for s in summary["skipped"]] == [str(photos / "broken.jpg")]
     assert len(list((tmp_path / "ray" / "shards").glob(f"*{SHARD_SUFFIX}"))) == 4
-    _assert_same(_contents(tmp_path / "ray"), want)
+    _assert_same(indexed_vectors(tmp_path / "ray"), want)
     search = run_cli("search", "海边", "--index", tmp_path / "ray", "--json")
     assert search.returncode == 0 and len(json.loads(search.stdout)) == 10
 
@@ -115,7 +108,7 @@ def test_an_interrupted_ray_run_resumes_without_recomputing_finished_shards(phot
     summary = resumed["summary"]
     assert summary["shards"] == {"computed": 2, "reused": 1}  # 10 files to embed in shards of 4, 4, 2
     assert summary["embedded"] == 5 and summary["reused"] == 5  # 4 read back from the shard, 1 copy
-    _assert_same(_contents(tmp_path / "ray"), want)
+    _assert_same(indexed_vectors(tmp_path / "ray"), want)
 
 
 def test_ray_needs_a_model_the_workers_can_load(photos, tmp_path):

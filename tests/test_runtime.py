@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_images
+from conftest import indexed_vectors, random_images
 from test_cli import run_cli
 
 import cnclip
@@ -97,10 +97,7 @@ def test_cnclip_index_backends_give_the_same_vectors(tmp_path, tiny_vit):
         assert json.loads(out.stdout)["embedded"] == 5
         exported = [p.name for p in cache.rglob("*.onnx")]
         assert exported == ([] if backend == "torch" else ["image.onnx"])  # the text tower was never needed
-        with Index.open(idx) as index:
-            ids, vectors = next(index.catalog.file_vectors())
-            records = index.catalog.files_by_ids(ids)
-            results[backend] = {records[i].path: v for i, v in zip(ids.tolist(), vectors, strict=True)}
+        results[backend] = indexed_vectors(idx)
     assert results["torch"].keys() == results["onnx"].keys()
     for key, vector in results["torch"].items():
         np.testing.assert_allclose(results["onnx"][key], vector, atol=1e-5)
