@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 TOWERS = ("image", "text")
 OPSET = 17
+# Images per session.run for the image tower. Measured on the build machine (ViT-B-16, 2 cores,
+# scripts/bench/embed.py): runs of 1-8 images went ~4.6 images/s, one run of 32 ~4.2, as the
+# activations of a few images stay in cache; the output does not depend on the split.
+IMAGE_ROWS_PER_RUN = 4
 CACHE_ENV = "CNCLIP_CACHE"
 
 
@@ -77,7 +82,9 @@ def export_onnx(
     for tower in towers:
         module, example, name, axes = jobs[tower]
         path = folder / f"{tower}.onnx"
-        tmp = folder / f".{tower}.onnx.{os.getpid()}.tmp"
+        # A private folder per export: past 2 GB of weights (ViT-H-14's image tower) the exporter
+        # writes one external file per tensor beside the model, and those must not litter `folder`.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{tower}.", dir=folder))
         fastpath = torch.backends.mha.get_fastpath_enabled()
         try:
             # nn.MultiheadAttention's fused inference kernel has no ONNX form; the plain path does.
@@ -87,23 +94,69 @@ def export_onnx(
                 torch.onnx.export(
                     module,
                     (example,),
-                    str(tmp),
+                    str(tmp / path.name),
                     input_names=[name],
                     output_names=["features"],
                     dynamic_axes={name: axes, "features": {0: "batch"}},
                     opset_version=opset,
                     dynamo=False,
                 )
-            os.replace(tmp, path)
+            _gather_external_data(tmp / path.name)
+            _move_model(tmp / path.name, path)
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         out[tower] = path
     return out
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _gather_external_data(path: Path) -> None:
+    """Rewrite a model whose tensors lie in many external files to use one file, `<name>.data`.
+
+    Streams tensor by tensor, so a model past protobuf's 2 GB limit is never held twice in memory.
+    """
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return
+    data_name = f"{path.name}.data"
+    with open(path.parent / f"{data_name}.part", "wb") as out:
+        for tensor in external:
+            info = {e.key: e.value for e in tensor.external_data}
+            with open(path.parent / info["location"], "rb") as src:
+                src.seek(int(info.get("offset", 0)))
+                left = int(info["length"]) if "length" in info else -1  # -1: to the end of the file
+                out.seek(-out.tell() % 64, os.SEEK_CUR)  # 64-byte aligned, so ORT can map tensors in place
+                offset = out.tell()
+                while left and (chunk := src.read(1 << 24 if left < 0 else min(1 << 24, left))):
+                    out.write(chunk)
+                    left -= len(chunk) if left > 0 else 0
+                length = out.tell() - offset
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    os.replace(path.parent / f"{data_name}.part", path.parent / data_name)
+    onnx.save(proto, str(path))
+
+
+def _move_model(src: Path, dst: Path) -> None:
+    """Move an exported model (and its `.data` file, if any) into place; the model file goes last,
+    so a reader that finds `dst` also finds its data."""
+    data = src.with_name(f"{src.name}.data")
+    if data.exists():
+        os.replace(data, dst.with_name(f"{dst.name}.data"))
+    else:
+        dst.with_name(f"{dst.name}.data").unlink(missing_ok=True)  # left by an older, larger export
+    os.replace(src, dst)
+
+
+def _threads() -> int:
+    # PyTorch's count: physical cores, or OMP_NUM_THREADS (which Ray sets per actor), or what the
+    # user gave torch.set_num_threads; more threads than that only fight over the same cores.
+    return torch.get_num_threads()
 
 
 def _ort():
@@ -117,10 +170,10 @@ def _ort():
 class OnnxTower:
     """An exported tower run by ONNX Runtime on the CPU: numpy in, float32 features (N, D) out."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, rows_per_run: int | None = None):
         ort = _ort()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or _cores()
+        options.intra_op_num_threads = threads or _threads()
         options.log_severity_level = 3  # errors only: ORT's own warnings would land on the user's stderr
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -128,12 +181,19 @@ class OnnxTower:
             raise CNClipError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0]}); export it again") from e
         self.input_name = self.session.get_inputs()[0].name
         self.path = Path(path)
+        self.rows_per_run = rows_per_run
 
     def __call__(self, inputs: np.ndarray | torch.Tensor) -> np.ndarray:
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.cpu().numpy()
         dtype = np.int64 if self.input_name == "input_ids" else np.float32
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(inputs, dtype=dtype)})[0]
+        inputs = np.ascontiguousarray(inputs, dtype=dtype)
+        if not len(inputs):  # some exported graphs cannot reshape an empty batch
+            return np.zeros((0, self.session.get_outputs()[0].shape[-1]), dtype=np.float32)
+        step = self.rows_per_run or len(inputs)
+        starts = range(0, len(inputs), step)
+        parts = [self.session.run(None, {self.input_name: inputs[i : i + step]})[0] for i in starts]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def cached_tower(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> OnnxTower:
@@ -150,5 +210,5 @@ def cached_tower(model: CNClipModel, tower: str, folder: str | os.PathLike | Non
         target.mkdir(parents=True, exist_ok=True)
         # Export into a private folder, then move: two processes exporting at once both succeed.
         with tempfile.TemporaryDirectory(dir=target) as tmp:
-            os.replace(export_onnx(model, tmp, (tower,))[tower], path)
-    return OnnxTower(path)
+            _move_model(export_onnx(model, tmp, (tower,))[tower], path)
+    return OnnxTower(path, rows_per_run=IMAGE_ROWS_PER_RUN if tower == "image" else None)

@@ -2,11 +2,12 @@
 
 Measured on this project's build machine (2-core AMD EPYC, AVX2, no AVX-512/AMX; see
 scripts/bench/embed.py), same output either way (cosine 0.9999999):
-- text: ONNX Runtime fp32 ran a query in ~23 ms against PyTorch's ~55-80 ms, so "auto" sends the
-  text tower through ONNX Runtime on CPUs;
-- images: ONNX Runtime was 0.99-1.28x PyTorch model-only across runs, and indexing 12 MP JPEGs
-  end to end (decoding in threads beside the model) was no faster, so "auto" keeps PyTorch for
-  images; `--backend onnx` runs both towers in ONNX Runtime.
+- text: ONNX Runtime fp32 ran a query in ~19-23 ms against PyTorch's ~55-80 ms;
+- images: ONNX Runtime (4 images per run) reached 4.3-4.5 images/s model-only, 84-91 % of the
+  machine's fp32 ceiling, against PyTorch's 3.2; indexing 12 MP JPEGs end to end 3.96 against
+  3.30 images/s. torch.compile (inductor, with or without freezing) matched ONNX Runtime at
+  best (4.1-4.3) after 23-36 s of compiling in every new process, so it is not used.
+So "auto" runs both towers in ONNX Runtime on CPUs (each exported once per model and cached).
 bf16 is ~3x *slower* than fp32 on such CPUs, and even on AMX CPUs, where it is faster, its
 embeddings differ from fp32 (cosine ~0.998 in our measurement), so "auto" keeps fp32 on the CPU
 and bf16 is opt-in. On GPUs "auto" means fp16 weights, as the official code runs them.
@@ -83,10 +84,12 @@ class Runtime:
             raise CNClipError("fp16 inference needs a GPU; on the CPU use --precision fp32 or bf16")
         if backend == "onnx" and (kind != "cpu" or precision != "fp32"):
             raise CNClipError("--backend onnx runs fp32 on the CPU; use --backend torch for a GPU or bf16")
+        if backend == "onnx" and not onnxruntime_available():
+            raise CNClipError("--backend onnx needs onnxruntime; pip install onnxruntime, or use --backend torch")
         if backend == "onnx":
             towers: tuple[str, ...] = ("image", "text")
         elif backend == "auto" and kind == "cpu" and precision == "fp32" and onnxruntime_available():
-            towers = ("text",)
+            towers = ("image", "text")
         else:
             towers = ()
         return cls(device=device, precision=precision, onnx_towers=towers)

@@ -69,3 +69,47 @@ def test_export_onnx_cli(tmp_path, tiny_vit):
     with torch.inference_mode():
         want = tiny_vit.encode_text(ids).numpy()
     np.testing.assert_allclose(OnnxTower(tmp_path / "onnx" / "text.onnx")(ids), want, atol=1e-5, rtol=1e-4)
+
+
+def test_image_runs_split_into_small_batches_give_the_same_features(tmp_path, tiny_vit):
+    path = export_onnx(tiny_vit, tmp_path, ("image",))["image"]
+    pixels = tiny_vit.preprocess.batch(random_images(7, seed=3))
+    whole = OnnxTower(path)(pixels)
+    for rows in (1, 3, 4, 7, 50):
+        split = OnnxTower(path, rows_per_run=rows)
+        np.testing.assert_allclose(split(pixels), whole, atol=1e-6)
+        assert split(pixels[:0]).shape == (0, whole.shape[1])
+
+
+def test_export_past_the_protobuf_limit_leaves_one_data_file(tmp_path, tiny_vit, monkeypatch):
+    # Past 2 GB of weights the exporter writes one external file per tensor beside the model.
+    # Reproduce that layout on a tiny model by re-saving the export the same way.
+    import onnx
+
+    real_export = torch.onnx.export
+
+    def export_with_external_tensors(*args, **kwargs):
+        real_export(*args, **kwargs)
+        path = args[2]
+        onnx.save_model(
+            onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0
+        )
+
+    monkeypatch.setattr(torch.onnx, "export", export_with_external_tensors)
+    paths = export_onnx(tiny_vit, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "image.onnx", "image.onnx.data", "text.onnx", "text.onnx.data"
+    ]  # fmt: skip
+    assert paths["image"].stat().st_size < 100_000  # the weights live in the .data file
+    pixels = tiny_vit.preprocess.batch(random_images(2, seed=4))
+    ids = tiny_vit.tokenizer(TEXTS)
+    with torch.inference_mode():
+        want_image, want_text = tiny_vit.encode_image(pixels).numpy(), tiny_vit.encode_text(ids).numpy()
+    np.testing.assert_allclose(OnnxTower(paths["image"])(pixels), want_image, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(OnnxTower(paths["text"])(ids), want_text, atol=1e-5, rtol=1e-4)
+
+    # the cache moves the data file with the model
+    monkeypatch.setattr(cnclip.onnx, "export_onnx", export_onnx)
+    tower = cnclip.onnx.cached_tower(tiny_vit, "image", tmp_path / "cache")
+    assert sorted(p.name for p in tower.path.parent.iterdir()) == ["image.onnx", "image.onnx.data"]
+    np.testing.assert_allclose(tower(pixels), want_image, atol=1e-5, rtol=1e-4)

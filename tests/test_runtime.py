@@ -18,12 +18,17 @@ from cnclip.search import Index
 TEXTS = ["海边的日落", "一只橘猫"]
 
 
-def test_auto_on_a_cpu_runs_text_in_onnx_runtime(monkeypatch):
+def test_auto_on_a_cpu_runs_both_towers_in_onnx_runtime(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert Runtime.resolve() == Runtime("cpu", "fp32", ("text",))
+    assert Runtime.resolve() == Runtime("cpu", "fp32", ("image", "text"))
     assert Runtime.resolve(backend="onnx") == Runtime("cpu", "fp32", ("image", "text"))
     assert Runtime.resolve(precision="bf16") == Runtime("cpu", "bf16", ())  # ORT runs fp32 only
     assert Runtime.resolve(backend="torch") == Runtime("cpu", "fp32", ())
+    monkeypatch.setattr("cnclip.runtime.onnxruntime_available", lambda: False)
+    assert Runtime.resolve() == Runtime("cpu", "fp32", ())  # auto falls back to PyTorch
+    with pytest.raises(CNClipError, match="needs onnxruntime"):
+        Runtime.resolve(backend="onnx")
+    monkeypatch.undo()
     monkeypatch.setenv("CNCLIP_BACKEND", "torch")
     assert Runtime.resolve().onnx_towers == ()
 
