@@ -6,13 +6,52 @@ vecs = model.embed_texts(["海边的日落"])        # float32 (N, D), rows L2-n
 
 from __future__ import annotations
 
-from .checkpoint import create_model, load_model
-from .config import ModelConfig, available_models, get_model_config
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import CheckpointError, CNClipError, ImageError, ModelNotFoundError, VocabularyError
-from .model import CNClipModel
-from .search import Hit, Index, TextHit, zero_shot
-from .tokenizer import Tokenizer, tokenize
-from .transform import ImageTransform, load_image, preprocess
+
+# Names are imported on first use: `import cnclip` (and so every `cnclip` command) stays light, and
+# a search answered by ONNX Runtime never loads torch, open_clip or transformers (~7 s).
+_LAZY = {
+    "create_model": "checkpoint",
+    "load_model": "checkpoint",
+    "ModelConfig": "config",
+    "available_models": "config",
+    "get_model_config": "config",
+    "CNClipModel": "model",
+    "Hit": "search",
+    "Index": "search",
+    "TextHit": "search",
+    "zero_shot": "search",
+    "Tokenizer": "tokenizer",
+    "tokenize": "tokenizer",
+    "ImageTransform": "transform",
+    "load_image": "transform",
+    "preprocess": "transform",
+}
+
+if TYPE_CHECKING:
+    from .checkpoint import create_model, load_model
+    from .config import ModelConfig, available_models, get_model_config
+    from .model import CNClipModel
+    from .search import Hit, Index, TextHit, zero_shot
+    from .tokenizer import Tokenizer, tokenize
+    from .transform import ImageTransform, load_image, preprocess
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cnclip' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -140,7 +140,7 @@ def _add_runtime_options(p: argparse.ArgumentParser, backend: str | None) -> Non
         default=backend,
         help="auto: on CPUs both towers in ONNX Runtime when it is installed (same output; text 2-3x, images "
         "~1.3x faster; exported once per model), else PyTorch; onnx: ONNX Runtime or an error; torch: PyTorch"
-        + ("" if backend is None else f" (default here: {backend}: one query does not pay back opening a session)"),
+        + ("" if backend is None else f" (default here: {backend}: one image does not pay back exporting the model)"),
     )
     g.add_argument(
         "--precision",
@@ -195,6 +195,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             )
         finally:
             bar.close()
+        _prepare_text_search(index, runtime, quiet=args.quiet)
     for item in summary.skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     if args.json:
@@ -207,6 +208,21 @@ def _cmd_index(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _prepare_text_search(index, runtime, quiet: bool) -> None:
+    """Export the text tower now (once per model) when searches will run it in ONNX Runtime: then
+    `cnclip search` answers without loading the model at all."""
+    if "text" not in runtime.onnx_towers:
+        return
+    from .ort import export_folder
+
+    model = index.model
+    if not (export_folder(model.weights_digest()) / "text.onnx").exists() and not quiet:
+        print("preparing the text tower for fast searches (once per model) ...", file=sys.stderr)
+    from .onnx import export_cached
+
+    export_cached(model, "text")
 
 
 def _ray_options(args: argparse.Namespace):
@@ -528,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
     p.add_argument("--grid", metavar="OUT.jpg", help="also write a contact sheet of the hits")
     p.add_argument("--html", metavar="OUT.html", help="also write an HTML page of the hits")
-    _add_runtime_options(p, "torch")
+    _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("info", help="what an index holds: counts, model, vector index")

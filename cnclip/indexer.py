@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .embed import embed_files
 from .errors import CNClipError
-from .model import CNClipModel
 from .store import Catalog, NewFile
 from .transform import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model's modules load torch; searching an index must not need them
+    from .model import CNClipModel
     from .ray_index import RayOptions
 
 log = logging.getLogger(__name__)
@@ -240,6 +239,8 @@ class Indexer:
                 on_shard=self.on_shard,
             )
         else:
+            from .embed import embed_files
+
             batches = embed_files(
                 self.model,
                 paths,

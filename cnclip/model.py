@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CNClipError
-from .tokenizer import Tokenizer, default_tokenizer, normalize_text
+from .tokenizer import Tokenizer, default_tokenizer, text_batches
 from .transform import ImageTransform, load_image
 
 ImageInput = Image.Image | str | os.PathLike
@@ -125,7 +125,8 @@ class CNClipModel(nn.Module):
                 if not tensor.is_floating_point():  # BatchNorm's step counters say nothing about the function
                     continue
                 h.update(name.encode())
-                h.update(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+                values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+                h.update(values.reshape(-1).view(np.uint8))  # the bytes, without copying them
             self._digest = h.hexdigest()
         return self._digest
 
@@ -209,24 +210,10 @@ class CNClipModel(nn.Module):
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Strings -> float32 (N, embed_dim), rows L2-normalized.
-
-        Texts get the official normalization, and each batch is padded only to its longest member
-        (same [CLS] embedding as padding to 52, far less compute); sorting by length first keeps
-        batches tight.
-        """
-        if isinstance(texts, str):
-            raise TypeError("embed_texts takes a list of strings; wrap a single query as [query]")
-        encoded = [self.tokenizer.encode(normalize_text(t)) for t in texts]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        """Strings -> float32 (N, embed_dim), rows L2-normalized (see `text_batches` for the batching)."""
         out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            out[rows] = unit_rows(self._text_features(ids))
+        for rows, ids in text_batches(self.tokenizer, texts, batch_size):
+            out[rows] = unit_rows(self._text_features(torch.from_numpy(ids)))
         return out
 
     # -- training helpers -----------------------------------------------------------------------

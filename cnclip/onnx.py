@@ -1,4 +1,4 @@
-"""ONNX export of the two towers, and ONNX Runtime sessions that run them on the CPU.
+"""ONNX export of the two towers, and the per-model cache of exports (run by `cnclip.ort`).
 
 Why: on CPUs without AMX, PyTorch's GEMMs on the few rows of a text query are inefficient;
 ONNX Runtime's fused BERT graph ran a ViT-B-16 query in about a third of the time (20.9 vs
@@ -17,12 +17,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import CNClipError
 from .model import CNClipModel
+from .ort import CACHE_ENV, TEXT_TOKENIZER, OnnxTower, cache_dir, export_folder, save_text_tokenizer
+
+__all__ = ["CACHE_ENV", "IMAGE_ROWS_PER_RUN", "OnnxTower", "cache_dir", "cached_tower", "export_cached", "export_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +34,6 @@ OPSET = 17
 # scripts/bench/embed.py): runs of 1-8 images went ~4.6 images/s, one run of 32 ~4.2, as the
 # activations of a few images stay in cache; the output does not depend on the split.
 IMAGE_ROWS_PER_RUN = 4
-CACHE_ENV = "CNCLIP_CACHE"
-
-
-def cache_dir() -> Path:
-    """Where derived files (exported towers) are kept: `$CNCLIP_CACHE`, else ~/.cache/cnclip."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cnclip")
 
 
 class _Tower(nn.Module):
@@ -153,57 +149,13 @@ def _move_model(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-def _threads() -> int:
-    # PyTorch's count: physical cores, or OMP_NUM_THREADS (which Ray sets per actor), or what the
-    # user gave torch.set_num_threads; more threads than that only fight over the same cores.
-    return torch.get_num_threads()
-
-
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise CNClipError("onnxruntime is not installed; pip install onnxruntime") from e
-    return onnxruntime
-
-
-class OnnxTower:
-    """An exported tower run by ONNX Runtime on the CPU: numpy in, float32 features (N, D) out."""
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, rows_per_run: int | None = None):
-        ort = _ort()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or _threads()
-        options.log_severity_level = 3  # errors only: ORT's own warnings would land on the user's stderr
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own exception types for bad or truncated files
-            raise CNClipError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0]}); export it again") from e
-        self.input_name = self.session.get_inputs()[0].name
-        self.path = Path(path)
-        self.rows_per_run = rows_per_run
-
-    def __call__(self, inputs: np.ndarray | torch.Tensor) -> np.ndarray:
-        if isinstance(inputs, torch.Tensor):
-            inputs = inputs.cpu().numpy()
-        dtype = np.int64 if self.input_name == "input_ids" else np.float32
-        inputs = np.ascontiguousarray(inputs, dtype=dtype)
-        if not len(inputs):  # some exported graphs cannot reshape an empty batch
-            return np.zeros((0, self.session.get_outputs()[0].shape[-1]), dtype=np.float32)
-        step = self.rows_per_run or len(inputs)
-        starts = range(0, len(inputs), step)
-        parts = [self.session.run(None, {self.input_name: inputs[i : i + step]})[0] for i in starts]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def cached_tower(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> OnnxTower:
-    """An ONNX Runtime session for `model`'s `tower`, exporting it on first use.
+def export_cached(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> Path:
+    """The path of `model`'s exported `tower`, exporting it if this model has none yet.
 
     Exports are kept under `folder` (default `cache_dir()/onnx`) by the model's weights digest,
     so a changed model never reuses another model's export.
     """
-    root = Path(folder) if folder is not None else cache_dir() / "onnx"
-    target = root / model.weights_digest()
+    target = export_folder(model.weights_digest(), folder)
     path = target / f"{tower}.onnx"
     if not path.exists():
         log.info("exporting the %s tower to %s (once per model)", tower, path)
@@ -211,4 +163,15 @@ def cached_tower(model: CNClipModel, tower: str, folder: str | os.PathLike | Non
         # Export into a private folder, then move: two processes exporting at once both succeed.
         with tempfile.TemporaryDirectory(dir=target) as tmp:
             _move_model(export_onnx(model, tmp, (tower,))[tower], path)
+    if tower == "text" and not (target / TEXT_TOKENIZER).exists():
+        try:  # lets a later query run from this folder alone, without PyTorch (`cnclip.ort.TextEncoder`)
+            save_text_tokenizer(model.tokenizer, target)
+        except OSError as e:
+            log.warning("could not record the tokenizer beside %s: %s", path, e)
+    return path
+
+
+def cached_tower(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> OnnxTower:
+    """An ONNX Runtime session for `model`'s `tower`, exported on first use (see `export_cached`)."""
+    path = export_cached(model, tower, folder)
     return OnnxTower(path, rows_per_run=IMAGE_ROWS_PER_RUN if tower == "image" else None)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import sys
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 from .errors import CNClipError
 
@@ -27,7 +28,24 @@ BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICE_ENV = "CNCLIP_DEVICE"
 BACKEND_ENV = "CNCLIP_BACKEND"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_OTHER_DEVICES = re.compile(r"(mps|xpu|xla|hpu|ipu|mtia|meta|privateuseone)(:\d+)?")
+
+
+def _gpu_possible() -> bool:
+    """False when this machine surely has no GPU PyTorch could use, found without importing torch
+    (~2.5 s): a one-shot `cnclip search` answers in about a second when it need not load torch."""
+    if sys.modules.get("torch") is not None or not sys.platform.startswith("linux"):
+        return True
+    dev = Path("/dev")
+    return Path("/proc/driver/nvidia/version").exists() or (dev / "kfd").exists() or any(dev.glob("nvidia[0-9]*"))
+
+
+def cuda_available() -> bool:
+    if not _gpu_possible():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -68,15 +86,14 @@ class Runtime:
         if precision not in PRECISIONS:
             raise CNClipError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            kind = torch.device(device).type
-        except RuntimeError as e:
-            raise CNClipError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from e
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise CNClipError(f"device {device} asked for, but PyTorch sees no GPU here; use --device cpu")
-        if kind not in ("cpu", "cuda"):
+            device = "cuda" if cuda_available() else "cpu"
+        if _OTHER_DEVICES.fullmatch(device):
             raise CNClipError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise CNClipError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+        kind = device.split(":")[0]
+        if kind == "cuda" and not cuda_available():
+            raise CNClipError(f"device {device} asked for, but PyTorch sees no GPU here; use --device cpu")
 
         if precision == "auto":
             precision = "fp16" if kind == "cuda" else "fp32"
@@ -97,7 +114,10 @@ class Runtime:
     def apply(self, model):
         """Make `model` run this way; returns it (moved, cast, its ONNX towers set; sessions open on first use)."""
         model.weights_digest()  # of the fp32 weights, before any cast: an index compares it
-        model.to(device=self.device, dtype=DTYPES[self.precision])
+        import torch
+
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        model.to(device=self.device, dtype=dtypes[self.precision])
         model.use_onnx(self.onnx_towers)
         return model
 

@@ -13,12 +13,15 @@ import re
 import stat
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from cnclip.errors import ImageError
+
+if TYPE_CHECKING:  # imported where tensors are made: opening images must not load torch
+    import torch
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -223,6 +226,8 @@ def preprocess(img: Image.Image, image_size: int) -> torch.Tensor:
     # the reference to the last bit or two rather than merely approximately.
     arr = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
     arr = (arr - _MEAN) / _STD
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
@@ -239,6 +244,8 @@ class ImageTransform:
 
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Preprocess several images into one (N, 3, s, s) float32 tensor."""
+        import torch
+
         if len(images) == 0:
             return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.float32)
         return torch.stack([self(img) for img in images])
