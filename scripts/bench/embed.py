@@ -212,19 +212,25 @@ def index_rows(work: Path, reference, official_preprocess, to_rgb, ours, args) -
     results = [(f"official preprocessing + `cn_clip` fp32, one process (best of {args.repeats})", ref_rate)]
     for runtime, r in best.items():
         results.append((f"`Index.add_folder`, {runtime}, draft JPEG decoding (best of {args.repeats})", r))
-    export, startup, cli = cli_rate(work, ours, folder)
+    export, startup, cli, searches = cli_rate(work, ours, folder)
     results.append((f"`cnclip index` (the CLI, default backend) after its start-up ({startup:.1f} s)", cli))
     print(f"\nIndexing {len(paths)} JPEGs of 4000x3000 (end to end: walk, hash, decode, embed, commit):\n")
     print("| implementation | images/s | vs official |")
     print("|---|---:|---:|")
     for name, r in results:
         print(f"| {name} | {r:.2f} | {r / ref_rate:.2f}x |")
-    print(f"\nThe first `cnclip index` with a new model also exports its image tower to ONNX: +{export:.1f} s, once.")
+    print(f"\nThe first `cnclip index` with a new model also exports its towers to ONNX: +{export:.1f} s, once.")
+    print("\nOne `cnclip search` from the shell, whole process (start-up, query, search, output), best of 3:\n")
+    print("| backend | seconds |")
+    print("|---|---:|")
+    for name, seconds in searches.items():
+        print(f"| {name} | {seconds:.2f} |")
 
 
-def cli_rate(work: Path, ours, folder: Path) -> tuple[float, float, float]:
+def cli_rate(work: Path, ours, folder: Path) -> tuple[float, float, float, dict[str, float]]:
     """The real `cnclip index` in fresh processes: the one-off ONNX export (s), then with the
-    export cached, start-up plus first image (s) and images/s after that, from a 1-photo run and a full run."""
+    export cached, start-up plus first image (s) and images/s after that, from a 1-photo run and a
+    full run; and the wall time of one `cnclip search` by backend."""
     model_dir = ours.save_pretrained(work / "model")
     env = dict(os.environ, CNCLIP_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1")
     one = work / "one"
@@ -240,7 +246,20 @@ def cli_rate(work: Path, ours, folder: Path) -> tuple[float, float, float]:
     cold = timed(one, "warm-index")  # exports the image tower, once per model, as a user's first `cnclip index` does
     first = timed(one, "one-index")
     full = timed(folder, "cli-index")
-    return cold - first, first, (len(list(folder.iterdir())) - 1) / (full - first)
+
+    def search(*extra: str) -> float:
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "cnclip.cli", "search", QUERIES[0], "--index", str(work / "cli-index"), *extra],
+            env=env, check=True, capture_output=True,
+        )  # fmt: skip
+        return time.perf_counter() - t
+
+    searches = {
+        "default (auto: text tower from its ONNX export, torch never imported)": min(search() for _ in range(3)),
+        "`--backend torch` (loads the model)": min(search("--backend", "torch") for _ in range(3)),
+    }
+    return cold - first, first, (len(list(folder.iterdir())) - 1) / (full - first), searches
 
 
 if __name__ == "__main__":
