@@ -39,6 +39,19 @@ def indexed_vectors(index_dir) -> dict[str, np.ndarray]:
         return {records[i].path: v for i, v in zip(ids.tolist(), vectors, strict=True)}
 
 
+def record_builds(monkeypatch, cls, name: str) -> list:
+    """Wrap the classmethod `cls.name` so each call appends its `total` keyword to the returned list."""
+    builds = []
+    real = getattr(cls, name).__func__
+
+    def counting(klass, *args, **kwargs):
+        builds.append(kwargs.get("total"))
+        return real(klass, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, classmethod(counting))
+    return builds
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Exported ONNX towers go to a per-run folder, not the user's ~/.cache (subprocesses inherit it)."""

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import faiss
 import numpy as np
 import pytest
+from conftest import record_builds
 from test_index import brute_force, catalog_ids, clustered, recall
 
 import cnclip.ondisk as ondisk
@@ -269,14 +270,7 @@ def test_index_refresh_builds_syncs_and_keeps_the_on_disk_kind(data, tmp_path, m
     assert recall(first.search(queries, 10)[1], truth) >= 0.95
     assert not (tmp_path / ".ondisk-build").exists()
 
-    builds = []
-    real_build = OnDiskIndex.build.__func__
-
-    def counting_build(cls, *args, **kwargs):
-        builds.append(kwargs.get("total"))
-        return real_build(cls, *args, **kwargs)
-
-    monkeypatch.setattr(OnDiskIndex, "build", classmethod(counting_build))
+    builds = record_builds(monkeypatch, OnDiskIndex, "build")
     catalog.ids = np.concatenate([ids[10:], [N + 1, N + 2]])  # 10 files gone, 2 new
     catalog.vectors = np.concatenate([vectors[10:], queries[:2]])
     catalog.gen = 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_images
+from conftest import random_images, record_builds
 
 import cnclip
 from cnclip.errors import IndexNotFoundError, ModelMismatchError, QueryError
@@ -70,14 +70,7 @@ def test_zero_shot_probabilities(tiny_vit):
 
 
 def test_refresh_updates_the_saved_vector_index_in_place(tiny_vit, folder, tmp_path, monkeypatch):
-    builds = []
-    real_build = VectorIndex.build_streaming.__func__
-
-    def counting_build(cls, *args, **kwargs):
-        builds.append(kwargs.get("total"))
-        return real_build(cls, *args, **kwargs)
-
-    monkeypatch.setattr(VectorIndex, "build_streaming", classmethod(counting_build))
+    builds = record_builds(monkeypatch, VectorIndex, "build_streaming")
     with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
         index.add_folder(folder, workers=1)
         assert builds == [6]  # first time: built from the catalog

@@ -236,24 +236,22 @@ def cli_rate(work: Path, ours, folder: Path) -> tuple[float, float, float, dict[
     one = work / "one"
     one.mkdir()
     shutil.copy(next(folder.iterdir()), one)
-    command = [sys.executable, "-m", "cnclip.cli", "index", "--model", str(model_dir), "-q"]
 
-    def timed(src: Path, name: str) -> float:
+    def run_cli(*args: str | Path) -> float:
+        """Seconds for one `cnclip` command in a fresh process."""
         t = time.perf_counter()
-        subprocess.run([*command, str(src), "--index", str(work / name)], env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "cnclip.cli", *map(str, args)], env=env, check=True, capture_output=True)
         return time.perf_counter() - t
 
-    cold = timed(one, "warm-index")  # exports the image tower, once per model, as a user's first `cnclip index` does
-    first = timed(one, "one-index")
-    full = timed(folder, "cli-index")
+    def index(src: Path, name: str) -> float:
+        return run_cli("index", src, "--index", work / name, "--model", model_dir, "-q")
+
+    cold = index(one, "warm-index")  # exports both towers, once per model, as a user's first `cnclip index` does
+    first = index(one, "one-index")
+    full = index(folder, "cli-index")
 
     def search(*extra: str) -> float:
-        t = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "cnclip.cli", "search", QUERIES[0], "--index", str(work / "cli-index"), *extra],
-            env=env, check=True, capture_output=True,
-        )  # fmt: skip
-        return time.perf_counter() - t
+        return run_cli("search", QUERIES[0], "--index", work / "cli-index", *extra)
 
     searches = {
         "default (auto: text tower from its ONNX export, torch never imported)": min(search() for _ in range(3)),
