@@ -9,35 +9,36 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import CheckpointError, CNClipError, ImageError, ModelNotFoundError, VocabularyError
+from cnclip.errors import CheckpointError, CNClipError, ImageError, ModelNotFoundError, VocabularyError
 
 # Names are imported on first use: `import cnclip` (and so every `cnclip` command) stays light, and
 # a search answered by ONNX Runtime never loads torch, open_clip or transformers (~7 s).
 _LAZY = {
-    "create_model": "checkpoint",
-    "load_model": "checkpoint",
-    "ModelConfig": "config",
-    "available_models": "config",
-    "get_model_config": "config",
-    "CNClipModel": "model",
-    "Hit": "search",
-    "Index": "search",
-    "TextHit": "search",
-    "zero_shot": "search",
-    "Tokenizer": "tokenizer",
-    "tokenize": "tokenizer",
-    "ImageTransform": "transform",
-    "load_image": "transform",
-    "preprocess": "transform",
+    "create_model": "model.checkpoint",
+    "load_model": "model.checkpoint",
+    "ModelConfig": "model.config",
+    "available_models": "model.config",
+    "get_model_config": "model.config",
+    "CNClipModel": "model.clip",
+    "Hit": "index.folder",
+    "Index": "index.folder",
+    "TextHit": "model.zeroshot",
+    "zero_shot": "model.zeroshot",
+    "Tokenizer": "model.tokenizer",
+    "tokenize": "model.tokenizer",
+    "ImageTransform": "model.transform",
+    "load_image": "model.transform",
+    "preprocess": "model.transform",
 }
 
 if TYPE_CHECKING:
-    from .checkpoint import create_model, load_model
-    from .config import ModelConfig, available_models, get_model_config
-    from .model import CNClipModel
-    from .search import Hit, Index, TextHit, zero_shot
-    from .tokenizer import Tokenizer, tokenize
-    from .transform import ImageTransform, load_image, preprocess
+    from cnclip.index.folder import Hit, Index
+    from cnclip.model.checkpoint import create_model, load_model
+    from cnclip.model.clip import CNClipModel
+    from cnclip.model.config import ModelConfig, available_models, get_model_config
+    from cnclip.model.tokenizer import Tokenizer, tokenize
+    from cnclip.model.transform import ImageTransform, load_image, preprocess
+    from cnclip.model.zeroshot import TextHit, zero_shot
 
 
 def __getattr__(name: str):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # Before anything imports huggingface_hub: tests must never reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -77,3 +79,17 @@ def tiny_rn():
 @pytest.fixture
 def images():
     return random_images(4)
+
+
+def run_cli(
+    *args: str, cwd=None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "cnclip", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cnclip.config import ModelConfig
+from cnclip.model.config import ModelConfig
 
 
 def official_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
@@ -67,7 +67,7 @@ def hf_model(config: ModelConfig, seed: int = 0):
     """transformers' ChineseCLIPModel in `config`'s (ViT) shape with random weights."""
     from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
-    from cnclip.checkpoint import hf_config_dict
+    from cnclip.model.hf_format import hf_config_dict
 
     torch.manual_seed(seed)
     model = ChineseCLIPModel(ChineseCLIPConfig.from_dict(hf_config_dict(config)))

@@ -1,8 +1,25 @@
-"""Contrastive fine-tuning: `main(argv)` is `cnclip train`; `Trainer` is the loop itself."""
+"""Training: contrastive fine-tuning (`cnclip train`), text-tower MLM pretraining, data, loss, evaluation.
+
+`main(argv)` is `cnclip train`; `Trainer` is the contrastive loop. Both are imported on first use, so
+that `cnclip.train.data` and friends load without the trainer.
+"""
 
 from __future__ import annotations
 
-from .main import main, train
-from .trainer import Trainer, TrainOptions
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cnclip.train.main import main, train
+    from cnclip.train.trainer import Trainer, TrainOptions
+
+_LAZY = {"main": "main", "train": "main", "Trainer": "trainer", "TrainOptions": "trainer"}
 
 __all__ = ["Trainer", "TrainOptions", "main", "train"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cnclip.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cnclip.train.{module}"), name)

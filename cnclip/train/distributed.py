@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import CNClipError
+from cnclip.errors import CNClipError
 
 
 @dataclass(frozen=True)

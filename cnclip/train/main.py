@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CNClipError
-from .distributed import DistInfo, cleanup, init_distributed
-from .trainer import METRICS_FILE, Trainer, TrainOptions, find_checkpoint
+from cnclip.errors import CNClipError
+from cnclip.train.distributed import DistInfo, cleanup, init_distributed
+from cnclip.train.trainer import METRICS_FILE, Trainer, TrainOptions, find_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _say(dist: DistInfo, message: str) -> None:
 
 
 def _read(path: str, what: str, dist: DistInfo):
-    from ..data import read_pairs
+    from cnclip.train.data import read_pairs
 
     pairs, report = read_pairs(path)
     _say(dist, f"{what}: {len(pairs):,} pairs from {path}")
@@ -119,7 +119,7 @@ def _read(path: str, what: str, dist: DistInfo):
 
 
 def _load(args: argparse.Namespace, resume_from: Path | None):
-    from ..checkpoint import create_model, load_model
+    from cnclip.model.checkpoint import create_model, load_model
 
     if resume_from is not None:
         return load_model(resume_from)
@@ -181,7 +181,7 @@ def train(args: argparse.Namespace, dist: DistInfo) -> dict:
     )
     evaluate = None
     if val_pairs is not None:
-        from ..evaluate import evaluate_pairs
+        from cnclip.train.evaluate import evaluate_pairs
 
         def evaluate(m):
             return evaluate_pairs(m, val_pairs, batch_size=args.eval_batch_size)
@@ -206,7 +206,7 @@ def train(args: argparse.Namespace, dist: DistInfo) -> dict:
 
 
 def _plot(out: Path) -> None:
-    from .plot import plot_run
+    from cnclip.train.plot import plot_run
 
     events = [json.loads(line) for line in (out / METRICS_FILE).read_text("utf-8").splitlines() if line.strip()]
     plot_run(events, out / "plot.png")

@@ -10,8 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,12 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..data import Pair, PairDataset, collate_pairs, unique_image_batches
-from ..errors import CNClipError
-from ..loss import ContrastiveLoss
-from ..model import CNClipModel
-from ..runtime import cpu_has_fast_bf16
-from .distributed import DistInfo, all_reduce_mean, barrier
+from cnclip import atomic
+from cnclip.errors import CNClipError
+from cnclip.model.clip import CNClipModel
+from cnclip.model.runtime import cpu_has_fast_bf16
+from cnclip.train.data import Pair, PairDataset, collate_pairs, unique_image_batches
+from cnclip.train.distributed import DistInfo, all_reduce_mean, barrier
+from cnclip.train.loss import ContrastiveLoss
 
 log = logging.getLogger(__name__)
 
@@ -412,35 +411,22 @@ class Trainer:
 
 
 def write_checkpoint(model: CNClipModel, out: Path, name: str, state: dict | None) -> Path:
-    """`out/name/` via a temporary folder and renames: a kill at any moment leaves either the old
-    or the new checkpoint whole (`find_checkpoint` also looks at the one being replaced)."""
+    """`out/name/` published as a whole: a kill at any moment leaves either the old or the new
+    checkpoint complete (`find_checkpoint` also looks where the old one waits during the swap)."""
     out.mkdir(parents=True, exist_ok=True)
-    final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if state is not None:
-        torch.save(state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    with atomic.replacing_folder(out / name) as tmp:
+        model.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, tmp / STATE_FILE)
+    return out / name
 
 
 def find_checkpoint(out: Path, name: str = "last") -> Path | None:
     """The newest complete `name` checkpoint under `out`, if any."""
-    for candidate in (out / name, out / f".{name}.old"):
+    for candidate in (out / name, atomic.previous_folder(out / name)):
         if (candidate / STATE_FILE).is_file():
             return candidate
     return None
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

@@ -9,7 +9,7 @@ exact search computed in the same run.
     nice .venv/bin/python scripts/bench/ann.py --n 100000
     nice .venv/bin/python scripts/bench/ann.py --n 1000000 --kinds exact,ivf-flat,ivf-sq8,ivf-pq-refine,hnsw
 
-Kinds "exact", "ivf-flat" and "ivf-sq8" go through `cnclip.index.VectorIndex` (so the
+Kinds "exact", "ivf-flat" and "ivf-sq8" go through `cnclip.index.vectors.VectorIndex` (so the
 ivf rows show the nprobe its build chose and the recall it measured for itself);
 "ivf-pq-refine" and "hnsw" are built with faiss directly, for comparison.
 """
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from cnclip.index import VectorIndex, _nlist_for
-from cnclip.index import _omp_threads as threads  # the library's own per-thread OpenMP setting
+from cnclip.index.vector_common import _omp_threads as threads  # the library's own per-thread OpenMP setting
+from cnclip.index.vectors import VectorIndex, _nlist_for
 
 ALL_KINDS = ("exact", "ivf-flat", "ivf-sq8", "ivf-pq-refine", "hnsw")
 

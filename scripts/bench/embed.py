@@ -35,7 +35,7 @@ from ann import machine  # noqa: E402
 from reference import official_model, save_official_checkpoint  # noqa: E402
 
 import cnclip  # noqa: E402
-from cnclip.config import get_model_config  # noqa: E402
+from cnclip.model.config import get_model_config  # noqa: E402
 
 QUERIES = ["海边的日落", "一只在沙发上睡觉的橘猫", "城市夜景", "我家的狗在公园里奔跑", "生日蛋糕和蜡烛", "雪山"]
 
@@ -240,7 +240,7 @@ def cli_rate(work: Path, ours, folder: Path) -> tuple[float, float, float, dict[
     def run_cli(*args: str | Path) -> float:
         """Seconds for one `cnclip` command in a fresh process."""
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cnclip.cli", *map(str, args)], env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "cnclip", *map(str, args)], env=env, check=True, capture_output=True)
         return time.perf_counter() - t
 
     def index(src: Path, name: str) -> float:

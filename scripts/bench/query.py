@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ann import Mixture, log, machine  # noqa: E402  (same folder: the shared data generator)
 
 import cnclip  # noqa: E402
-from cnclip.store import NewFile  # noqa: E402
+from cnclip.index.catalog import NewFile  # noqa: E402
 
 # Real queries people type into photo search: 2 to ~20 characters, a few mixed with English.
 QUERIES = [

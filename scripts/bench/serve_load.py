@@ -90,7 +90,7 @@ def build_index(folder: Path, model_name: str, photos: int) -> Path:
 
 
 def start_server(index: Path, backend: str | None) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "cnclip.cli", "serve", "--index", str(index), "--port", "0"]
+    command = [sys.executable, "-m", "cnclip", "serve", "--index", str(index), "--port", "0"]
     if backend:
         command += ["--backend", backend]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=dict(os.environ, CNCLIP_TOKEN=""))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ann import machine  # noqa: E402
 
 import cnclip  # noqa: E402
-from cnclip.config import ModelConfig, TextConfig, VisionConfig, get_model_config  # noqa: E402
+from cnclip.model.config import ModelConfig, TextConfig, VisionConfig, get_model_config  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k-cn"
 

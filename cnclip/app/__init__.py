@@ -1,0 +1,1 @@
+"""What users run: the `cnclip` command line, the HTTP server and its web page, contact sheets."""

@@ -1,0 +1,658 @@
+"""The `cnclip` command: the only place that parses argv, prints and exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cnclip.errors import CNClipError
+
+MODEL_HELP = (
+    "zoo name (ViT-B-16, ...), official .pt, safetensors file, model folder or Hugging Face id "
+    "(default: $CNCLIP_MODEL, then ViT-B-16)"
+)
+
+
+def _json(value: object) -> str:
+    """JSON with Chinese kept readable; file names that are not UTF-8 (lone surrogates in Python)
+    become \\udcXX escapes, so the output is valid UTF-8 and json.loads gives back the same str."""
+    text = json.dumps(value, ensure_ascii=False)
+    return re.sub("[\udc80-\udcff]", lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cnclip.model.config import available_models, get_model_config
+
+    rows = []
+    for name in available_models(include_tiny=args.all):
+        c = get_model_config(name)
+        rows.append(
+            {
+                "name": name,
+                "image_tower": f"{c.vision.kind} width {c.vision.width}",
+                "text_layers": c.text.layers,
+                "embed_dim": c.embed_dim,
+                "resolution": c.vision.image_size,
+                "hub": c.hub_repo,
+            }
+        )
+    if args.json:
+        print(_json(rows))
+        return 0
+    for r in rows:
+        tower = f"{r['image_tower']}\ttext {r['text_layers']} layers"
+        print(f"{r['name']}\tembed {r['embed_dim']}\t{r['resolution']}px\t{tower}\t{r['hub'] or '-'}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from cnclip.model.checkpoint import load_model
+
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        raise CNClipError(f"{dst} already exists and is not empty; choose another folder or pass --overwrite")
+    model = load_model(args.src, config=args.config)
+    model.save_pretrained(dst)
+    kind = (
+        "Hugging Face ChineseCLIP"
+        if model.config.vision.kind == "vit"
+        else "cnclip (transformers has no ResNet ChineseCLIP)"
+    )
+    print(f"wrote {dst} ({model.config.name or 'custom shape'}, {kind} format)", file=sys.stderr)
+    return 0
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from cnclip.model.checkpoint import load_model
+    from cnclip.model.onnx_export import export_onnx
+
+    model = load_model(args.model)
+    for tower, path in export_onnx(model, args.out, tuple(args.towers.split(","))).items():
+        print(f"wrote {path} ({tower} tower, dynamic batch axis)", file=sys.stderr)
+    return 0
+
+
+class _ProgressBar:
+    """One self-rewriting stderr line: done/total, images per second and time left."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled = label, enabled
+        self.start = time.monotonic()
+
+    def __call__(self, p) -> None:
+        if not self.enabled or p.total == 0:
+            return
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = p.done / elapsed
+        eta = (p.total - p.done) / rate if rate > 0 else 0
+        width = 28
+        filled = int(width * p.done / p.total)
+        bar = "█" * filled + "·" * (width - filled)
+        print(
+            f"\r{self.label} {bar} {p.done}/{p.total}  {rate:5.1f} img/s  ETA {_duration(eta)} ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, not {text}")
+    return value
+
+
+def _add_runtime_options(p: argparse.ArgumentParser, backend: str | None) -> None:
+    """--device / --backend / --precision; `backend` is the command's default (None: $CNCLIP_BACKEND, then auto)."""
+    g = p.add_argument_group("how the model runs")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: $CNCLIP_DEVICE, then cuda when a GPU is visible)")
+    g.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx"),
+        default=backend,
+        help="auto: on CPUs both towers in ONNX Runtime when it is installed (same output; text 2-3x, images "
+        "~1.3x faster; exported once per model), else PyTorch; onnx: ONNX Runtime or an error; torch: PyTorch"
+        + ("" if backend is None else f" (default here: {backend}: one image does not pay back exporting the model)"),
+    )
+    g.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="auto: fp32 on CPUs, fp16 on GPUs; bf16 is ~3x faster on AMX CPUs, cosine ~0.998 to fp32",
+    )
+
+
+def _runtime(args: argparse.Namespace):
+    from cnclip.model.runtime import Runtime
+
+    return Runtime.resolve(args.device, args.backend, args.precision)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from cnclip.index.folder import Index
+
+    if args.folder is not None and not os.path.isdir(os.path.expanduser(args.folder)):
+        raise CNClipError(f"{args.folder} is not a folder; give the folder of images to index")
+    if args.folder is None and not args.texts:
+        raise CNClipError("nothing to index; give a folder of images and/or --texts FILE")
+    from cnclip.train.data import read_lines
+
+    texts = read_lines(args.texts) if args.texts else None
+    runtime = _runtime(args)
+    opened = (
+        Index.open(args.index, model=args.model, create=True, runtime=runtime, vector_kind=args.vector_index)
+        if args.model
+        else _open_for_indexing(args, runtime)
+    )
+    with opened as index:
+        if texts is not None:
+            added = index.add_texts(texts, collection=args.collection)
+            print(
+                f"added {added} new texts ({len(texts) - added} already present) to {index.catalog.folder}",
+                file=sys.stderr,
+            )
+            if args.json:
+                print(_json({"texts_added": added}))
+        if args.folder is None:
+            return 0
+        bar = _ProgressBar("embedding", enabled=not args.quiet and sys.stderr.isatty())
+        try:
+            summary = index.add_folder(
+                args.folder,
+                progress=bar,
+                batch_size=args.batch_size,
+                include_hidden=args.hidden,
+                draft=not args.exact_decode,
+                ray=_ray_options(args),
+                **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
+            )
+        finally:
+            bar.close()
+        _prepare_text_search(index, runtime, quiet=args.quiet)
+    for item in summary.skipped:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if args.json:
+        print(_json(summary.to_dict()))
+    else:
+        print(
+            f"{summary.added} added, {summary.updated} updated, {summary.removed} removed, "
+            f"{summary.unchanged} unchanged, {len(summary.skipped)} skipped "
+            f"({summary.embedded} embedded, {summary.reused} reused)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _prepare_text_search(index, runtime, quiet: bool) -> None:
+    """Export the text tower now (once per model) when searches will run it in ONNX Runtime: then
+    `cnclip search` answers without loading the model at all."""
+    if "text" not in runtime.onnx_towers:
+        return
+    from cnclip.model.onnx_runtime import export_folder
+
+    model = index.model
+    if not (export_folder(model.weights_digest()) / "text.onnx").exists() and not quiet:
+        print("preparing the text tower for fast searches (once per model) ...", file=sys.stderr)
+    from cnclip.model.onnx_export import export_cached
+
+    export_cached(model, "text")
+
+
+def _ray_options(args: argparse.Namespace):
+    if not (args.ray or args.address):
+        return None
+    from cnclip.index.ray import RayOptions
+
+    return RayOptions(
+        address=args.address,
+        workers=args.ray_workers,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        shard_dir=args.shard_dir,
+        gpus_per_worker=args.ray_gpus,
+        device=args.device,
+        backend=args.backend,
+    )
+
+
+def _open_for_indexing(args: argparse.Namespace, runtime):
+    """Without --model: an existing index keeps its model; a new one gets $CNCLIP_MODEL or ViT-B-16."""
+    from cnclip.errors import IndexNotFoundError
+    from cnclip.index.folder import Index
+    from cnclip.model.checkpoint import DEFAULT_MODEL, MODEL_ENV
+
+    default = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    kind = args.vector_index
+    try:
+        index = Index.open(args.index, runtime=runtime, vector_kind=kind)
+    except IndexNotFoundError:
+        return Index.open(args.index, model=default, create=True, runtime=runtime, vector_kind=kind)
+    if index.catalog.identity is None:  # made but never given a model: treat it as new
+        index.close()
+        return Index.open(args.index, model=default, runtime=runtime, vector_kind=kind)
+    return index
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from cnclip.index.folder import Index
+    from cnclip.model.zeroshot import check_query
+
+    if (args.query is None) == (args.image is None):
+        raise CNClipError("give either a text query or --image FILE")
+    if args.query is not None:
+        check_query(args.query)  # before the index and its model are loaded
+    with Index.open(args.index, model=args.model, runtime=_runtime(args)) as index:
+        if args.texts:
+            if args.image is None:
+                raise CNClipError("--texts searches texts by image; add --image FILE")
+            hits = index.search_texts_by_image(args.image, k=args.k)
+            rows = [(h.score, h.text) for h in hits]
+            payload = [h.to_dict() for h in hits]
+        else:
+            if args.image is not None:
+                hits = index.search_image(args.image, k=args.k, exclude_self=not args.include_self)
+            else:
+                hits = index.search_text(args.query, k=args.k)
+            rows = [(h.score, h.path) for h in hits]
+            payload = [h.to_dict() for h in hits]
+            _write_sheets(args, hits)
+    if args.json:
+        print(_json(payload))
+    else:
+        for score, what in rows:
+            print(f"{score:.4f}\t{what}")
+    return 0
+
+
+def _write_sheets(args: argparse.Namespace, hits) -> None:
+    if not (args.grid or args.html):
+        return
+    from cnclip.app.gallery import GalleryItem, write_grid, write_html
+
+    items = [GalleryItem(h.path, h.score, rank) for rank, h in enumerate(hits, 1)]
+    title = args.query if args.query is not None else f"相似图片：{os.path.basename(args.image)}"
+    if args.grid:
+        print(f"wrote {write_grid(items, args.grid, title=title)}", file=sys.stderr)
+    if args.html:
+        print(f"wrote {write_html(items, args.html, title=title)}", file=sys.stderr)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from cnclip.index.folder import Index
+
+    with Index.open(args.index) as index:
+        stats = index.stats()
+    if args.json:
+        print(_json(stats))
+        return 0
+    model = stats["model"]
+    print(f"index    {stats['index']}")
+    print(f"images   {stats['images']:,}")
+    print(f"texts    {stats['texts']:,}")
+    print(
+        f"model    {model['name'] or '-'} ({model['digest'][:12]}), {model['dim']}-d, from {model['source']}"
+        if model
+        else "model    none yet"
+    )
+    vectors = stats["vector_index"]
+    if vectors is None:
+        print("vectors  not built yet (the next search builds it)")
+    else:
+        recall = "" if vectors["recall_at_10"] is None else f", recall@10 {vectors['recall_at_10']:.3f} at build"
+        state = "current" if vectors["current"] else "stale (the next search updates it)"
+        print(f"vectors  {vectors['kind']}, {vectors['ntotal']:,} vectors{recall}; {state}")
+    return 0
+
+
+def _cmd_tag(args: argparse.Namespace) -> int:
+    from cnclip.index.folder import Index
+    from cnclip.model.checkpoint import load_model
+    from cnclip.model.transform import load_image
+    from cnclip.model.zeroshot import zero_shot
+    from cnclip.train.data import read_lines
+
+    labels = read_lines(args.labels)
+    runtime = _runtime(args)
+    if args.model:
+        model = runtime.apply(load_model(args.model, device=runtime.device))
+    else:
+        with Index.open(args.index, runtime=runtime) as index:
+            model = index.model
+    hits = zero_shot(model, load_image(args.file), labels)[: args.k]
+    if args.json:
+        print(_json([{"label": h.text, "score": h.score} for h in hits]))
+    else:
+        for h in hits:
+            print(f"{h.score:.4f}\t{h.text}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from cnclip.app.serve import TOKEN_ENV, check_bind, create_app, listen_socket
+    except ImportError as e:
+        raise CNClipError(
+            f"cnclip serve needs FastAPI and uvicorn ({e.name} is missing); install them: pip install 'cnclip[serve]'"
+        ) from e
+    from cnclip.index.folder import default_index_path
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_bind(args.host, token)
+    sock = listen_socket(args.host, args.port)  # a busy port fails before the model loads
+    index = args.index or default_index_path()
+    runtime = _runtime(args)
+    print(f"loading {index} ({runtime.describe()}) ...", file=sys.stderr)
+    app = create_app(index, token=token, runtime=runtime, host=args.host)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{sock.getsockname()[1]}/" + ("?token=" + token if token else "")
+    print(f"serving {index} at {url}  (Ctrl+C stops)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", access_log=args.verbose)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _cmd_pretrain_text(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cnclip.train.pretrain import PretrainOptions, pretrain_text
+
+    names = PretrainOptions.__dataclass_fields__
+    opts = PretrainOptions(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    summary = pretrain_text(opts, report=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"wrote {summary.model_folder}; use it with --model in cnclip train / cnclip index", file=sys.stderr)
+    if args.json:
+        print(_json(asdict(summary)))
+    return 0
+
+
+def _cmd_import_official(args: argparse.Namespace) -> int:
+    from cnclip.train.data import read_official, read_official_lmdb
+
+    if bool(args.lmdb) == bool(args.imgs or args.texts):
+        raise CNClipError("give either --imgs FILE --texts FILE (tsv + jsonl) or --lmdb DIR")
+    if args.lmdb:
+        path, report = read_official_lmdb(args.lmdb, args.out)
+    else:
+        if not (args.imgs and args.texts):
+            raise CNClipError("the tsv layout needs both --imgs *_imgs.tsv and --texts *_texts.jsonl")
+        path, report = read_official(args.imgs, args.texts, args.out)
+    print(f"wrote {path}: {report.summary()}", file=sys.stderr)
+    for line in report.examples:
+        print(f"  {line}", file=sys.stderr)
+    print(f"train on it with: cnclip train --train {path} --out runs/NAME", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cnclip.index.scan import Progress
+    from cnclip.model.checkpoint import load_model
+    from cnclip.train.evaluate import evaluate_pairs, zero_shot_accuracy
+
+    if args.labels and args.zero_shot is None:
+        raise CNClipError("--labels names the classes of --zero-shot FOLDER; add --zero-shot FOLDER")
+    if args.zero_shot is not None and not os.path.isdir(os.path.expanduser(args.zero_shot)):
+        raise CNClipError(f"{args.zero_shot} is not a folder; give a folder with one sub-folder of images per class")
+    pairs = _read_pairs(args.data) if args.data is not None else None  # data problems show before the model loads
+    runtime = _runtime(args)
+    model = runtime.apply(load_model(args.model, device=runtime.device))
+    bar = _ProgressBar("embedding", enabled=not args.quiet and sys.stderr.isatty())
+    skipped: list[str] = []
+    options = {"batch_size": args.batch_size, "progress": lambda done, total: bar(Progress(done, total))}
+    try:
+        if pairs is not None:
+            result = evaluate_pairs(model, pairs, on_skip=skipped.append, **options)
+        else:
+            result = zero_shot_accuracy(model, args.zero_shot, args.labels, on_skip=skipped.append, **options)
+    finally:
+        bar.close()
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    del result["failed"]  # named on stderr just above
+    if args.json:
+        print(_json(result))
+    elif pairs is not None:
+        _print_recall_table(result)
+    else:
+        print(f"top1\t{100 * result['top1']:.1f}\ntop5\t{100 * result['top5']:.1f}")
+        print(f"{result['images']} images, {result['classes']} classes", file=sys.stderr)
+    return 0
+
+
+def _read_pairs(path: str) -> list:
+    """Image-caption pairs from a data file; what was left out is summed up on stderr."""
+    from cnclip.train.data import read_pairs
+
+    pairs, report = read_pairs(path)
+    if report.dropped:
+        problems = ", ".join(f"{count} {reason}" for reason, count in report.problems.items())
+        print(
+            f"{report.source}: left out {report.dropped} of {report.kept + report.dropped} ({problems})",
+            file=sys.stderr,
+        )
+        for example in report.examples:
+            print(f"  {example}", file=sys.stderr)
+    return pairs
+
+
+def _print_recall_table(result: dict) -> None:
+    """Recall in percent, one row per direction, then the mean recall."""
+    print("\tR@1\tR@5\tR@10")
+    for direction in ("t2i", "i2t"):
+        print(direction + "".join(f"\t{100 * result[direction][k]:.1f}" for k in ("R@1", "R@5", "R@10")))
+    print(f"MR\t{100 * result['MR']:.1f}")
+    print(f"{result['images']} images, {result['texts']} texts", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnclip", description="Chinese-CLIP text-image search.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # listed for --help only: main() hands `cnclip train ...` to cnclip.train.main before parsing
+    sub.add_parser("train", help="fine-tune on image-caption pairs (cnclip train --help)", add_help=False)
+
+    p = sub.add_parser("models", help="list the model zoo")
+    p.add_argument("--all", action="store_true", help="include the tiny test shapes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to a Hugging Face-compatible folder")
+    p.add_argument("src", help=MODEL_HELP)
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--config", help="the zoo shape SRC must have (checked against the weights)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export-onnx", help="export the image and text towers to ONNX (dynamic batch axis)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("out", help="output folder: image.onnx and text.onnx")
+    p.add_argument("--towers", default="image,text", help="comma list of towers to export (default: image,text)")
+    p.set_defaults(func=_cmd_export_onnx)
+
+    index_help = "index folder (default: $CNCLIP_INDEX, then ./index/default)"
+    p = sub.add_parser("index", help="bring an index up to date with a folder of images")
+    p.add_argument("folder", nargs="?", help="folder of images, walked recursively")
+    p.add_argument("--index", help=index_help)
+    p.add_argument("--model", help=MODEL_HELP + "; only for a new index, or to check an existing one")
+    p.add_argument("--texts", metavar="FILE", help="also add the texts in FILE (one per line) for image->text search")
+    p.add_argument("--collection", default="default", help="name of the text collection (default: default)")
+    p.add_argument("--hidden", action="store_true", help="include hidden files and folders")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument(
+        "--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (default 178,956,970)"
+    )
+    p.add_argument(
+        "--exact-decode",
+        action="store_true",
+        help="decode JPEGs at full size (slower; bit-exact official preprocessing)",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_runtime_options(p, None)
+    p.add_argument(
+        "--vector-index",
+        choices=("auto", "exact", "ivf-flat", "ivf-sq8", "ivf-pq-ondisk"),
+        default="auto",
+        help="the derived search index (auto: exact below 100k vectors, IVF-Flat, on-disk IVF-PQ from 10M)",
+    )
+    g = p.add_argument_group("on a Ray cluster (pip install 'cnclip[ray]')")
+    g.add_argument("--ray", action="store_true", help="embed with Ray Data (a local Ray instance without --address)")
+    g.add_argument("--address", help="Ray cluster to join, e.g. ray://head:10001 or auto (implies --ray)")
+    g.add_argument("--ray-workers", type=_positive_int, default=2, help="embedding actors, one model each (default 2)")
+    g.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per embedding actor (default 0: CPU)")
+    g.add_argument("--shard-size", type=_positive_int, default=1024, help="files per embedding shard (default 1024)")
+    g.add_argument("--shard-dir", help="where shards go (default INDEX/shards; shared storage on a cluster)")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("search", help="search an index by Chinese text or by image")
+    p.add_argument("query", nargs="?", help="what to look for, e.g. 海边的日落")
+    p.add_argument("--image", metavar="FILE", help="search by this image instead of text")
+    p.add_argument("--texts", action="store_true", help="with --image: return the closest indexed texts")
+    p.add_argument("--include-self", action="store_true", help="with --image: keep the query image in its own results")
+    p.add_argument("--index", help=index_help)
+    p.add_argument(
+        "--model", help="check the index's model against this one (default: the model recorded in the index)"
+    )
+    p.add_argument("-k", type=_positive_int, default=10, help="number of results (default 10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
+    p.add_argument("--grid", metavar="OUT.jpg", help="also write a contact sheet of the hits")
+    p.add_argument("--html", metavar="OUT.html", help="also write an HTML page of the hits")
+    _add_runtime_options(p, None)
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("info", help="what an index holds: counts, model, vector index")
+    p.add_argument("--index", help=index_help)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("tag", help="zero-shot labels for an image")
+    p.add_argument("file", help="image file")
+    p.add_argument("--labels", required=True, metavar="FILE", help="labels, one per line, e.g. 猫 / 狗 / 海滩")
+    p.add_argument("--index", help="take the model from this index (default: $CNCLIP_INDEX, then ./index/default)")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("-k", type=_positive_int, default=5, help="labels to print (default 5)")
+    p.add_argument("--json", action="store_true")
+    _add_runtime_options(p, "torch")
+    p.set_defaults(func=_cmd_tag)
+
+    p = sub.add_parser("eval", help="retrieval recall on image-caption pairs, or zero-shot accuracy on a folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", metavar="FILE", help="image-caption pairs: JSONL, CSV or a folder with .txt captions")
+    what.add_argument("--zero-shot", metavar="FOLDER", help="a folder with one sub-folder of images per class")
+    p.add_argument(
+        "--labels", metavar="FILE", help="with --zero-shot: folder<TAB>label per line, or labels in folder order"
+    )
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON (fractions, not percent)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_runtime_options(p, None)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("serve", help="a web page and JSON API to search an index from a browser or a program")
+    p.add_argument("--index", help=index_help)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--token",
+        help="require this secret (Authorization: Bearer, or /?token= for the page); needed for a non-loopback "
+        "--host (default: $CNCLIP_TOKEN)",
+    )
+    _add_runtime_options(p, None)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "pretrain-text", help="adapt the text tower to a corpus: masked-language pretraining, whole-word masking"
+    )
+    p.add_argument("--corpus", required=True, help="text file (one document or sentence per line) or folder of .txt")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="run folder: model/ (the adapted model), last/, metrics.jsonl")
+    p.add_argument("--from-scratch", action="store_true", help="random weights in --model's zoo shape")
+    p.add_argument("--mlm-head", help="BERT checkpoint (file or folder) whose cls.predictions.* start the MLM head")
+    p.add_argument("--user-dict", help="jieba user dictionary: domain words kept whole when masking")
+    p.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help="tokens per packed block (default 128, or fewer if the tower has fewer positions)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="blocks per micro-batch")
+    p.add_argument("--accum", type=_positive_int, default=1, help="micro-batches per step (effective batch size)")
+    p.add_argument("--epochs", type=_positive_int, default=1)
+    p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps spent warming up")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the blocks (default 0.05)")
+    p.add_argument("--eval-every", type=_positive_int, help="steps between held-out evaluations")
+    p.add_argument("--save-every", type=_positive_int, default=200, help="steps between resumable checkpoints")
+    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="start afresh even if --out has a run")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(func=_cmd_pretrain_text)
+
+    p = sub.add_parser(
+        "import-official", help="convert the official Chinese-CLIP data layout (tsv+jsonl or LMDB) to pairs.jsonl"
+    )
+    p.add_argument("--imgs", metavar="FILE", help="*_imgs.tsv: image_id<TAB>base64 image")
+    p.add_argument("--texts", metavar="FILE", help="*_texts.jsonl: {text_id, text, image_ids}")
+    p.add_argument("--lmdb", metavar="DIR", help="the official LMDB folder (imgs/ and pairs/) instead")
+    p.add_argument("--out", required=True, help="folder for images/ and pairs.jsonl")
+    p.set_defaults(func=_cmd_import_official)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] == "train":  # the trainer parses its own options (torchrun runs it too)
+        from cnclip.train import main as train_main
+
+        verbose = any(a in ("-v", "--verbose") for a in argv[:first])
+        return train_main(argv[first + 1 :] + (["--verbose"] if verbose else []))
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except CNClipError as e:
+        print(f"cnclip: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cnclip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,640 @@
+"""`cnclip serve`: a JSON API and a web page over one index (FastAPI).
+
+Every index call (SQLite catalog, FAISS, the model) runs on one worker thread that owns the
+`Index`: the catalog's SQLite connection refuses other threads, and the model already uses every
+core, so queries lose nothing by taking turns. Uploads are decoded and thumbnails made in the
+request threads beside it. Files are served only by catalog id, and only from inside the folders
+that were indexed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import io
+import ipaddress
+import logging
+import mimetypes
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cnclip.errors import CNClipError, ImageError, IndexNotFoundError, ModelMismatchError, QueryError
+from cnclip.index.catalog import FileRecord
+from cnclip.index.folder import Hit, Index
+from cnclip.index.scan import from_catalog_path
+from cnclip.model.runtime import Runtime
+from cnclip.model.zeroshot import TextHit, check_query, zero_shot
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "CNCLIP_TOKEN"
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# A 100 MP photo passes; a small file that claims a gigapixel canvas is refused before decoding.
+MAX_UPLOAD_PIXELS = 100_000_000
+MAX_K = 200
+MAX_LABELS = 64  # each label is embedded with 8 prompt templates
+MAX_ID = 2**63 - 1  # SQLite's integer range: larger ids cannot exist and would overflow the query
+THUMB_SIDE = 256
+THUMB_CACHE_BYTES = 64 * 1024 * 1024  # ~4,000 thumbnails of ~15 KB
+WEB_DIR = Path(__file__).with_name("web")
+_COOKIE = "cnclip_token"
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+T = TypeVar("T")
+
+
+# -- start-up checks ------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to listen beyond this machine without a token: the API shows every indexed photo."""
+    if not is_loopback(host) and not token:
+        raise CNClipError(
+            f"refusing to serve on {host} without a token: anyone who can reach it would see every indexed "
+            f"photo; pass --token SECRET (or set ${TOKEN_ENV}), or use --host 127.0.0.1"
+        )
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for `host`:`port` (0 picks a free port), or a CNClipError saying why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP spelled out: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say so, and
+    # with Nagle on, every keep-alive response waited ~40 ms for a delayed ACK (measured here).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        raise CNClipError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from e
+    return sock
+
+
+# -- the index, on its own thread -----------------------------------------------------------------
+
+
+class _IndexWorker:
+    """Owns the `Index` on one thread; `run(fn, ...)` calls `fn(index, ...)` there and returns its result."""
+
+    def __init__(self, path: str | os.PathLike, runtime: Runtime | None):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cnclip-index")
+        try:
+            self.index: Index = self._pool.submit(Index.open, path, runtime=runtime).result()
+        except BaseException:
+            self._pool.shutdown()
+            raise
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._pool.submit(fn, self.index, *args).result()
+
+    def close(self) -> None:
+        self._pool.submit(self.index.close).result()
+        self._pool.shutdown()
+
+
+def _warm(index: Index) -> int:
+    """Load the model, run the text tower once and bring the vector index up to date; the model's input size."""
+    index.model.embed_texts(["预热"])
+    index.refresh()
+    return index.model.config.vision.image_size
+
+
+def _servable(index: Index, file_id: int) -> tuple[FileRecord | None, dict[str, float]]:
+    return index.catalog.files_by_ids([file_id]).get(file_id), index.catalog.roots()
+
+
+def _inside(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # different drives
+        return False
+
+
+def _not_found(file_id: int) -> HTTPException:
+    return HTTPException(404, f"no file with id {file_id} in the index")
+
+
+def resolve_file(record: FileRecord | None, roots: Sequence[str], file_id: int) -> str:
+    """The real path of an indexed file, if it may be served; HTTP 404 otherwise.
+
+    Its real path (symlinks resolved) must lie inside the real path of a folder that was indexed,
+    so a symlink in a photo folder that points elsewhere serves nothing. An index made before
+    folders were recorded falls back to the file's own folder.
+    """
+    if record is None:
+        raise _not_found(file_id)
+    path = from_catalog_path(record.path)
+    real = os.path.realpath(path)
+    folders = [os.path.realpath(from_catalog_path(r)) for r in roots] or [os.path.realpath(os.path.dirname(path))]
+    if not any(_inside(real, folder) for folder in folders):
+        log.warning("not serving file %d: %s resolves to %s, outside the indexed folders", file_id, path, real)
+        raise _not_found(file_id)
+    if not os.path.isfile(real):
+        raise HTTPException(404, f"file {file_id} is no longer on disk; run cnclip index to update the index")
+    return real
+
+
+# -- thumbnails -----------------------------------------------------------------------------------
+
+
+class _ThumbCache:
+    """JPEG thumbnails by file id, least recently used dropped first. A file id stands for one
+    content for life (a changed file gets a new id), so an entry never goes stale."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, file_id: int) -> bytes | None:
+        with self._lock:
+            data = self._items.get(file_id)
+            if data is not None:
+                self._items.move_to_end(file_id)
+            return data
+
+    def put(self, file_id: int, data: bytes) -> None:
+        with self._lock:
+            old = self._items.pop(file_id, None)
+            self._bytes += len(data) - (len(old) if old else 0)
+            self._items[file_id] = data
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                self._bytes -= len(self._items.popitem(last=False)[1])
+
+
+def make_thumbnail(path: str, side: int = THUMB_SIDE) -> bytes:
+    """JPEG bytes of the image at `path` scaled to fit `side` x `side` (ImageError if it will not decode)."""
+    from cnclip.model.transform import load_image
+
+    image = load_image(path, draft_size=side)
+    image.thumbnail((side, side), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+# -- uploads --------------------------------------------------------------------------------------
+
+
+def read_upload(upload: UploadFile, draft_size: int | None = None) -> Image.Image:
+    """Decode an uploaded image, refusing oversized (413) and non-image (415) uploads before decoding."""
+    from cnclip.model.transform import load_image
+
+    data = upload.file.read(MAX_UPLOAD_BYTES + 1)
+    name = upload.filename or "the upload"
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(413, f"{name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+    if not data:
+        raise HTTPException(400, f"{name} is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:  # the header only
+                width, height = probe.size
+    except UnidentifiedImageError as e:
+        raise HTTPException(415, f"{name} is not an image (JPEG, PNG, WebP, GIF, BMP or TIFF)") from e
+    except Image.DecompressionBombError as e:
+        raise HTTPException(413, f"{name} has too many pixels (at most {MAX_UPLOAD_PIXELS:,})") from e
+    except Exception as e:  # Pillow reports a bad header with many exception types
+        raise ImageError(f"{name}: unreadable image header") from e
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise HTTPException(413, f"{name} is {width}x{height} pixels; at most {MAX_UPLOAD_PIXELS:,} are accepted")
+    # load_image reads a file: that keeps one decoder (EXIF rotation, modes, caps) for every image
+    suffix = os.path.splitext(name)[1][:10] if re.fullmatch(r"[\w.\-]*", os.path.splitext(name)[1]) else ""
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            return load_image(tmp.name, max_pixels=MAX_UPLOAD_PIXELS, draft_size=draft_size)
+        except ImageError as e:
+            raise ImageError(str(e).replace(tmp.name, name)) from None
+
+
+def split_labels(values: Sequence[str]) -> list[str]:
+    """Labels from form fields: each may hold several, split at newlines or commas (，、 too)."""
+    labels = [part.strip() for value in values for part in re.split(r"[\n\r,，、]+", value)]
+    labels = list(dict.fromkeys(label for label in labels if label))
+    if not labels:
+        raise QueryError("no labels given; send labels=猫,狗,海滩 (comma- or newline-separated, or repeated fields)")
+    if len(labels) > MAX_LABELS:
+        raise QueryError(f"{len(labels)} labels given; at most {MAX_LABELS} per request")
+    return [check_query(label) for label in labels]
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+class ImageResult(BaseModel):
+    id: int
+    path: str
+    name: str
+    score: float
+    thumb: str
+    image: str
+
+
+class SearchResponse(BaseModel):
+    results: list[ImageResult]
+    count: int
+    took_ms: float
+
+
+class TextResult(BaseModel):
+    text: str
+    score: float
+
+
+class TextsResponse(BaseModel):
+    results: list[TextResult]
+    count: int
+    took_ms: float
+
+
+class LabelResult(BaseModel):
+    label: str
+    score: float
+
+
+class TagResponse(BaseModel):
+    labels: list[LabelResult]
+    count: int
+    took_ms: float
+
+
+def _display(path: str) -> str:
+    """File names that are not UTF-8 (lone surrogates) shown with U+FFFD, as JSON cannot carry them."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _image_results(hits: Sequence[Hit], started: float) -> SearchResponse:
+    results = [
+        ImageResult(
+            id=h.id,
+            path=_display(h.path),
+            name=_display(os.path.basename(h.path)),
+            score=round(h.score, 6),
+            thumb=f"/api/thumb/{h.id}",
+            image=f"/api/image/{h.id}",
+        )
+        for h in hits
+        if h.id is not None
+    ]
+    return SearchResponse(results=results, count=len(results), took_ms=_since(started))
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+_STATUS = ((IndexNotFoundError, 503), (ModelMismatchError, 409), (CNClipError, 400))
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is `{"error": "one line"}` with a 4xx status; a traceback never leaves the server."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"no such page: {request.url.path}" if exc.detail == "Not Found" else _one_line(exc.detail)
+        return _error(exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        return _error(422, _one_line(f"{where}: {first.get('msg', 'invalid value')}"))
+
+    @app.exception_handler(CNClipError)
+    async def cnclip_error(request: Request, exc: CNClipError) -> JSONResponse:
+        status = next(code for kind, code in _STATUS if isinstance(exc, kind))
+        return _error(status, _one_line(exc))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s", request.url.path)
+        return _error(500, "internal error; the server log has the details")
+
+
+# -- the guard: host, token, body size, headers ---------------------------------------------------
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """ASGI middleware in front of everything: checks the Host header (no token: loopback names only,
+    which stops DNS-rebinding pages), the token on /api/, and the request body size (413 from
+    Content-Length before reading, or as soon as a streamed body passes the cap); adds safety headers."""
+
+    def __init__(self, app, token: str | None, hosts: frozenset[str], max_body: int):
+        self.app, self.token, self.hosts, self.max_body = app, token, hosts, max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        send = self._with_headers(scope, send)
+        request = Request(scope)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            return await _error(413, f"request body over {self.max_body // 2**20} MB")(scope, receive, send)
+        await self._limited(scope, receive, send)
+
+    def _refusal(self, request: Request) -> Response | None:
+        if self.token is None:
+            host = (request.url.hostname or "").lower()
+            if host not in self.hosts:
+                return _error(403, f"host {host!r} not allowed; open the page at http://127.0.0.1:PORT/")
+            return None
+        if not request.url.path.startswith("/api/") or self._has_token(request):
+            return None
+        return _error(
+            401,
+            "this server needs its token: send 'Authorization: Bearer TOKEN', or open the page as /?token=TOKEN",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+    def _has_token(self, request: Request) -> bool:
+        auth = request.headers.get("authorization", "")
+        given = [auth[7:].strip() if auth[:7].lower() == "bearer " else None]
+        given += [request.query_params.get("token"), request.cookies.get(_COOKIE)]
+        return any(g is not None and hmac.compare_digest(g.encode(), self.token.encode()) for g in given)
+
+    async def _limited(self, scope, receive, send) -> None:
+        received, exceeded, started = 0, False, False
+
+        async def capped_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                exceeded = True
+                raise _BodyTooLarge
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            if exceeded:  # the app's own answer to the broken-off body is replaced by the 413 below
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, watched_send)
+        except _BodyTooLarge:
+            exceeded = True
+        if exceeded and not started:
+            await _error(413, f"request body over {self.max_body // 2**20} MB")(scope, receive, send)
+
+    @staticmethod
+    def _with_headers(scope, send):
+        page = not scope["path"].startswith("/api/")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+                if page:
+                    headers += [(b"content-security-policy", _PAGE_POLICY.encode()), (b"x-frame-options", b"DENY")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return send_with_headers
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+
+def create_app(
+    index_path: str | os.PathLike,
+    *,
+    token: str | None = None,
+    runtime: Runtime | None = None,
+    host: str = "127.0.0.1",
+    warm: bool = True,
+    thumb_cache_bytes: int = THUMB_CACHE_BYTES,
+) -> FastAPI:
+    """The FastAPI app serving the index at `index_path`: the API under /api/, the page at /.
+
+    The index is opened (and with `warm`, its model loaded and text tower run once) here, so a
+    missing index or model fails before a port is opened. `runtime` is how the model runs (e.g.
+    `Runtime.resolve()`: ONNX Runtime on CPUs); `host` is the address served on, accepted in the
+    Host header besides the loopback names when there is no `token`.
+    """
+    worker = _IndexWorker(index_path, runtime)
+    try:
+        image_size = worker.run(_warm) if warm else None
+    except BaseException:
+        worker.close()
+        raise
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.close()
+
+    app = FastAPI(
+        title="cnclip",
+        summary="Chinese text-image search over one index",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,  # FastAPI's docs page loads its scripts from a CDN; the schema is enough
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.index = worker
+    hosts = _LOOPBACK_NAMES | {host.lower().strip("[]")}
+    app.add_middleware(_Guard, token=token or None, hosts=hosts, max_body=MAX_UPLOAD_BYTES + 64 * 1024)
+    _add_error_handlers(app)
+    app.include_router(_api(worker, runtime, image_size, _ThumbCache(thumb_cache_bytes)), prefix="/api")
+    _add_page(app, token or None)
+    return app
+
+
+# Parameter types, at module level so FastAPI can resolve them (annotations are strings here).
+K = Annotated[int, Query(ge=1, le=MAX_K, description=f"number of results, 1 to {MAX_K}")]
+FormK = Annotated[int, Form(ge=1, le=MAX_K, description=f"number of results, 1 to {MAX_K}")]
+FileId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a file id from a search result")]
+QueryFileId = Annotated[int, Query(ge=1, le=MAX_ID, description="a file id from a search result")]
+Upload = Annotated[UploadFile, File(description="an image: JPEG, PNG, WebP, GIF, BMP or TIFF")]
+
+
+def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, thumbs: _ThumbCache) -> APIRouter:
+    api = APIRouter()
+    stats_cache: dict = {}
+
+    def path_of(file_id: int) -> str:
+        record, roots = worker.run(_servable, file_id)
+        return resolve_file(record, list(roots), file_id)
+
+    @api.get("/search", response_model=SearchResponse)
+    def search_text(q: Annotated[str, Query(description="what to look for, e.g. 海边的日落")], k: K = 20):
+        """Text -> images, best first."""
+        started = time.perf_counter()
+        check_query(q)
+        return _image_results(worker.run(Index.search_text, q, k), started)
+
+    @api.post("/search/image", response_model=SearchResponse)
+    def search_image(file: Upload, k: FormK = 20):
+        """Image -> similar images, best first."""
+        started = time.perf_counter()
+        image = read_upload(file, image_size)
+        return _image_results(worker.run(Index.search_image, image, k), started)
+
+    @api.get("/similar", response_model=SearchResponse)
+    def similar(id: QueryFileId, k: K = 20):
+        """Indexed image -> similar images, itself left out."""
+        started = time.perf_counter()
+        return _image_results(worker.run(_similar, id, k), started)
+
+    @api.post("/tag", response_model=TagResponse)
+    def tag(
+        file: Upload,
+        labels: Annotated[list[str], Form(description="candidate labels: comma- or newline-separated, or repeated")],
+        k: Annotated[int | None, Form(ge=1, le=MAX_LABELS)] = None,
+    ):
+        """Zero-shot labels: the probability of each label for the image, best first."""
+        started = time.perf_counter()
+        names = split_labels(labels)
+        image = read_upload(file, image_size)
+        hits = worker.run(lambda index: zero_shot(index.model, image, names))[:k]
+        found = [LabelResult(label=h.text, score=round(h.score, 6)) for h in hits]
+        return TagResponse(labels=found, count=len(found), took_ms=_since(started))
+
+    @api.get("/texts", response_model=TextsResponse)
+    def texts(
+        image_id: QueryFileId,
+        k: K = 10,
+        collection: str | None = None,
+    ):
+        """Indexed image -> the closest texts of the index's text collections (`cnclip index --texts`)."""
+        started = time.perf_counter()
+        hits = worker.run(_texts, image_id, k, collection)
+        found = [TextResult(text=h.text, score=round(h.score, 6)) for h in hits]
+        return TextsResponse(results=found, count=len(found), took_ms=_since(started))
+
+    @api.get("/thumb/{file_id}", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def thumb(file_id: FileId):
+        """A JPEG thumbnail (at most 256 px a side) of an indexed image."""
+        path = path_of(file_id)
+        data = thumbs.get(file_id)
+        if data is None:
+            try:
+                data = make_thumbnail(path)
+            except ImageError as e:
+                raise HTTPException(404, f"file {file_id} no longer decodes; run cnclip index to update") from e
+            thumbs.put(file_id, data)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    @api.get("/image/{file_id}", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}})
+    def image(file_id: FileId):
+        """The original file of an indexed image."""
+        path = path_of(file_id)
+        media = mimetypes.guess_type(path)[0]
+        if media is None or not media.startswith("image/"):
+            media = "application/octet-stream"
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.get("/health")
+    def health() -> dict:
+        """Status and what the index holds: image and text counts, model, vector index, last update."""
+        stats, roots = worker.run(_stats, stats_cache)
+        last = max(roots.values(), default=None)
+        return {
+            "status": "ok",
+            "count": stats["images"],
+            "texts": stats["texts"],
+            "model": stats["model"],
+            "vector_index": stats["vector_index"],
+            "last_update": None if last is None else dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(),
+            "runtime": (runtime or Runtime()).describe(),
+        }
+
+    return api
+
+
+def _stats(index: Index, cache: dict) -> tuple[dict, dict[str, float]]:
+    """`Index.stats()` (which reads the saved vector index) once per catalog generation, and the scanned folders."""
+    generation = index.catalog.generation()
+    if cache.get("generation") != generation:
+        index.refresh()  # so the saved vector index it reports is the current one
+        cache.update(generation=generation, stats=index.stats())
+    return cache["stats"], index.catalog.roots()
+
+
+def _indexed_path(index: Index, file_id: int) -> str:
+    """The path of an indexed file that has a stored vector (searches use the vector, never the file)."""
+    record = index.catalog.files_by_ids([file_id]).get(file_id)
+    if record is None or index.catalog.vector_for_path(record.path) is None:
+        raise _not_found(file_id)
+    return from_catalog_path(record.path)
+
+
+def _similar(index: Index, file_id: int, k: int) -> list[Hit]:
+    return index.search_image(_indexed_path(index, file_id), k)
+
+
+def _texts(index: Index, file_id: int, k: int, collection: str | None) -> list[TextHit]:
+    return index.search_texts_by_image(_indexed_path(index, file_id), k, collection)
+
+
+def _add_page(app: FastAPI, token: str | None) -> None:
+    page = (WEB_DIR / "index.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    def index_page(token_param: Annotated[str | None, Query(alias="token")] = None):
+        if token_param is not None:
+            # Keep a correct token in a same-site cookie (then thumbnails load as plain <img>) and
+            # take it out of the address bar; a wrong one just leaves the page asking for it.
+            if token is not None and hmac.compare_digest(token_param.encode(), token.encode()):
+                response = RedirectResponse("/", status_code=303)
+                response.set_cookie(_COOKIE, token, httponly=True, samesite="strict")
+                return response
+        return Response(page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")

@@ -1,0 +1,145 @@
+"""Publishing files and folders atomically: every writer in cnclip goes through here.
+
+A reader, a second process or a crash sees either the old content or the new, never half of
+it: the content is written under a unique temporary name in the same folder (so the rename
+cannot cross file systems), flushed to disk, renamed over the target, and then the folder is
+flushed too, so that the rename itself survives a power cut. A failure removes the temporary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "fsync_dir",
+    "fsync_file",
+    "fsync_tree",
+    "previous_folder",
+    "replacing",
+    "replacing_folder",
+    "temp_name",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
+
+TEMP_SUFFIX = ".tmp"
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush one file's content to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (renames, new names) to disk."""
+    if os.name != "posix":  # folders cannot be opened for fsync on Windows; NTFS journals renames
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file and subfolder under `folder`, then `folder` itself."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_file(os.path.join(root, name))
+        for name in dirs:
+            fsync_dir(os.path.join(root, name))
+        fsync_dir(root)
+
+
+def temp_name(path: str | os.PathLike, suffix: str = "") -> Path:
+    """A hidden name beside `path`, unique to this call (process id plus random), for writing it.
+
+    Short whatever the target's name: that may already be near the file-name length limit.
+    `suffix` ends the name, for writers that insist on one (`np.save` appends `.npy` otherwise)."""
+    path = Path(path)
+    return path.with_name(f".{path.name[:64]}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}{suffix}")
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path to write `path`'s new content to; published when the block ends without error.
+
+    with replacing(out) as tmp:
+        faiss.write_index(index, str(tmp))
+    """
+    path = Path(path)
+    tmp = temp_name(path, suffix)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Publish `data` as `path`."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Publish `text` (UTF-8) as `path`."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, data: Any, **dumps: Any) -> None:
+    """Publish `data` as indented UTF-8 JSON with a final newline."""
+    dumps = {"indent": 2, "ensure_ascii": False, **dumps}
+    write_text(path, json.dumps(data, **dumps) + "\n")
+
+
+def previous_folder(path: str | os.PathLike) -> Path:
+    """Where `replacing_folder` keeps the old `path` while the new one is swapped in."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.old")
+
+
+@contextlib.contextmanager
+def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A new empty temporary folder to fill; it replaces the folder `path` when the block ends.
+
+    A folder cannot be renamed over a non-empty one, so the old folder first moves to
+    `previous_folder(path)` and is removed after the swap: a crash in between leaves the old
+    folder whole there (readers that must survive that look there too).
+    """
+    path = Path(path)
+    tmp, old = temp_name(path), previous_folder(path)
+    tmp.mkdir()
+    moved_aside = False
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            moved_aside = True
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved_aside and not path.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
+        raise
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

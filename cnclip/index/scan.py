@@ -1,0 +1,298 @@
+"""Bringing a catalog up to date with a folder: walk, mark-and-sweep, embed only what changed.
+
+Crash safety comes from the catalog: each embedded batch is committed as it finishes, and the
+sweep that deletes vanished files runs only after a complete walk, so a killed run loses at most
+the batch in flight and deletes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cnclip.errors import CNClipError
+from cnclip.index.catalog import Catalog, NewFile
+from cnclip.model.transform import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:  # the model's modules load torch; searching an index must not need them
+    from cnclip.index.ray import RayOptions
+    from cnclip.model.clip import CNClipModel
+
+log = logging.getLogger(__name__)
+
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class IndexSummary:
+    """What one `index` run did; `to_dict()` is the `--json` output."""
+
+    added: int = 0  # paths new to the catalog (a renamed file counts here and in `removed`)
+    updated: int = 0  # known paths whose size or mtime changed
+    removed: int = 0
+    unchanged: int = 0
+    embedded: int = 0  # images actually run through the model
+    reused: int = 0  # new or changed paths whose content was already embedded (renames, copies)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    shards: dict[str, int] | None = None  # with Ray: embedding shards computed now / read back
+
+    def to_dict(self) -> dict:
+        extra = {"shards": dict(self.shards)} if self.shards is not None else {}
+        return extra | {
+            "added": self.added,
+            "updated": self.updated,
+            "removed": self.removed,
+            "unchanged": self.unchanged,
+            "embedded": self.embedded,
+            "reused": self.reused,
+            "skipped": list(self.skipped),
+        }
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after each committed batch: `done` of `total` images needing the model."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class _Found:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def to_catalog_path(path: str) -> str:
+    """A filesystem path as catalog text. Bytes that are not UTF-8 (which Python carries as lone
+    surrogates U+DC80..U+DCFF) are moved to the private-use block U+F780..U+F7FF, which SQLite's
+    UTF-8 text can hold; `from_catalog_path` reverses it."""
+    return path.translate(_TO_PUA)
+
+
+def from_catalog_path(text: str) -> str:
+    return text.translate(_FROM_PUA)
+
+
+_TO_PUA = {0xDC80 + i: 0xF780 + i for i in range(128)}
+_FROM_PUA = {v: k for k, v in _TO_PUA.items()}
+
+
+def content_hash(path: str) -> str:
+    """blake2b-128 of the file's bytes: the identity of an image's content across renames."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Indexer:
+    """Brings `catalog` up to date with folders, embedding with `model` only what is new or changed."""
+
+    def __init__(
+        self,
+        model: CNClipModel,
+        catalog: Catalog,
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+        include_hidden: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft: bool = True,
+        ray: RayOptions | None = None,
+        on_shard: Callable[[str], None] | None = None,
+    ):
+        self.model = model
+        self.ray = ray
+        self.on_shard = on_shard
+        self.catalog = catalog
+        self.batch_size = batch_size
+        self.workers = workers
+        self.include_hidden = include_hidden
+        self.max_pixels = max_pixels
+        self.draft = draft
+
+    def run(self, folder: str | os.PathLike, progress: Callable[[Progress], None] | None = None) -> IndexSummary:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise CNClipError(f"{folder} is not a folder; give the folder of images to index")
+        root_str = os.path.abspath(root)
+        summary = IndexSummary()
+        scan = self.catalog.begin_scan()
+        todo, unchanged = [], []
+        for found in self._walk(root_str, summary):
+            record = self.catalog.lookup(to_catalog_path(found.path))
+            if record is not None and record.size == found.size and record.mtime_ns == found.mtime_ns:
+                unchanged.append(to_catalog_path(found.path))
+                if len(unchanged) >= 4096:
+                    self.catalog.touch(scan, unchanged)
+                    unchanged.clear()
+                summary.unchanged += 1
+            else:
+                todo.append((found, record is not None))
+        self.catalog.touch(scan, unchanged)
+        to_embed = self._reuse_known(scan, todo, summary)
+        self._embed(scan, to_embed, summary, progress)
+        removed = self.catalog.finish_scan(scan, to_catalog_path(root_str))
+        self.catalog.record_root(to_catalog_path(root_str))
+        summary.removed = len(removed)
+        return summary
+
+    # -- walking --------------------------------------------------------------------------------
+
+    def _walk(self, root: str, summary: IndexSummary) -> Iterator[_Found]:
+        """Image files under root, following symlinks once (loops and repeats are cut by inode)."""
+        seen_dirs: set[tuple[int, int]] = set()
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            try:
+                st = os.stat(folder)
+                key = (st.st_dev, st.st_ino)
+                if key in seen_dirs:
+                    continue  # a symlink loop, or a second link to a folder already walked
+                seen_dirs.add(key)
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as e:
+                self._skip(summary, folder, _reason(e))
+                continue
+            subdirs = []
+            for entry in entries:
+                if entry.name.startswith(".") and not self.include_hidden:
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=True):
+                        subdirs.append(entry.path)
+                        continue
+                    if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    st = entry.stat(follow_symlinks=True)
+                except OSError as e:
+                    reason = "broken symlink" if entry.is_symlink() else _reason(e)
+                    self._skip(summary, entry.path, reason)
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield _Found(entry.path, st.st_size, st.st_mtime_ns)
+            stack.extend(reversed(subdirs))
+
+    @staticmethod
+    def _skip(summary: IndexSummary, path: str, reason: str) -> None:
+        log.info("skipped %s: %s", path, reason)  # the CLI prints the summary's list
+        summary.skipped.append({"path": path, "reason": reason})
+
+    # -- reuse and embedding -----------------------------------------------------------------------
+
+    def _reuse_known(self, scan: int, todo: list[tuple[_Found, bool]], summary: IndexSummary) -> list:
+        """Hash new/changed files; commit those whose content is already embedded; return the rest."""
+        to_embed, reuse, first_of_hash = [], [], {}
+        for found, known in todo:
+            if found.size == 0:
+                self._skip(summary, found.path, "empty file (0 bytes)")
+                continue
+            try:
+                digest = content_hash(found.path)
+            except OSError as e:
+                self._skip(summary, found.path, _reason(e))
+                continue
+            vector_id = self.catalog.vector_id_for_hash(digest)
+            if vector_id is not None:
+                reuse.append(
+                    NewFile(to_catalog_path(found.path), found.size, found.mtime_ns, digest, vector_id=vector_id)
+                )
+                self._count(summary, known)
+                summary.reused += 1
+            elif digest in first_of_hash:  # a copy of a file embedded in this same run
+                first_of_hash[digest][1].append((found, known))
+            else:
+                first_of_hash[digest] = (found, [])
+                to_embed.append((found, known, digest))
+            if len(reuse) >= 1024:
+                self.catalog.put_files(scan, reuse)
+                reuse.clear()
+        self.catalog.put_files(scan, reuse)
+        return [(f, known, digest, first_of_hash[digest][1]) for f, known, digest in to_embed]
+
+    def _embed(self, scan: int, items: list, summary: IndexSummary, progress) -> None:
+        by_path = {found.path: (found, known, digest, copies) for found, known, digest, copies in items}
+        paths = [found.path for found, *_ in items]
+        done = 0
+        if self.ray is not None:
+            from cnclip.index.ray import ShardReport, embed_with_ray
+
+            report = ShardReport()
+            batches = embed_with_ray(
+                self.model,
+                [(found.path, digest) for found, _, digest, _ in items],
+                self.ray,
+                Path(self.ray.shard_dir) if self.ray.shard_dir else self.catalog.folder / "shards",
+                max_pixels=self.max_pixels,
+                draft=self.draft,
+                report=report,
+                on_shard=self.on_shard,
+            )
+        else:
+            from cnclip.model.embed import embed_files
+
+            batches = embed_files(
+                self.model,
+                paths,
+                batch_size=self.batch_size,
+                workers=self.workers,
+                max_pixels=self.max_pixels,
+                draft=self.draft,
+            )
+        for batch in batches:
+            rows = []
+            for path, vector in zip(batch.paths, batch.vectors, strict=True):
+                found, known, digest, copies = by_path[path]
+                rows.append(NewFile(to_catalog_path(path), found.size, found.mtime_ns, digest, vector=vector))
+                self._count(summary, known)
+                summary.embedded += 1
+                for copy, copy_known in copies:  # same bytes: same vector, no second forward pass
+                    rows.append(NewFile(to_catalog_path(copy.path), copy.size, copy.mtime_ns, digest, vector=vector))
+                    self._count(summary, copy_known)
+                    summary.reused += 1
+            self.catalog.put_files(scan, rows)
+            for path, reason in batch.failed:
+                self._skip(summary, path, _strip_path(reason, path))
+                for copy, _ in by_path[path][3]:
+                    self._skip(summary, copy.path, _strip_path(reason, path))
+            done += len(batch.paths) + len(batch.failed)
+            if progress is not None:
+                progress(Progress(done, len(paths)))
+        if self.ray is not None:
+            summary.shards = {"computed": report.computed, "reused": report.reused}
+            # files of shards an earlier run wrote were not run through the model this time
+            summary.embedded -= report.reused_files
+            summary.reused += report.reused_files
+
+    @staticmethod
+    def _count(summary: IndexSummary, known: bool) -> None:
+        if known:
+            summary.updated += 1
+        else:
+            summary.added += 1
+
+
+def _reason(e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if e.errno == 40:  # ELOOP
+        return "symlink loop"
+    return e.strerror or str(e)
+
+
+def _strip_path(reason: str, path: str) -> str:
+    """ImageError messages start with the file name; the summary already has the path."""
+    for prefix in (f"{path}: ", f"{os.path.basename(path)}: "):
+        if reason.startswith(prefix):
+            return reason[len(prefix) :]
+    return reason

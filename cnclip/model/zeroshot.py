@@ -1,0 +1,77 @@
+"""Zero-shot labels and text queries: prompt templates, label embeddings, label probabilities for an image.
+
+Torch-free at import: the model is passed in, so query checks cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cnclip.errors import QueryError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from cnclip.model.clip import CNClipModel
+
+MAX_QUERY_CHARS = 1000  # the model reads 50 tokens; far longer input is a mistake, not a query
+# Chinese prompt templates for zero-shot labels, averaged per label (the official evaluation does the same)
+PROMPT_TEMPLATES = (
+    "{}",
+    "一张{}的照片。",
+    "一张{}的图片。",
+    "这是一张{}的照片。",
+    "一张模糊的{}的照片。",
+    "一张清晰的{}的照片。",
+    "{}的特写照片。",
+    "一张好看的{}的照片。",
+)
+
+
+@dataclass(frozen=True)
+class TextHit:
+    text: str
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "score": self.score}
+
+
+def zero_shot(
+    model: CNClipModel, image: Image.Image, labels: Sequence[str], templates=PROMPT_TEMPLATES
+) -> list[TextHit]:
+    """Label probabilities for `image`, best first: each label's prompts are embedded, averaged and
+    renormalized, then softmax over logit_scale x cosine."""
+    labels = [check_query(label) for label in labels]
+    text = label_embeddings(model, labels, templates)
+    image_vec = model.embed_images([image])[0]
+    logits = float(model.logit_scale.detach().exp()) * (text @ image_vec)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    return [TextHit(labels[i], float(probs[i])) for i in order]
+
+
+def label_embeddings(model: CNClipModel, labels: Sequence[str], templates=PROMPT_TEMPLATES) -> np.ndarray:
+    """float32 (len(labels), D) unit rows: each label's prompts embedded, averaged and renormalized."""
+    if not labels:
+        raise QueryError("no labels given; put one label per line in the labels file")
+    prompts = [t.format(label) for label in labels for t in templates]
+    text = model.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+    return text / np.linalg.norm(text, axis=1, keepdims=True)
+
+
+def check_query(query: str) -> str:
+    """Reject queries that cannot mean anything, with a message saying what to do."""
+    if not isinstance(query, str) or not query.strip():
+        raise QueryError("the query is empty; type what you are looking for, e.g. 海边的日落")
+    if len(query) > MAX_QUERY_CHARS:
+        raise QueryError(
+            f"the query is {len(query):,} characters long; the model reads about 50 tokens, so keep it under "
+            f"{MAX_QUERY_CHARS:,} characters"
+        )
+    return query.strip()

@@ -1,0 +1,198 @@
+"""The search page in a real browser: headless Chromium (the system's, driven by Selenium) against the
+real `cnclip serve` command in a subprocess. Screenshots go to tests/artifacts/browser/."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import random_images
+
+import cnclip
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "browser"
+TOKEN = "browser-test-token"
+INSTALL = (
+    "install Chromium and its driver: apt-get install -y chromium chromium-driver fonts-wqy-zenhei "
+    "(the README set-up command does this), or point $CNCLIP_CHROMIUM and $CNCLIP_CHROMEDRIVER at them"
+)
+
+
+def _find(env: str, names: tuple[str, ...]) -> str | None:
+    """The program named by $env (if it exists), else the first of `names` on PATH."""
+    if os.environ.get(env):
+        return shutil.which(os.environ[env])
+    return next((p for p in map(shutil.which, names) if p), None)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is missing: pip install -e '.[dev]'")
+    binary = _find("CNCLIP_CHROMIUM", ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"))
+    driver_path = _find("CNCLIP_CHROMEDRIVER", ("chromedriver",))
+    if binary is None or driver_path is None:
+        pytest.fail(f"no {'Chromium' if binary is None else 'chromedriver'} found; {INSTALL}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--lang=zh-CN"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1280,900")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # An explicit driver path: Selenium Manager would otherwise try to download one.
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """`cnclip serve --port 0 --token ...` on a fresh index of 12 photos; yields (base URL, photo folder)."""
+    import torch
+
+    base = tmp_path_factory.mktemp("browser")
+    photos = base / "照片"
+    photos.mkdir()
+    for i, image in enumerate(random_images(12, seed=21, size=(160, 120))):
+        image.save(photos / f"海边{i:02d}.jpg", quality=90)
+    torch.manual_seed(1)
+    model = cnclip.create_model("tiny-vit").save_pretrained(base / "model")
+    with cnclip.Index.open(base / "idx", model=str(model), create=True) as index:
+        index.add_folder(photos)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CNCLIP_TOKEN="")
+    command = [sys.executable, "-m", "cnclip", "serve", "--index", str(base / "idx"), "--port", "0"]
+    proc = subprocess.Popen([*command, "--token", TOKEN], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = _wait_for_url(proc)
+        yield url, photos
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _wait_for_url(proc: subprocess.Popen) -> str:
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        found = re.search(r"at (http://\S+?/)\?token=", line)
+        if found:
+            return found.group(1)
+    pytest.fail("cnclip serve did not start:\n" + "".join(lines))
+
+
+def _wait(driver, condition, what: str, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition(driver)
+        if value:
+            return value
+        time.sleep(0.1)
+    _shot(driver, "failed")
+    pytest.fail(f"timed out waiting for {what}; page status: {driver.find_element('id', 'status').text!r}")
+
+
+def _shot(driver, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    driver.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+
+
+LOADED_THUMBS = """
+const imgs = Array.from(document.querySelectorAll('#results img'));
+return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0) ? imgs.length : 0;
+"""
+
+
+def test_search_page_text_lightbox_and_image_search(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, photos = server
+    browser.get(f"{url}?token={TOKEN}")  # sets the token cookie and drops it from the address bar
+    assert browser.current_url == url
+    _wait(browser, lambda d: "索引共 12 张图片" in d.find_element(By.ID, "info").text, "the index summary")
+
+    box = browser.find_element(By.ID, "q")
+    box.send_keys("海边的日落", Keys.ENTER)
+    assert _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails") == 12
+    status = browser.find_element(By.ID, "status").text
+    assert "找到 12 张图片" in status and "毫秒" in status, status
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results .score")) == 12
+    _shot(browser, "1-text-search")
+
+    browser.find_element(By.CSS_SELECTOR, "#results .hit button").click()
+    big = "const i = document.getElementById('lightbox-img'); return i.complete && i.naturalWidth > 0;"
+    _wait(browser, lambda d: d.find_element(By.ID, "lightbox").is_displayed() and d.execute_script(big), "lightbox")
+    assert browser.execute_script("return document.getElementById('lightbox-img').naturalWidth") == 160
+    _shot(browser, "2-lightbox")
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    _wait(browser, lambda d: not d.find_element(By.ID, "lightbox").is_displayed(), "the lightbox to close")
+
+    query = photos / "海边07.jpg"
+    browser.find_element(By.ID, "file").send_keys(str(query))
+    _wait(browser, lambda d: "以图搜图：找到" in d.find_element(By.ID, "status").text, "image search results")
+    _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails of the image search")
+    first = browser.find_element(By.CSS_SELECTOR, "#results .hit .name").text
+    assert first == query.name
+    _shot(browser, "3-image-search")
+
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors  # no script errors, no blocked (CSP) loads, no failed requests
+
+
+def test_page_without_token_asks_for_it(browser, server):
+    from selenium.webdriver.common.by import By
+
+    url, _ = server
+    browser.delete_all_cookies()
+    browser.get(url)
+    _wait(browser, lambda d: d.find_element(By.ID, "token-form").is_displayed(), "the token prompt")
+    assert "token" in browser.find_element(By.ID, "error").text
+    _shot(browser, "4-token-prompt")
+    browser.find_element(By.ID, "token").send_keys(TOKEN + "\n")
+    _wait(browser, lambda d: "索引共 12 张图片" in d.find_element(By.ID, "info").text, "the page after the token")
+    _shot(browser, "5-after-token")
+
+
+# Builds a File from one of the page's own thumbnails and hands it over as a drop or a paste would.
+HAND_OVER = """
+const [kind, done] = arguments;
+const hit = document.querySelector('#results .hit img');
+fetch(hit.src).then(r => r.blob()).then(blob => {
+  const data = new DataTransfer();
+  data.items.add(new File([blob], kind + '.jpg', {type: 'image/jpeg'}));
+  const event = kind === 'drop'
+    ? new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true})
+    : new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true});
+  document.body.dispatchEvent(event);
+  done(hit.alt);
+});
+"""
+
+
+@pytest.mark.parametrize("kind", ["drop", "paste"])
+def test_dropped_or_pasted_image_searches_by_image(browser, server, kind):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, _ = server
+    browser.get(f"{url}?token={TOKEN}")
+    browser.find_element(By.ID, "q").send_keys("日落", Keys.ENTER)
+    _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails")
+    name = browser.execute_async_script(HAND_OVER, kind)
+    _wait(browser, lambda d: "以图搜图：找到" in d.find_element(By.ID, "status").text, f"results of the {kind}")
+    _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails")
+    assert browser.find_element(By.CSS_SELECTOR, "#results .hit .name").text == name  # a thumbnail finds its photo
+    _shot(browser, f"6-{kind}")

@@ -1,0 +1,50 @@
+"""The real `cnclip` command, run as a user would."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import run_cli
+from reference import official_model, save_official_checkpoint
+
+import cnclip
+from cnclip.model.config import get_model_config
+
+
+def test_models_lists_the_zoo():
+    out = run_cli("models", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [r["name"] for r in json.loads(out.stdout)] == cnclip.available_models()
+
+
+def test_convert_official_to_hf_folder(tmp_path):
+    from transformers import ChineseCLIPModel
+
+    ref = official_model(get_model_config("tiny-vit"))
+    src = save_official_checkpoint(ref, tmp_path / "official.pt", half=True)
+    out = run_cli("convert", src, tmp_path / "hf")
+    assert out.returncode == 0, out.stderr
+    assert "Hugging Face ChineseCLIP" in out.stderr
+    ours = cnclip.load_model(src)
+    hf = ChineseCLIPModel.from_pretrained(tmp_path / "hf").eval()
+    ids = ours.tokenizer(["一只猫", "海边的日落"])
+    theirs = hf.get_text_features(input_ids=ids, attention_mask=ids.ne(0)).pooler_output.detach().numpy()
+    np.testing.assert_allclose(ours.encode_text(ids).detach().numpy(), theirs, atol=1e-5)
+    # refuses to write over a folder that already holds something
+    again = run_cli("convert", src, tmp_path / "hf")
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert run_cli("convert", src, tmp_path / "hf", "--overwrite").returncode == 0
+
+
+def test_convert_errors_are_one_line(tmp_path):
+    for args, needle in [
+        (("convert", tmp_path / "missing.pt", tmp_path / "out"), "missing.pt"),
+        (("convert", "ViT-Z-1", tmp_path / "out"), "ViT-Z-1"),
+        (("convert", "OFA-Sys/chinese-clip-vit-base-patch16", tmp_path / "out"), "--model PATH"),
+    ]:
+        out = run_cli(*args)
+        assert out.returncode == 1
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cnclip: error:") and needle in lines[0], out.stderr
+        assert not (tmp_path / "out").exists()

@@ -1,0 +1,449 @@
+"""`cnclip serve`: the JSON API over a real index of generated images, a tiny random model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import random_images, run_cli
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import cnclip
+from cnclip.app.serve import MAX_UPLOAD_BYTES, check_bind, create_app, is_loopback, listen_socket
+from cnclip.errors import CNClipError
+
+TEXTS = ["一只猫", "海边的日落", "城市夜景", "雪山"]
+LOCAL = "http://127.0.0.1"
+MANY_LABELS = ",".join(f"标签{i}" for i in range(100))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(5)
+    return cnclip.create_model("tiny-vit").save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _write_photos(root: Path, n: int, seed: int, prefix: str = "p") -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(random_images(n, seed=seed)):
+        paths.append(root / f"{prefix}{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, model_dir) -> tuple[Path, Path]:
+    """(index folder, photo folder): 8 photos, a symlink to a photo outside the folder, texts."""
+    base = tmp_path_factory.mktemp("serve")
+    photos = base / "photos"
+    _write_photos(photos, 8, seed=1)
+    _write_photos(base / "private", 1, seed=99, prefix="secret")
+    os.symlink(base / "private" / "secret0.png", photos / "link-out.png")
+    os.symlink(photos / "p0.png", photos / "link-in.png")  # a symlink that stays inside: served
+    with cnclip.Index.open(base / "idx", model=str(model_dir), create=True) as index:
+        index.add_folder(photos)
+        index.add_texts(TEXTS)
+    return base / "idx", photos
+
+
+@pytest.fixture(scope="module")
+def client(built) -> Iterator[TestClient]:
+    with TestClient(create_app(built[0]), base_url=LOCAL) as c:
+        yield c
+
+
+def _id_of(index_path: Path, path: Path) -> int:
+    with cnclip.Index.open(index_path) as index:
+        return index.catalog.file_id_for_path(str(path))
+
+
+def _png(image: Image.Image | None = None) -> bytes:
+    out = io.BytesIO()
+    (image or random_images(1, seed=7)[0]).save(out, "PNG")
+    return out.getvalue()
+
+
+def _assert_json_error(r: httpx.Response, *statuses: int) -> str:
+    assert r.status_code in statuses, (r.status_code, r.text)
+    message = r.json()["error"]
+    assert isinstance(message, str) and message and "\n" not in message and "Traceback" not in message
+    return message
+
+
+# -- searching ------------------------------------------------------------------------------------
+
+
+def test_text_search_returns_ids_paths_scores_and_thumb_urls(client, built):
+    r = client.get("/api/search", params={"q": "海边的日落", "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == len(body["results"]) == 5 and body["took_ms"] >= 0
+    with cnclip.Index.open(built[0]) as index:
+        expected = index.search_text("海边的日落", k=5)
+    assert [(h["id"], h["path"]) for h in body["results"]] == [(h.id, h.path) for h in expected]
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    for hit in body["results"]:
+        assert hit["thumb"] == f"/api/thumb/{hit['id']}" and hit["image"] == f"/api/image/{hit['id']}"
+        assert hit["name"] == os.path.basename(hit["path"])
+
+
+def test_image_search_by_upload_finds_the_same_photo_first(client, built):
+    photo = built[1] / "p3.png"
+    r = client.post("/api/search/image", files={"file": ("查询.png", photo.read_bytes(), "image/png")}, data={"k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == 3
+    assert body["results"][0]["path"] == str(photo) and body["results"][0]["score"] > 0.999
+
+
+def test_similar_to_an_indexed_photo_leaves_it_out(client, built):
+    file_id = _id_of(built[0], built[1] / "p2.png")
+    body = client.get("/api/similar", params={"id": file_id, "k": 4}).json()
+    assert body["count"] == 4 and file_id not in [h["id"] for h in body["results"]]
+
+
+def test_tag_ranks_labels_given_in_every_form(client, built):
+    files = {"file": ("p.png", (built[1] / "p1.png").read_bytes(), "image/png")}
+    r = client.post("/api/tag", files=files, data={"labels": ["猫,狗\n海滩", "城市，雪山"]})
+    assert r.status_code == 200, r.text
+    labels = r.json()["labels"]
+    assert sorted(x["label"] for x in labels) == sorted(["猫", "狗", "海滩", "城市", "雪山"])
+    scores = [x["score"] for x in labels]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
+    top2 = client.post("/api/tag", files=files, data={"labels": "猫,狗,海滩", "k": 2}).json()
+    assert top2["count"] == 2
+
+
+def test_texts_closest_to_an_indexed_photo(client, built):
+    file_id = _id_of(built[0], built[1] / "p4.png")
+    body = client.get("/api/texts", params={"image_id": file_id, "k": 3}).json()
+    assert body["count"] == 3 and {t["text"] for t in body["results"]} <= set(TEXTS)
+    assert [t["score"] for t in body["results"]] == sorted((t["score"] for t in body["results"]), reverse=True)
+    _assert_json_error(client.get("/api/texts", params={"image_id": 99999}), 404)
+
+
+def test_health_reports_counts_model_and_last_update(client):
+    body = client.get("/api/health").json()
+    assert body["status"] == "ok"
+    assert body["count"] == 10 and body["texts"] == len(TEXTS)  # 8 photos and both symlinks
+    assert body["model"]["name"] == "tiny-vit" and body["model"]["dim"] > 0
+    assert body["last_update"].startswith("20") and body["vector_index"]["current"] is True
+
+
+def test_openapi_schema_lists_the_api(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/api/search", "/api/search/image", "/api/tag", "/api/texts", "/api/thumb/{file_id}", "/api/health"):
+        assert path in paths
+
+
+def test_page_and_its_files_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "以图搜图" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 200
+
+
+# -- files by id ----------------------------------------------------------------------------------
+
+
+def test_thumbnail_and_original_by_id(client, built):
+    photo = built[1] / "p5.png"
+    file_id = _id_of(built[0], photo)
+    r = client.get(f"/api/thumb/{file_id}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    thumb = Image.open(io.BytesIO(r.content))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 256
+    assert client.get(f"/api/thumb/{file_id}").content == r.content  # from the cache
+    original = client.get(f"/api/image/{file_id}")
+    assert original.status_code == 200 and original.content == photo.read_bytes()
+    assert original.headers["content-type"] == "image/png" and original.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/image/../../etc/passwd",
+        "/api/image/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/api/image/%252e%252e%252fetc%252fpasswd",
+        "/api/thumb/1%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/image//etc/passwd",
+        "/api/image/1/../../../etc/passwd",
+        "/api/image/0",
+        "/api/image/-1",
+        "/api/image/99999",
+        "/api/image/99999999999999999999999",
+        "/api/image/1.5",
+        "/api/thumb/abc",
+        "/static/../serve.py",
+        "/static/..%2Fserve.py",
+        "/static/%2e%2e/serve.py",
+    ],
+)
+def test_path_traversal_and_unknown_ids_serve_nothing(client, url):
+    r = client.get(url)
+    _assert_json_error(r, 404, 422)
+    assert b"root:" not in r.content and b"create_app" not in r.content
+
+
+def test_symlink_out_of_the_indexed_folder_is_not_served(client, built):
+    outside = _id_of(built[0], built[1] / "link-out.png")
+    inside = _id_of(built[0], built[1] / "link-in.png")
+    assert outside and inside
+    for kind in ("thumb", "image"):
+        _assert_json_error(client.get(f"/api/{kind}/{outside}"), 404)
+        assert client.get(f"/api/{kind}/{inside}").status_code == 200
+
+
+def test_a_file_gone_from_disk_is_404(tmp_path, model_dir):
+    photos = tmp_path / "photos"
+    paths = _write_photos(photos, 2, seed=3)
+    with cnclip.Index.open(tmp_path / "idx", model=str(model_dir), create=True) as index:
+        index.add_folder(photos)
+    file_id = _id_of(tmp_path / "idx", paths[0])
+    paths[0].unlink()
+    with TestClient(create_app(tmp_path / "idx"), base_url=LOCAL) as client:
+        _assert_json_error(client.get(f"/api/image/{file_id}"), 404)
+        _assert_json_error(client.get(f"/api/thumb/{file_id}"), 404)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_oversized_uploads_are_413(client):
+    big = b"\xff\xd8" + b"\0" * MAX_UPLOAD_BYTES  # one byte over, with a JPEG start
+    r = client.post("/api/search/image", files={"file": ("big.jpg", big, "image/jpeg")})
+    assert "20 MB" in _assert_json_error(r, 413)
+    huge = b"\0" * (MAX_UPLOAD_BYTES + 200_000)  # the whole body over the cap: refused from Content-Length
+    r = client.post("/api/search/image", content=huge, headers={"content-type": "multipart/form-data; boundary=x"})
+    _assert_json_error(r, 413)
+
+
+def test_streamed_upload_without_length_is_cut_off_at_the_cap(client):
+    def chunks():
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        for _ in range(22):
+            yield b"\0" * 2**20
+
+    r = client.post("/api/search/image", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    _assert_json_error(r, 413)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A small PNG that claims width x height pixels (its pixel data is one compressed row)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (1 + 3 * width))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "name, data, status",
+    [
+        ("notes.txt", b"just some text, not an image", 415),
+        ("fake.jpg", b"<html><script>alert(1)</script></html>", 415),
+        ("empty.png", b"", 400),
+        ("truncated.png", _png(Image.new("RGB", (64, 64), (9, 9, 9)))[:80], 400),
+        ("bomb.png", _png_header(40_000, 40_000), 413),
+        ("110mp.png", _png_header(11_000, 10_000), 413),
+    ],
+)
+def test_bad_uploads_are_4xx_json(client, name, data, status):
+    r = client.post("/api/search/image", files={"file": (name, data, "image/png")})
+    _assert_json_error(r, status)
+    r = client.post("/api/tag", files={"file": (name, data, "image/png")}, data={"labels": "猫,狗"})
+    _assert_json_error(r, status)
+
+
+@pytest.mark.parametrize(
+    "method, url, kwargs",
+    [
+        ("get", "/api/search", {"params": {"q": "猫", "k": 0}}),
+        ("get", "/api/search", {"params": {"q": "猫", "k": -3}}),
+        ("get", "/api/search", {"params": {"q": "猫", "k": "abc"}}),
+        ("get", "/api/search", {"params": {"q": "猫", "k": 10000}}),
+        ("get", "/api/search", {"params": {"q": "猫", "k": 201}}),
+        ("get", "/api/search", {"params": {"q": "猫", "k": "1e3"}}),
+        ("get", "/api/search", {"params": {"q": ""}}),
+        ("get", "/api/search", {"params": {"q": "   \t "}}),
+        ("get", "/api/search", {"params": {"q": "猫" * 1001}}),
+        ("get", "/api/search", {}),
+        ("get", "/api/texts", {"params": {"image_id": "abc"}}),
+        ("get", "/api/texts", {"params": {"image_id": 0}}),
+        ("get", "/api/texts", {}),
+        ("get", "/api/similar", {"params": {"id": 1, "k": 0}}),
+        ("post", "/api/search/image", {}),
+        ("post", "/api/search/image", {"data": {"k": 5}}),
+        ("post", "/api/search/image", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"k": 0}}),
+        ("post", "/api/search/image", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"k": "many"}}),
+        ("post", "/api/tag", {"files": {"file": ("a.png", _png(), "image/png")}}),
+        ("post", "/api/tag", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"labels": " , \n"}}),
+        ("post", "/api/tag", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"labels": "x" * 1001}}),
+        ("post", "/api/tag", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"labels": MANY_LABELS}}),
+        ("post", "/api/search", {}),
+        ("get", "/api/search/image", {}),
+    ],
+)  # fmt: skip
+def test_malformed_parameters_are_4xx_json(client, method, url, kwargs):
+    r = getattr(client, method)(url, **kwargs)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    _assert_json_error(r, r.status_code)
+
+
+# -- safety ---------------------------------------------------------------------------------------
+
+
+def test_token_is_required_when_configured(built):
+    app = create_app(built[0], token="s3cret-token", host="0.0.0.0")
+    with TestClient(app) as client:  # host "testserver": with a token any Host header is fine
+        message = _assert_json_error(client.get("/api/search", params={"q": "猫"}), 401)
+        assert "token" in message
+        _assert_json_error(client.get("/api/health", headers={"Authorization": "Bearer wrong"}), 401)
+        _assert_json_error(client.get("/api/thumb/1", params={"token": "wrong"}), 401)
+        _assert_json_error(client.post("/api/search/image", files={"file": ("a.png", _png(), "image/png")}), 401)
+        assert client.get("/api/health", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        assert client.get("/api/search", params={"q": "猫", "token": "s3cret-token"}).status_code == 200
+        assert client.get("/").status_code == 200  # the page holds no data; it asks for the token
+
+        r = client.get("/", params={"token": "s3cret-token"}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        assert "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
+        assert client.get("/api/thumb/1").status_code == 200  # the cookie now carries it
+
+
+def test_foreign_host_header_is_refused_without_token(client):
+    # A DNS-rebinding page reaches 127.0.0.1 under its own name; without a token only loopback names pass.
+    _assert_json_error(client.get("/api/health", headers={"host": "evil.example:8000"}), 403)
+    assert client.get("/api/health", headers={"host": "localhost:8000"}).status_code == 200
+
+
+def test_non_loopback_host_needs_a_token(built):
+    for host in ("127.0.0.1", "127.8.9.1", "::1", "[::1]", "localhost"):
+        assert is_loopback(host)
+        check_bind(host, None)
+    for host in ("0.0.0.0", "::", "192.168.1.20", "example.com", ""):
+        assert not is_loopback(host)
+        with pytest.raises(CNClipError, match="token"):
+            check_bind(host, None)
+        check_bind(host, "a-token")
+    out = run_cli("serve", "--index", built[0], "--host", "0.0.0.0", "--port", "0", env={"CNCLIP_TOKEN": ""})
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "--token" in out.stderr, out.stderr
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    with pytest.raises(CNClipError, match="no cnclip index"):
+        create_app(tmp_path / "nothing-here")
+
+
+# -- a live index ---------------------------------------------------------------------------------
+
+
+def test_new_items_indexed_by_another_writer_appear_in_later_searches(tmp_path, model_dir):
+    photos = tmp_path / "photos"
+    _write_photos(photos, 3, seed=11)
+    with cnclip.Index.open(tmp_path / "idx", model=str(model_dir), create=True) as index:
+        index.add_folder(photos)
+    with TestClient(create_app(tmp_path / "idx"), base_url=LOCAL) as client:
+        assert client.get("/api/search", params={"q": "猫", "k": 50}).json()["count"] == 3
+        new = _write_photos(photos, 2, seed=12, prefix="new")
+        (photos / "p0.png").unlink()
+        with cnclip.Index.open(tmp_path / "idx") as writer:  # its own connection, as `cnclip index` would be
+            writer.add_folder(photos)
+        body = client.get("/api/search", params={"q": "猫", "k": 50}).json()
+        paths = {h["path"] for h in body["results"]}
+        assert body["count"] == 4 and {str(p) for p in new} <= paths and str(photos / "p0.png") not in paths
+        assert client.get("/api/health").json()["count"] == 4
+        found = next(h for h in body["results"] if h["path"] == str(new[0]))
+        assert client.get(found["thumb"]).status_code == 200
+
+
+@contextlib.contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port in a background thread; yields its base URL."""
+    import uvicorn
+
+    sock = listen_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_concurrent_requests_from_threads_all_succeed(built):
+    photo = (built[1] / "p6.png").read_bytes()
+    queries = ["猫", "海边的日落", "城市夜景", "雪山", "一只狗在草地上", "早餐"]
+
+    def one_client(n: int) -> list[int]:
+        statuses = []
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for i in range(6):
+                kind = (n + i) % 4
+                if kind == 0:
+                    r = http.post("/api/search/image", files={"file": ("p.png", photo, "image/png")})
+                elif kind == 1:
+                    r = http.get("/api/thumb/1")
+                elif kind == 2:
+                    r = http.get("/api/health")
+                else:
+                    r = http.get("/api/search", params={"q": queries[(n * 7 + i) % len(queries)] + str(n), "k": 5})
+                statuses.append(r.status_code)
+        return statuses
+
+    with serve_in_thread(create_app(built[0])) as base, ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one_client, range(8)))
+    assert [s for statuses in results for s in statuses] == [200] * 48
+
+
+def test_scores_match_cosine_of_the_stored_vectors(client, built):
+    """The API reports the index's own cosine similarities, unchanged beyond rounding."""
+    body = client.get("/api/search", params={"q": "雪山", "k": 3}).json()
+    with cnclip.Index.open(built[0]) as index:
+        query = index.query_vector("雪山")[0]
+        for hit in body["results"]:
+            stored = index.catalog.vector_for_path(hit["path"])
+            assert abs(float(np.dot(query, stored)) - hit["score"]) < 1e-4
+
+
+def test_raw_dot_dot_paths_over_http_serve_nothing(built):
+    """What `curl --path-as-is` sends: the path reaches the server with its `..` segments intact."""
+    paths = ["/api/image/../../../../etc/passwd", "/static/../serve.py", "/static/../../../../etc/passwd", "/api/../"]
+    with serve_in_thread(create_app(built[0])) as base:
+        port = int(base.rsplit(":", 1)[1])
+        for path in paths:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+                reply = b""
+                while chunk := conn.recv(65536):
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 404"), (path, reply[:200])
+            assert b"root:" not in reply and b"create_app" not in reply

@@ -1,0 +1,229 @@
+"""The trainer: it learns, locks what it promises, accumulates exactly, resumes after kill -9, runs under torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from synthetic import write_dataset
+
+import cnclip
+from cnclip.model.config import get_model_config
+from cnclip.train import Trainer, TrainOptions
+from cnclip.train.data import read_pairs
+from cnclip.train.distributed import DistInfo
+from cnclip.train.trainer import STATE_FILE
+
+
+def _tiny_64(seed: int = 0) -> cnclip.CNClipModel:
+    """tiny-vit at 64 px: the synthetic scenes' shapes need more than 32 px to be told apart."""
+    cfg = get_model_config("tiny-vit")
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=64), name=None)
+    torch.manual_seed(seed)
+    return cnclip.create_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return write_dataset(root / "train", 96, seed=0), write_dataset(root / "val", 24, seed=1, unique_scenes=True)
+
+
+@pytest.fixture(scope="module")
+def init_model(tmp_path_factory):
+    return _tiny_64().save_pretrained(tmp_path_factory.mktemp("init") / "model")
+
+
+def _train(*args) -> subprocess.CompletedProcess:
+    # ~2 minutes for the longest run on a quiet 2-core machine; room for a busy or slower one
+    out = run_cli("train", "--workers", "0", "--log-every", "1", *map(str, args), timeout=900)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_the_synthetic_scenes_from_scratch(tmp_path, init_model):
+    """~2 minutes on 2 CPU cores: held-out text->image R@5 over 108 candidates (chance 0.046)."""
+    train = write_dataset(tmp_path / "train", 3000, seed=0)
+    val = write_dataset(tmp_path / "val", 108, seed=1, unique_scenes=True)
+    out = tmp_path / "run"
+    _train(
+        "--train", train, "--val", val, "--model", init_model, "--out", out,
+        "--epochs", 10, "--batch-size", 64, "--lr", 1e-3, "--warmup", 50, "--wd", 0.1, "--eval-every", 250,
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text("utf-8"))
+    assert summary["first_eval"]["t2i"]["R@5"] < 0.15  # random weights: about chance
+    assert summary["best"]["t2i"]["R@5"] >= 0.8, summary["best"]
+    # the best checkpoint is an ordinary model folder: `cnclip eval` on it gives the same figure
+    again = run_cli("eval", "--data", val, "--model", out / "best", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["t2i"]["R@5"] == pytest.approx(summary["best"]["t2i"]["R@5"], abs=1e-6)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text("utf-8").splitlines()]
+    assert {e["kind"] for e in events} == {"train", "eval"}
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_output_loads_everywhere_a_model_is_accepted(tmp_path, small_data, init_model):
+    train, val = small_data
+    out = tmp_path / "run"
+    _train("--train", train, "--val", val, "--model", init_model, "--out", out, "--max-steps", 3, "--batch-size", 16)
+    from transformers import ChineseCLIPModel
+
+    best = cnclip.load_model(out / "best")
+    hf = ChineseCLIPModel.from_pretrained(out / "best").eval()
+    ids = best.tokenizer(["两个红色的圆形在左边"])
+    want = hf.get_text_features(input_ids=ids, attention_mask=ids.ne(0)).pooler_output.detach().numpy()
+    np.testing.assert_allclose(best.encode_text(ids).detach().numpy(), want, atol=1e-5)
+    photos = Path(train).parent / "images"
+    indexed = run_cli("index", photos, "--index", tmp_path / "idx", "--model", out / "best", "--json", "-q")
+    assert indexed.returncode == 0 and json.loads(indexed.stdout)["added"] == 96, indexed.stderr
+
+
+def _state(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def test_locked_towers_stay_unchanged(tmp_path, small_data, init_model):
+    train, _ = small_data
+    before = cnclip.load_model(init_model)
+    _train("--train", train, "--model", init_model, "--out", tmp_path / "a", "--max-steps", 3, "--batch-size", 16,
+           "--lock-image")  # fmt: skip
+    after = cnclip.load_model(tmp_path / "a" / "best")
+    for k, v in _state(before, "visual.").items():
+        torch.testing.assert_close(after.state_dict()[k], v, rtol=0, atol=0)
+    assert not torch.equal(after.bert.embeddings.word_embeddings.weight, before.bert.embeddings.word_embeddings.weight)
+
+    # text locked except its last layer: only that layer (and the image tower) may move
+    _train("--train", train, "--model", init_model, "--out", tmp_path / "b", "--max-steps", 3, "--batch-size", 16,
+           "--lock-text", "--lock-text-unlocked", 1)  # fmt: skip
+    after = cnclip.load_model(tmp_path / "b" / "best")
+    last = f"bert.encoder.layer.{before.config.text.layers - 1}."
+    for k, v in _state(before, "bert.").items():
+        if not k.startswith(last):
+            torch.testing.assert_close(after.state_dict()[k], v, rtol=0, atol=0)
+    assert any(not torch.equal(after.state_dict()[k], v) for k, v in _state(before, last).items())
+
+
+def _no_dropout(model: cnclip.CNClipModel) -> cnclip.CNClipModel:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def test_accumulated_gradients_equal_full_batch_gradients(tmp_path, small_data):
+    pairs, _ = read_pairs(small_data[0])
+    grads = {}
+    for accum, batch in ((1, 16), (4, 4)):
+        model = _no_dropout(_tiny_64(seed=3))
+        opts = TrainOptions(batch_size=batch, accum_freq=accum, workers=0)
+        trainer = Trainer(model, pairs, opts, tmp_path / f"run{accum}", DistInfo())
+        micro, _ = next(trainer._micro_batches(epoch=0, first_step=0))
+        assert len(micro) == accum and sum(p.shape[0] for p, _ in micro) == 16
+        if accum == 1:
+            full_loss = trainer.backward(micro).item()
+        else:
+            # the same 16 pairs, as 4 micro-batches of 4
+            assert trainer.backward(micro).item() == pytest.approx(full_loss, abs=1e-5)
+        grads[accum] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[1].keys() == grads[4].keys()
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[4][name], g, atol=2e-6, rtol=1e-4, msg=name)
+
+
+def _step_of(folder: Path) -> int:
+    state = torch.load(folder / STATE_FILE, weights_only=True)
+    return json.loads(state["progress"])["step"]
+
+
+def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, small_data, init_model):
+    train, _ = small_data
+    common = ["--train", train, "--model", init_model, "--epochs", 2, "--batch-size", 16, "--save-every", 1]
+    _train(*common, "--out", tmp_path / "whole")
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnclip", "train", *map(str, common), "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (out / "last" / STATE_FILE).is_file() and _step_of(out / "last") >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _step_of(out / "last")
+    assert 4 <= killed_at < 24, "the run should be killed part-way (192 pairs / 16 x 2 epochs = 24 steps)"
+
+    resumed = _train(*common, "--out", out)
+    assert f"resuming from {out / 'last'} at step {killed_at}" in resumed.stderr
+    assert _step_of(out / "last") == _step_of(tmp_path / "whole" / "last") == 24
+    whole, again = cnclip.load_model(tmp_path / "whole" / "last"), cnclip.load_model(out / "last")
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_two_processes_under_torchrun(tmp_path, small_data, init_model):
+    train, val = small_data
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "cnclip.train",
+         "--train", str(train), "--val", str(val), "--model", str(init_model), "--out", str(out),
+         "--max-steps", "3", "--batch-size", "8", "--workers", "0", "--device", "cpu"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cpu x2" in proc.stderr and _step_of(out / "last") == 3
+    cnclip.load_model(out / "best")
+
+
+def test_bad_arguments_and_data_are_one_line_errors(tmp_path, small_data, init_model):
+    train, _ = small_data
+    (tmp_path / "bad.jsonl").write_text('{"image": "nope.jpg", "text": "猫"}\nnot json\n', encoding="utf-8")
+    for args, needle in [
+        (("--train", tmp_path / "missing.jsonl"), "missing.jsonl"),
+        (("--train", tmp_path / "bad.jsonl"), "bad.jsonl"),
+        (("--train", train, "--batch-size", 1000), "lower --batch-size"),
+        (("--train", train, "--lock-image", "--lock-text"), "locked"),
+    ]:
+        out = run_cli("train", *map(str, args), "--model", init_model, "--out", tmp_path / "o")
+        lines = [line for line in out.stderr.strip().splitlines() if "error" in line]
+        assert out.returncode == 1 and len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_bf16_runs(tmp_path, small_data):
+    pairs, _ = read_pairs(small_data[0])
+    grads = {}
+    for checkpointing in (False, True):
+        model = _no_dropout(_tiny_64(seed=4))
+        trainer = Trainer(model, pairs, TrainOptions(batch_size=8, workers=0, grad_checkpointing=checkpointing),
+                          tmp_path / str(checkpointing), DistInfo())  # fmt: skip
+        micro, _ = next(trainer._micro_batches(epoch=0, first_step=0))
+        trainer.backward(micro)
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+    # bf16 autocast on the CPU (chosen automatically only where the CPU has fast bf16)
+    trainer = Trainer(_tiny_64(seed=4), pairs, TrainOptions(batch_size=8, workers=0, precision="bf16"),
+                      tmp_path / "bf16", DistInfo())  # fmt: skip
+    assert trainer.amp_dtype == torch.bfloat16
+    micro, _ = next(trainer._micro_batches(epoch=0, first_step=0))
+    assert np.isfinite(trainer.train_step(micro))
