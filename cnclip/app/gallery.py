@@ -15,7 +15,6 @@ import html
 import io
 import math
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import BinaryIO, NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
 
+from cnclip import atomic
 from cnclip.errors import CNClipError
 from cnclip.model.transform import load_image
 
@@ -413,7 +413,7 @@ def _reason(exc: OSError) -> str:
 
 
 def _write_atomically(out: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Create parent folders, write via a hidden temp file beside `out`, then os.replace."""
+    """Create parent folders, then publish what `write` writes as `out` (cnclip.atomic)."""
     out = Path(os.path.abspath(out))
     if out.is_dir():
         raise CNClipError(f"{out}: is a folder; give a file name for the output, e.g. {out / 'results.jpg'}")
@@ -423,25 +423,11 @@ def _write_atomically(out: Path, write: Callable[[BinaryIO], None]) -> Path:
         raise CNClipError(
             f"{out}: cannot create folder {out.parent} ({_reason(exc)}); choose a writable output path"
         ) from exc
-    # A short temp name: `out.name` may already be near the file-name length limit.
-    tmp = out.parent / f".cnclip-{secrets.token_hex(6)}.tmp"
     try:
-        # 0o666 filtered by the umask, like an ordinary new file (mkstemp would force 0o600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as exc:
-        raise CNClipError(f"{out}: cannot write there ({_reason(exc)}); choose a writable output path") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic.replacing(out) as tmp, open(tmp, "wb") as fh:
             write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CNClipError(f"{out}: cannot write there ({_reason(exc)}); choose a writable output path") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cnclip import atomic
 from cnclip.errors import CNClipError
 from cnclip.model.embed import EmbeddedBatch
 
@@ -87,11 +87,8 @@ def write_shard(path: Path, digests: Sequence[str], paths: Sequence[str], vector
             "error": pa.array(list(errors), pa.string()),
         }
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_shard(path: Path) -> tuple[list[str], np.ndarray, list[str]]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from cnclip import atomic
 from cnclip.errors import CNClipError
 from cnclip.model.onnx_runtime import (
     CACHE_ENV,
@@ -153,10 +154,13 @@ def _move_model(src: Path, dst: Path) -> None:
     so a reader that finds `dst` also finds its data."""
     data = src.with_name(f"{src.name}.data")
     if data.exists():
+        atomic.fsync_file(data)
         os.replace(data, dst.with_name(f"{dst.name}.data"))
     else:
         dst.with_name(f"{dst.name}.data").unlink(missing_ok=True)  # left by an older, larger export
+    atomic.fsync_file(src)
     os.replace(src, dst)
+    atomic.fsync_dir(dst.parent)
 
 
 def export_cached(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> Path:

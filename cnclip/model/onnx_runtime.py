@@ -16,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cnclip import atomic
 from cnclip.errors import CNClipError
 from cnclip.model.tokenizer import Tokenizer, text_batches
 
 CACHE_ENV = "CNCLIP_CACHE"
 TEXT_TOKENIZER = "text-tokenizer.json"  # beside text.onnx in the cache: how its queries are tokenized
+# Part of every export's cache key: bump it whenever the export changes (opset, inputs, outputs, graph),
+# so that a cnclip upgrade exports again instead of reusing stale files forever.
+EXPORT_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -30,7 +34,7 @@ def cache_dir() -> Path:
 
 def export_folder(digest: str, root: str | os.PathLike | None = None) -> Path:
     """The cache folder of the exports of the model whose weights digest is `digest`."""
-    return (Path(root) if root is not None else cache_dir() / "onnx") / digest
+    return (Path(root) if root is not None else cache_dir() / "onnx") / f"{digest}-v{EXPORT_VERSION}"
 
 
 def _threads() -> int:
@@ -89,13 +93,9 @@ class OnnxTower:
 def save_text_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
     """Record beside an exported text tower how its input is tokenized (the vocabulary is copied)."""
     vocab = folder / "vocab.txt"
-    tmp = folder / f".{TEXT_TOKENIZER}.{os.getpid()}.tmp"
     if not vocab.exists():
-        vocab_tmp = folder / f".vocab.txt.{os.getpid()}.tmp"
-        vocab_tmp.write_bytes(Path(tokenizer.vocab_path).read_bytes())
-        os.replace(vocab_tmp, vocab)
-    tmp.write_text(json.dumps({"vocab": "vocab.txt", "context_length": tokenizer.context_length}))
-    os.replace(tmp, folder / TEXT_TOKENIZER)
+        atomic.write_bytes(vocab, Path(tokenizer.vocab_path).read_bytes())
+    atomic.write_json(folder / TEXT_TOKENIZER, {"vocab": "vocab.txt", "context_length": tokenizer.context_length})
 
 
 class TextEncoder:

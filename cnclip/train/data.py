@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from cnclip import atomic
 from cnclip.errors import CNClipError, ImageError
 from cnclip.model.tokenizer import Tokenizer, normalize_text
 from cnclip.model.transform import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image, preprocess
@@ -554,9 +555,9 @@ def _write_images(images: Iterable[_ImageRecord], folder: Path, report: DataRepo
 
 
 def _write_pairs(records: Iterable[_TextRecord], written: dict[str, str], out: Path, report: DataReport) -> None:
-    """Write one {"image", "text"} line per (text, known image id); replaces `out` only when done."""
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    """Write one {"image", "text"} line per (text, known image id); replaces `out` only when done,
+    so a failure never leaves a half-written or empty pairs file behind."""
+    with atomic.replacing(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for text, image_ids, where in records:
                 for line in _pair_lines(text, image_ids, written, where, report):
@@ -568,10 +569,6 @@ def _write_pairs(records: Iterable[_TextRecord], written: dict[str, str], out: P
                 + (f"; first: {report.examples[0]}" if report.examples else "")
                 + "); check that the texts and the images belong together"
             )
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written or empty pairs file behind
-        raise
-    os.replace(tmp, out)
 
 
 def _pair_lines(

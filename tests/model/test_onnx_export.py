@@ -9,7 +9,7 @@ from conftest import random_images, run_cli
 
 import cnclip
 from cnclip.errors import CNClipError
-from cnclip.model.onnx_export import OnnxTower, export_onnx
+from cnclip.model.onnx_export import OnnxTower, export_cached, export_onnx
 
 TEXTS = ["猫", "海边的日落和沙滩上的脚印", "一只在沙发上睡觉的橘猫，旁边有一本书", "iPhone 截图 2024"]
 
@@ -51,6 +51,17 @@ def test_use_onnx_gives_the_same_embeddings_and_caches_the_export(tmp_path):
     assert len(list(tmp_path.rglob("text.onnx"))) == 2
     model.use_onnx(())  # back to torch
     np.testing.assert_array_equal(model.embed_texts(TEXTS), want_text)
+
+
+def test_an_export_made_by_another_export_version_is_not_reused(tmp_path, tiny_vit, monkeypatch):
+    from cnclip.model import onnx_runtime
+
+    digest = tiny_vit.weights_digest()
+    old = export_cached(tiny_vit, "text", tmp_path)
+    monkeypatch.setattr(onnx_runtime, "EXPORT_VERSION", onnx_runtime.EXPORT_VERSION + 1)
+    new = export_cached(tiny_vit, "text", tmp_path)
+    assert new != old and new.is_file() and old.is_file()
+    assert digest in new.parent.name and digest in old.parent.name
 
 
 def test_bad_onnx_file_is_one_clear_error(tmp_path):
