@@ -90,7 +90,7 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A bound TCP socket for `host`:`port` (0 picks a free port), or a CNClipError saying why not."""
+    """A listening TCP socket for `host`:`port` (0 picks a free port), or a CNClipError saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP spelled out: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say so, and
     # with Nagle on, every keep-alive response waited ~40 ms for a delayed ACK (measured here).
@@ -98,6 +98,9 @@ def listen_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
+        # Listening at once: a client that connects before the server loop starts (the printed URL
+        # opened right away) waits in the backlog instead of being refused.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise CNClipError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from e

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,8 @@ def _wait_for_url(proc: subprocess.Popen) -> str:
         lines.append(line)
         found = re.search(r"at (http://\S+?/)\?token=", line)
         if found:
+            # keep reading stderr, so that a chatty server never blocks on a full pipe
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return found.group(1)
     pytest.fail("cnclip serve did not start:\n" + "".join(lines))
 

@@ -378,6 +378,16 @@ def test_new_items_indexed_by_another_writer_appear_in_later_searches(tmp_path, 
         assert client.get(found["thumb"]).status_code == 200
 
 
+def test_the_socket_accepts_connections_before_the_server_loop_runs():
+    # `cnclip serve` prints its URL before uvicorn starts; a browser opening it then must wait, not be refused
+    sock = listen_socket("127.0.0.1", 0)
+    try:
+        with socket.create_connection(sock.getsockname(), timeout=5):
+            pass
+    finally:
+        sock.close()
+
+
 @contextlib.contextmanager
 def serve_in_thread(app) -> Iterator[str]:
     """Run `app` under uvicorn on a free loopback port in a background thread; yields its base URL."""

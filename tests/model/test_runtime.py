@@ -17,6 +17,14 @@ from cnclip.model.runtime import Runtime
 TEXTS = ["海边的日落", "一只橘猫"]
 
 
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_the_cpu_bf16_answer_can_be_forced(monkeypatch, value):
+    from cnclip.model.runtime import CPU_BF16_ENV, cpu_has_fast_bf16
+
+    monkeypatch.setenv(CPU_BF16_ENV, value)
+    assert cpu_has_fast_bf16() is (value == "1")
+
+
 def test_auto_on_a_cpu_runs_both_towers_in_onnx_runtime(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert Runtime.resolve() == Runtime("cpu", "fp32", ("image", "text"))
