@@ -1,6 +1,12 @@
-"""Chinese BERT WordPiece tokenization and the text normalization the official models were trained with.
+"""Chinese BERT tokenization with the official cn_clip token ids, on HuggingFace `tokenizers`' WordPiece.
 
-Token ids equal those of the official `cn_clip.clip.tokenize` for every input string.
+Token ids equal those of the official `cn_clip.clip.tokenize` for every input string. The matching of
+words against the vocabulary is `tokenizers`' Rust WordPiece. The character steps before it (cleanup,
+CJK splitting, lowercasing, accent stripping, punctuation splitting) are done here with Python's own
+`str.lower` and `unicodedata`, as the official code does them: `tokenizers`' BertNormalizer and
+BertPreTokenizer use their own Unicode tables and rules, and give other ids than the official code for
+private-use characters, word-final capital sigma, characters newer or older than their tables, and the
+CJK Extension E block. Also here: the caption normalization the official models were trained with.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tokenizers.models import WordPiece
 
 from cnclip.errors import VocabularyError
 
@@ -26,7 +33,7 @@ DEFAULT_VOCAB = Path(__file__).with_name("resources") / "vocab.txt"
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 _SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 
-# Words longer than this become a single [UNK], as in Google's BERT (quadratic matching stays cheap).
+# Words longer than this become a single [UNK]: the official WordpieceTokenizer's limit (Google's BERT).
 _MAX_CHARS_PER_WORD = 200
 # Bounds the per-word memo so a stream of unique junk cannot grow memory without limit.
 _WORD_CACHE_SIZE = 1 << 17
@@ -64,7 +71,7 @@ def _is_punctuation(ch: str) -> bool:
     return unicodedata.category(ch).startswith("P")
 
 
-class _CharMap(dict):
+class _TextMap(dict):
     """`str.translate` table for BERT's per-character cleanup, filled lazily one code point at a time.
 
     Dropping NUL/U+FFFD/control chars, turning whitespace into a plain space and padding CJK ideographs
@@ -92,7 +99,27 @@ class _CharMap(dict):
         return out
 
 
-_CHAR_MAP = _CharMap()
+class _WordMap(dict):
+    """`str.translate` table for a lowercased, NFD-decomposed word: strips accents and splits off punctuation.
+
+    Dropping nonspacing marks (after NFD that turns café into cafe, and, note, が into か) and padding
+    punctuation with spaces, then splitting on whitespace, gives exactly the official word pieces.
+    """
+
+    def __missing__(self, cp: int) -> str | None:
+        ch = chr(cp)
+        if unicodedata.category(ch) == "Mn":
+            out: str | None = None
+        elif _is_punctuation(ch):
+            out = f" {ch} "
+        else:
+            out = ch
+        self[cp] = out
+        return out
+
+
+_TEXT_MAP = _TextMap()
+_WORD_MAP = _WordMap()
 
 
 def _read_vocab(path: Path) -> list[str]:
@@ -148,10 +175,11 @@ class Tokenizer:
         self.cls_id: int = self._vocab[CLS]
         self.sep_id: int = self._vocab[SEP]
         self.mask_id: int = self._vocab[MASK]
-        # No vocabulary piece is longer than this, so longer candidate substrings need not be tried.
-        self._max_piece_chars = max(len(t[2:] if t.startswith("##") else t) for t in self._vocab)
+        # The Rust matcher; the official WordpieceTokenizer's greedy longest-match-first, same limit.
+        self._wordpiece = WordPiece(self._vocab, unk_token=UNK, max_input_chars_per_word=_MAX_CHARS_PER_WORD)
         # Captions repeat words constantly; memoizing per whitespace-separated word makes a whole
-        # dataset tokenize in seconds. Built per instance because the answer depends on the vocabulary.
+        # dataset tokenize in seconds (several times faster than running every word through
+        # `tokenizers`). Built per instance because the answer depends on the vocabulary.
         self._word_ids = functools.lru_cache(maxsize=_WORD_CACHE_SIZE)(self._ids_of_word)
 
     def __repr__(self) -> str:
@@ -162,59 +190,27 @@ class Tokenizer:
     def _words(self, text: str) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        return text.translate(_CHAR_MAP).split()
-
-    def _pieces_of_word(self, word: str) -> list[str]:
-        """BERT's per-word steps after cleanup: lowercase, strip accents, split off punctuation, WordPiece."""
-        word = word.lower()
-        # NFD then dropping combining marks turns café into cafe (and, note, が into か).
-        word = "".join(ch for ch in unicodedata.normalize("NFD", word) if unicodedata.category(ch) != "Mn")
-        pieces: list[str] = []
-        current: list[str] = []
-        for ch in word:
-            if _is_punctuation(ch):
-                if current:
-                    pieces.extend(self._wordpiece("".join(current)))
-                    current = []
-                pieces.extend(self._wordpiece(ch))
-            else:
-                current.append(ch)
-        if current:
-            pieces.extend(self._wordpiece("".join(current)))
-        return pieces
-
-    def _wordpiece(self, chunk: str) -> list[str]:
-        out: list[str] = []
-        # Re-split because the official tokenizer re-joins and re-splits on whitespace at this point.
-        for word in chunk.split():
-            out.extend(self._greedy_match(word))
-        return out
-
-    def _greedy_match(self, word: str) -> list[str]:
-        """Greedy longest-match-first WordPiece; the whole word is [UNK] if any part cannot be matched."""
-        n = len(word)
-        if n > _MAX_CHARS_PER_WORD:
-            return [UNK]
-        vocab = self._vocab
-        pieces: list[str] = []
-        start = 0
-        while start < n:
-            end = min(n, start + self._max_piece_chars)
-            prefix = "##" if start > 0 else ""
-            while end > start:
-                candidate = prefix + word[start:end]
-                if candidate in vocab:
-                    pieces.append(candidate)
-                    break
-                end -= 1
-            else:
-                return [UNK]
-            start = end
-        return pieces
+        return text.translate(_TEXT_MAP).split()
 
     def _ids_of_word(self, word: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        pieces = tuple(self._pieces_of_word(word))
-        return pieces, tuple(self._vocab[p] for p in pieces)
+        """Pieces and ids of one whitespace-separated word: lowercase, strip accents, split punctuation, WordPiece."""
+        # Lowercasing the word alone, as the official code does, keeps str.lower's final-sigma rule the same.
+        chunks = unicodedata.normalize("NFD", word.lower()).translate(_WORD_MAP).split()
+        pieces: list[str] = []
+        ids: list[int] = []
+        for chunk in chunks:
+            try:
+                tokens = self._wordpiece.tokenize(chunk)
+            except UnicodeEncodeError:
+                # A lone surrogate cannot cross into Rust. No UTF-8 vocabulary entry holds one, so
+                # the official greedy match fails on it and makes the whole chunk [UNK].
+                pieces.append(UNK)
+                ids.append(self.unk_id)
+                continue
+            for t in tokens:
+                pieces.append(t.value)
+                ids.append(t.id)
+        return tuple(pieces), tuple(ids)
 
     # -- public API -----------------------------------------------------------------------------------
 

@@ -373,3 +373,64 @@ def test_import_does_not_read_vocab(monkeypatch):
     fresh.tokenize("猫")
     assert fresh._default is not None
     assert [p for p in opened if p.endswith("vocab.txt")]
+
+
+# Inputs whose characters `tokenizers`' own BertNormalizer + BertPreTokenizer treat otherwise than the
+# official code (other Unicode tables and rules); the character steps done in Python keep them equal.
+TOKENIZERS_DIVERGENCES = [
+    "ΟΔΟΣ ΣΊΣΥΦΟΣ σοφοΣ. ΑΣ\x07Β",  # str.lower's final-sigma rule, per whitespace word
+    "a\ue000b \U000f0000 \U00100000x",  # private-use characters: kept (and [UNK]) officially, dropped there
+    "a\u1c89b a\ua7cbb",  # letters newer than this Python's Unicode data (the official code sees Cn)
+    "a𫠠b 𫠡𫠢",  # CJK Extension E: split into single characters officially
+    "a\u061db a\u2e55b a\u2e5db",  # punctuation newer than one table and older than the other
+    "a\u07fdb a\u0898b a\u0890b",  # nonspacing marks and format characters the tables date differently
+    "a\u1734b a\u166db",
+]
+
+
+def test_tokenizers_divergences_equal_official(tokenizer):
+    official = cn_clip_clip._tokenizer
+    for text in TOKENIZERS_DIVERGENCES:
+        assert tokenizer.tokenize(text) == official.tokenize(text), text
+    assert torch.equal(tokenize(TOKENIZERS_DIVERGENCES), cn_clip_clip.tokenize(TOKENIZERS_DIVERGENCES))
+
+
+def test_lone_surrogates_give_unk_like_official(tokenizer):
+    # A surrogate cannot be passed to the Rust matcher; the word holding it is [UNK], as officially.
+    texts = ["ab\ud800cd", "\udfff", "中\ud800文", "猫 x\udc00 狗", "a" * 199 + "\ud800", "\ud800," * 3]
+    official = cn_clip_clip._tokenizer
+    for text in texts:
+        assert tokenizer.tokenize(text) == official.tokenize(text), ascii(text)
+    assert torch.equal(tokenize(texts), cn_clip_clip.tokenize(texts))
+
+
+def test_repeated_words_hit_the_cache_with_equal_results(tokenizer):
+    fresh = Tokenizer()
+    first = [fresh.encode(t) for t in CORPUS]
+    assert [fresh.encode(t) for t in CORPUS] == first
+    assert first == [tokenizer.encode(t) for t in CORPUS]
+
+
+def test_threads_get_the_same_ids(tokenizer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    fresh = Tokenizer()  # an empty cache, so threads fill it concurrently
+    expected = [tokenizer.encode(t) for t in CORPUS]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(fresh.encode, CORPUS * 4))
+    assert results == expected * 4
+
+
+def test_custom_vocab_with_repeats_equals_official(tmp_path):
+    from cn_clip.clip.bert_tokenizer import FullTokenizer
+
+    lines = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "猫", "un", "##aff", "##able", "a", "##b", "猫", "", "!"]
+    vocab = _write_vocab(tmp_path / "vocab.txt", lines)
+    ours, theirs = Tokenizer(vocab), FullTokenizer(vocab_file=str(vocab))
+    assert ours.vocab_size == len(lines)
+    for text in ["猫ab 狗!", "unaffable!猫", "ab" * 101, "", "UNAFFABLE ÄB"]:
+        pieces = ours.tokenize(text)
+        assert pieces == theirs.tokenize(text), text
+        assert ours.convert_tokens_to_ids(pieces) == theirs.convert_tokens_to_ids(pieces), text
+    # A repeated line keeps its last id, as the official loader's dict assignment does.
+    assert ours.encode("猫") == [2, 11, 3]
