@@ -22,6 +22,7 @@ __all__ = [
     "fsync_file",
     "fsync_tree",
     "previous_folder",
+    "remove_stale_temps",
     "replacing",
     "replacing_folder",
     "temp_name",
@@ -143,3 +144,18 @@ def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
     fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Remove the temporaries that writers killed mid-write left in `folder`; returns how many.
+
+    Only safe for a folder whose writers exclude each other (an index under its writer lock):
+    any temporary there then belongs to a writer that is gone."""
+    removed = 0
+    for entry in Path(folder).glob(f".*{TEMP_SUFFIX}*"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed

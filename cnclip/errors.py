@@ -36,3 +36,7 @@ class ModelMismatchError(CNClipError, ValueError):
 
 class QueryError(CNClipError, ValueError):
     """An empty, over-long or otherwise unusable search query."""
+
+
+class IndexBusyError(CNClipError, RuntimeError):
+    """Another process is writing the index (its writer lock is held)."""

@@ -20,6 +20,9 @@ MODEL_HELP = (
 )
 
 
+WAIT_HELP = "if another process is writing the index, wait up to this long for it (default 0: say so and stop)"
+
+
 def _json(value: object) -> str:
     """JSON with Chinese kept readable; file names that are not UTF-8 (lone surrogates in Python)
     become \\udcXX escapes, so the output is valid UTF-8 and json.loads gives back the same str."""
@@ -123,6 +126,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -158,7 +168,7 @@ def _runtime(args: argparse.Namespace):
 def _cmd_index(args: argparse.Namespace) -> int:
     from cnclip.index.folder import Index
 
-    if args.folder is not None and not os.path.isdir(os.path.expanduser(args.folder)):
+    if args.folder is not None and not os.path.isdir(os.path.expanduser(args.folder)) and not _known_folder(args):
         raise CNClipError(f"{args.folder} is not a folder; give the folder of images to index")
     if args.folder is None and not args.texts:
         raise CNClipError("nothing to index; give a folder of images and/or --texts FILE")
@@ -191,6 +201,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 include_hidden=args.hidden,
                 draft=not args.exact_decode,
                 ray=_ray_options(args),
+                prune=args.prune,
+                wait=args.wait,
                 **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
             )
         finally:
@@ -198,15 +210,51 @@ def _cmd_index(args: argparse.Namespace) -> int:
         _prepare_text_search(index, runtime, quiet=args.quiet)
     for item in summary.skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    for item in summary.offline:
+        print(
+            f"offline {item['path']}: {item['reason']}; {item['files']} files kept, left out of searches until "
+            "it is back (--prune removes them)",
+            file=sys.stderr,
+        )
     if args.json:
         print(_json(summary.to_dict()))
     else:
+        offline = sum(item["files"] for item in summary.offline)
         print(
             f"{summary.added} added, {summary.updated} updated, {summary.removed} removed, "
-            f"{summary.unchanged} unchanged, {len(summary.skipped)} skipped "
-            f"({summary.embedded} embedded, {summary.reused} reused)",
+            f"{summary.unchanged} unchanged, {len(summary.skipped)} skipped"
+            + (f", {offline} offline" if offline else "")
+            + f" ({summary.embedded} embedded, {summary.reused} reused)",
             file=sys.stderr,
         )
+    return 0
+
+
+def _known_folder(args: argparse.Namespace) -> bool:
+    """Whether the index already holds files from `args.folder` (a drive not mounted is not a typo)."""
+    from cnclip.index.catalog import Catalog
+    from cnclip.index.folder import default_index_path
+
+    try:
+        with Catalog.open(args.index or default_index_path()) as catalog:
+            return catalog.files_under(os.path.abspath(os.path.expanduser(args.folder))) > 0
+    except CNClipError:
+        return False
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from cnclip.index.catalog import Catalog
+    from cnclip.index.folder import default_index_path
+    from cnclip.index.lock import WriterLock
+
+    folder = args.index or default_index_path()
+    with Catalog.open(folder) as catalog, WriterLock(folder).hold(args.wait):
+        removed = catalog.collect_garbage(args.older_than * 86400)
+        left = catalog.unused_vectors()
+    if args.json:
+        print(_json({"vectors_removed": removed, "unused_vectors_left": left}))
+    else:
+        print(f"removed {removed} unused vectors from {folder} ({left} younger ones kept)", file=sys.stderr)
     return 0
 
 
@@ -524,6 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="the derived search index (auto: exact below 100k vectors, IVF-Flat, on-disk IVF-PQ from 10M)",
     )
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove files that cannot be seen (offline folders, a missing or empty FOLDER) instead of keeping "
+        "them offline",
+    )
+    p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS", help=WAIT_HELP)
     g = p.add_argument_group("on a Ray cluster (pip install 'cnclip[ray]')")
     g.add_argument("--ray", action="store_true", help="embed with Ray Data (a local Ray instance without --address)")
     g.add_argument("--address", help="Ray cluster to join, e.g. ray://head:10001 or auto (implies --ray)")
@@ -532,6 +587,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=_positive_int, default=1024, help="files per embedding shard (default 1024)")
     g.add_argument("--shard-dir", help="where shards go (default INDEX/shards; shared storage on a cluster)")
     p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser(
+        "gc", help="delete the kept vectors of removed photos (kept so that a restored photo is not embedded again)"
+    )
+    p.add_argument("--index", help=index_help)
+    p.add_argument(
+        "--older-than",
+        type=_seconds,
+        default=0.0,
+        metavar="DAYS",
+        help="only vectors unused for longer than this many days (default 0: all unused)",
+    )
+    p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS", help=WAIT_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_gc)
 
     p = sub.add_parser("search", help="search an index by Chinese text or by image")
     p.add_argument("query", nargs="?", help="what to look for, e.g. 海边的日落")

@@ -18,6 +18,7 @@ connection and must stay in the thread that opened it: open one per thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -55,6 +56,8 @@ BUSY_TIMEOUT_S = 30.0
 _VEC_DTYPE = np.dtype("<f4")
 _PAGE_SIZE = 32768
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Journal rows kept (see `changes_since`); a reader further behind diffs every id instead.
+_JOURNAL_KEEP = 1_000_000
 # Stay well under SQLite's bound-parameter limit (999 before 3.32) when building IN (...) lists.
 _IN_CHUNK = 500
 
@@ -62,7 +65,8 @@ _IN_CHUNK = 500
 _META_MODEL = "model"
 _META_GENERATION = "generation"
 _META_SCAN = "last_scan"
-_RESERVED_META = frozenset({_META_MODEL, _META_GENERATION, _META_SCAN})
+_META_JOURNAL_PRUNED = "journal_pruned"  # the change journal holds no entry at or below this position
+_RESERVED_META = frozenset({_META_MODEL, _META_GENERATION, _META_SCAN, _META_JOURNAL_PRUNED})
 # One key per scanned folder, "root:" + its catalog path -> unix time its last scan finished;
 # `cnclip serve` serves files only from inside these folders.
 _META_ROOT = "root:"
@@ -107,9 +111,38 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
         conn.execute(sql)
 
 
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Offline files and kept vectors: not seen is not gone, and nothing computed is computed twice."""
+    # A file whose folder could not be read keeps its row, marked offline with the reason and
+    # since when; it is left out of searches until a scan sees it again.
+    conn.execute("ALTER TABLE files ADD COLUMN offline TEXT")
+    conn.execute("ALTER TABLE files ADD COLUMN offline_since REAL")
+    # A vector no file uses any more is kept (a restored or re-added photo reuses it) until
+    # `collect_garbage` ages it out; this is when it lost its last file.
+    conn.execute("ALTER TABLE vectors ADD COLUMN unused_since REAL")
+    # A journal of files entering (+1) and leaving (-1) the searchable set, so that a process
+    # holding a vector index applies a commit at a cost that grows with the change, not with the
+    # index (a diff of every id at 10^6 files costs a reader hundreds of ms per commit).
+    conn.execute(
+        "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, file_id INTEGER NOT NULL, op INTEGER NOT NULL)"
+    )
+    searchable = "{0}.vector_id IS NOT NULL AND {0}.offline IS NULL"
+    for sql in (
+        f"CREATE TRIGGER files_in AFTER INSERT ON files WHEN {searchable.format('new')} "
+        "BEGIN INSERT INTO changes (file_id, op) VALUES (new.id, 1); END",
+        f"CREATE TRIGGER files_out AFTER DELETE ON files WHEN {searchable.format('old')} "
+        "BEGIN INSERT INTO changes (file_id, op) VALUES (old.id, -1); END",
+        "CREATE TRIGGER files_offline AFTER UPDATE OF offline ON files "
+        "WHEN new.vector_id IS NOT NULL AND (old.offline IS NULL) != (new.offline IS NULL) "
+        "BEGIN INSERT INTO changes (file_id, op) "
+        "VALUES (new.id, CASE WHEN new.offline IS NULL THEN 1 ELSE -1 END); END",
+    ):
+        conn.execute(sql)
+
+
 # Migration i takes the catalog from schema version i to i + 1. To change the schema, append one
 # function; it runs inside the same write transaction as the version bump, so it is all-or-nothing.
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1]
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1, _migrate_1_to_2]
 SCHEMA_VERSION: int = len(_MIGRATIONS)
 
 
@@ -219,6 +252,13 @@ def _prefix_range(root: str) -> tuple[str, str]:
     lo = os.fspath(root).rstrip(seps) + os.sep
     hi = lo[:-1] + chr(ord(lo[-1]) + 1)
     return lo, hi
+
+
+def _absolute(root: str) -> str:
+    if not os.path.isabs(root):
+        # A relative or empty root would turn a sweep into "everything not seen", or worse.
+        raise ValueError(f"a scanned folder must be an absolute path, got {root!r}")
+    return root
 
 
 def _decode_matrix(blobs: Sequence[bytes], dim: int, what: str) -> np.ndarray:
@@ -396,6 +436,28 @@ class Catalog:
                 ) from e
             raise
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Catalog]:
+        """A read-only view of the catalog frozen as of its first read, on its own connection.
+
+        For reads that must agree with each other while another process commits: a rebuild reads
+        the generation, the count and then every row (the on-disk build even reads them twice).
+        """
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("BEGIN")  # WAL: the snapshot is taken at the first read and held until COMMIT
+        except sqlite3.Error as e:
+            raise CNClipError(f"cannot read index catalog {self.path}: {e}; check the path and its permissions") from e
+        view = Catalog(self.folder, conn)
+        try:
+            view.generation()
+            yield view
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("COMMIT")
+            conn.close()
+
     # ---------------------------------------------------------------- metadata
 
     def get_meta(self, key: str) -> str | None:
@@ -498,15 +560,24 @@ class Catalog:
         return None if row is None else FileRecord(*row)
 
     def touch(self, scan_id: int, paths: Sequence[str]) -> None:
-        """Record that unchanged `paths` were seen by scan `scan_id`; unknown paths are ignored."""
+        """Record that unchanged `paths` were seen by scan `scan_id` (offline ones are back online);
+        unknown paths are ignored."""
         if not paths:
             return
         with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "UPDATE files SET offline = NULL, offline_since = NULL WHERE path = ? AND offline IS NOT NULL",
+                ((p,) for p in paths),
+            )
+            back_online = conn.total_changes - before
             # max(): a slower, older scan running alongside must not move a file back to an
             # earlier scan id, or the newer scan's sweep would delete it.
             conn.executemany(
                 "UPDATE files SET seen_scan = max(seen_scan, ?) WHERE path = ?", ((scan_id, p) for p in paths)
             )
+            if back_online:  # they return to searches without being embedded again
+                self._bump(conn, _META_GENERATION)
 
     def vector_id_for_hash(self, content_hash: str) -> int | None:
         """The id of the stored vector for this content, if any (renames and duplicates reuse it)."""
@@ -526,12 +597,16 @@ class Catalog:
             changed = False
             for row in rows:
                 vid = self._vector_for_row(conn, row, dim)
-                old = conn.execute("SELECT id, vector_id, seen_scan FROM files WHERE path = ?", (row.path,)).fetchone()
+                old = conn.execute(
+                    "SELECT id, vector_id, seen_scan, offline FROM files WHERE path = ?", (row.path,)
+                ).fetchone()
                 if old is not None and old[1] == vid:
                     conn.execute(
-                        "UPDATE files SET size = ?, mtime_ns = ?, hash = ?, seen_scan = max(seen_scan, ?) WHERE id = ?",
+                        "UPDATE files SET size = ?, mtime_ns = ?, hash = ?, seen_scan = max(seen_scan, ?), "
+                        "offline = NULL, offline_since = NULL WHERE id = ?",
                         (row.size, row.mtime_ns, row.hash, scan_id, old[0]),
                     )
+                    changed = changed or old[3] is not None  # back online: back in searches
                     continue
                 seen = scan_id
                 if old is not None:
@@ -555,6 +630,7 @@ class Catalog:
                 raise CNClipError(f"vector {row.vector_id} for {row.path} is no longer in the index; scan again")
             if found[0] != row.hash:
                 raise ValueError(f"vector {row.vector_id} belongs to content {found[0]}, not {row.path}'s {row.hash}")
+            conn.execute("UPDATE vectors SET unused_since = NULL WHERE id = ?", (row.vector_id,))
             return int(row.vector_id)
         if row.vector is None:
             return None
@@ -564,18 +640,68 @@ class Catalog:
         )
         if cur.rowcount == 1:
             return int(cur.lastrowid)
-        # Same content already embedded (a duplicate in this batch, or a concurrent scan): keep that one.
+        # Same content already embedded (a duplicate in this batch, a concurrent scan, or a kept
+        # vector of removed content): keep that one.
+        conn.execute("UPDATE vectors SET unused_since = NULL WHERE hash = ?", (row.hash,))
         return int(conn.execute("SELECT id FROM vectors WHERE hash = ?", (row.hash,)).fetchone()[0])
 
-    def finish_scan(self, scan_id: int, root: str) -> list[str]:
-        """Delete files under directory `root` that scan `scan_id` did not see, and vectors no file uses.
+    def missing_under(self, scan_id: int, root: str) -> tuple[int, int]:
+        """(files under `root` that scan `scan_id` has not seen, all files under `root`)."""
+        lo, hi = _prefix_range(_absolute(root))
+        row = self._db.execute(
+            "SELECT count(*) FILTER (WHERE seen_scan < ?), count(*) FROM files WHERE path >= ? AND path < ?",
+            (scan_id, lo, hi),
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
-        Returns the deleted paths, sorted. Files outside `root` are untouched, so one index can hold several folders.
+    def files_under(self, root: str) -> int:
+        """How many files (online or not) the catalog holds under the folder `root`."""
+        return self.missing_under(0, root)[1]
+
+    def offline_count(self) -> int:
+        """How many files are offline (kept, but left out of searches)."""
+        return int(self._db.execute("SELECT count(*) FROM files WHERE offline IS NOT NULL").fetchone()[0])
+
+    def mark_offline(self, scan_id: int, folder: str, reason: str) -> int:
+        """Keep the files under `folder` (or the file `folder`) that scan `scan_id` could not see,
+        marked offline with `reason`.
+
+        They leave searches (until a scan sees them again) but keep their rows and vectors, and the
+        sweep of this scan does not remove them. Returns how many files are offline under `folder`.
         """
-        if not os.path.isabs(root):
-            # A relative or empty root would turn the sweep into "everything not seen", or worse.
-            raise ValueError(f"finish_scan needs an absolute folder path, got {root!r}")
-        lo, hi = _prefix_range(root)
+        lo, hi = _prefix_range(_absolute(folder))
+        now = time.time()
+        with self._write() as conn:
+            # the path itself too: a dangling symlink may have pointed at one file
+            where = "(path = ? OR (path >= ? AND path < ?)) AND seen_scan < ?"
+            params = (folder, lo, hi, scan_id)
+            newly = conn.execute(f"SELECT count(*) FROM files WHERE {where} AND offline IS NULL", params).fetchone()[0]
+            marked = conn.execute(
+                "UPDATE files SET offline = ?, offline_since = coalesce(offline_since, ?), seen_scan = ? "
+                f"WHERE {where}",
+                (reason, now, scan_id, *params),
+            ).rowcount
+            if newly:
+                self._bump(conn, _META_GENERATION)
+        if marked:
+            log.info("scan %d: %d files under %s offline (%s)", scan_id, marked, folder, reason)
+        return marked
+
+    def offline_files(self) -> list[tuple[str, str, float]]:
+        """(path, reason, since when (unix time)) of every offline file, by path."""
+        rows = self._db.execute(
+            "SELECT path, offline, offline_since FROM files WHERE offline IS NOT NULL ORDER BY path"
+        ).fetchall()
+        return [(r[0], r[1], float(r[2] or 0)) for r in rows]
+
+    def finish_scan(self, scan_id: int, root: str) -> list[str]:
+        """Remove the files under directory `root` that scan `scan_id` did not see (nor marked offline).
+
+        Returns the removed paths, sorted. Files outside `root` are untouched, so one index can hold
+        several folders. Vectors left without a file are kept, marked unused, until
+        `collect_garbage`: a photo restored from the trash is then reused, not embedded again.
+        """
+        lo, hi = _prefix_range(_absolute(root))
         with self._write() as conn:
             # seen_scan < scan_id rather than != : files seen by a newer concurrent scan stay.
             where = "path >= ? AND path < ? AND seen_scan < ?"
@@ -584,18 +710,71 @@ class Catalog:
             if gone:
                 conn.execute(f"DELETE FROM files WHERE {where}", params)
                 self._bump(conn, _META_GENERATION)
-            orphans = conn.execute(
-                "DELETE FROM vectors WHERE NOT EXISTS (SELECT 1 FROM files WHERE files.vector_id = vectors.id)"
+            self._prune_journal(conn)
+            unused = conn.execute(
+                "UPDATE vectors SET unused_since = ? WHERE unused_since IS NULL "
+                "AND NOT EXISTS (SELECT 1 FROM files WHERE files.vector_id = vectors.id)",
+                (time.time(),),
             ).rowcount
-        if gone or orphans:
-            log.info("scan %d of %s: removed %d missing files, %d unused vectors", scan_id, root, len(gone), orphans)
+        if gone or unused:
+            log.info("scan %d of %s: removed %d missing files; %d vectors now unused", scan_id, root, len(gone), unused)
         return gone
+
+    def change_seq(self) -> int:
+        """The position of the newest entry of the change journal (0 when empty)."""
+        return int(self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+
+    def changes_since(self, seq: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(file ids that became searchable, file ids that stopped being searchable, new position)
+        since journal position `seq`; None when the journal no longer reaches back that far."""
+        if seq < self._meta_int(_META_JOURNAL_PRUNED):
+            return None
+        net: dict[int, int] = {}
+        last = seq
+        for row_seq, file_id, op in self._db.execute(
+            "SELECT seq, file_id, op FROM changes WHERE seq > ? ORDER BY seq", (int(seq),)
+        ):
+            net[file_id] = op  # the last word on a file wins
+            last = row_seq
+        added = np.array(sorted(f for f, op in net.items() if op > 0), dtype=np.int64)
+        removed = np.array(sorted(f for f, op in net.items() if op < 0), dtype=np.int64)
+        return added, removed, last
+
+    def _prune_journal(self, conn: sqlite3.Connection) -> None:
+        newest = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+        cut = newest - _JOURNAL_KEEP
+        if cut > 0 and conn.execute("DELETE FROM changes WHERE seq <= ?", (cut,)).rowcount:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (_META_JOURNAL_PRUNED, str(cut)),
+            )
+
+    def unused_vectors(self) -> int:
+        """How many stored vectors no file uses (kept for reuse until `collect_garbage`)."""
+        return int(self._db.execute("SELECT count(*) FROM vectors WHERE unused_since IS NOT NULL").fetchone()[0])
+
+    def collect_garbage(self, older_than_s: float = 0.0) -> int:
+        """Delete vectors that no file has used for more than `older_than_s` seconds; returns how many."""
+        if older_than_s < 0:
+            raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
+        with self._write() as conn:
+            # re-checked here: a scan may have reused a vector after it was marked unused
+            removed = conn.execute(
+                "DELETE FROM vectors WHERE unused_since IS NOT NULL AND unused_since <= ? "
+                "AND NOT EXISTS (SELECT 1 FROM files WHERE files.vector_id = vectors.id)",
+                (time.time() - older_than_s,),
+            ).rowcount
+        if removed:
+            log.info("catalog %s: collected %d unused vectors", self.path, removed)
+        return removed
 
     # ---------------------------------------------------------------- reading files & vectors
 
     def count(self) -> int:
-        """Number of searchable files (those with a vector; what `file_vectors` yields)."""
-        return int(self._db.execute("SELECT count(*) FROM files WHERE vector_id IS NOT NULL").fetchone()[0])
+        """Number of searchable files (online, with a vector; what `file_vectors` yields)."""
+        return int(
+            self._db.execute("SELECT count(*) FROM files WHERE vector_id IS NOT NULL AND offline IS NULL").fetchone()[0]
+        )
 
     def file_vectors(self, batch: int = 65536, after_id: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (file ids int64 (n,), vectors float32 (n, dim)) chunks in id order, ids > `after_id`.
@@ -612,7 +791,7 @@ class Catalog:
             return
         cur = self._db.execute(
             "SELECT files.id, vectors.vector FROM files JOIN vectors ON vectors.id = files.vector_id "
-            "WHERE files.id > ? ORDER BY files.id",
+            "WHERE files.id > ? AND files.offline IS NULL ORDER BY files.id",
             (int(after_id),),
         )
         try:
@@ -623,8 +802,10 @@ class Catalog:
             cur.close()
 
     def file_ids(self) -> np.ndarray:
-        """Ids of the files that have a vector (what a derived index should hold), ascending int64."""
-        rows = self._db.execute("SELECT id FROM files WHERE vector_id IS NOT NULL ORDER BY id").fetchall()
+        """Ids of the online files that have a vector (what a derived index should hold), ascending int64."""
+        rows = self._db.execute(
+            "SELECT id FROM files WHERE vector_id IS NOT NULL AND offline IS NULL ORDER BY id"
+        ).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def files_by_ids(self, ids: Sequence[int]) -> dict[int, FileRecord]:

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from cnclip.errors import ModelMismatchError, QueryError
+from cnclip import atomic
+from cnclip.errors import CNClipError, ModelMismatchError, QueryError
 from cnclip.index.catalog import Catalog, ModelIdentity
+from cnclip.index.lock import WriterLock
 from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
 from cnclip.index.vectors import ONDISK_KIND, VectorIndex
 from cnclip.model.onnx_runtime import TextEncoder
@@ -37,6 +39,7 @@ DEFAULT_INDEX = Path("index") / "default"
 _SYNC_MIN_REBUILD = 10_000
 QUERY_CACHE_SIZE = 1024  # recent query embeddings kept per open index (2 KB each at 512-d)
 PREPROCESSING = "squash-bicubic-clip-meanstd"
+VECTOR_KIND_META = "vector_kind"  # catalog meta: the vector index kind the user chose
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,20 @@ class Index:
         model: CNClipModel | None = None,
         runtime: Runtime | None = None,
         vector_kind: str = "auto",
+        save_vectors: bool = True,
     ):
         self.catalog = catalog
         self._model = model
         self._runtime = runtime
         # What `refresh` builds: "auto" (exact, IVF-Flat, or on disk past ONDISK_THRESHOLD) or a kind.
-        self.vector_kind = vector_kind
+        # A kind the user chose is recorded in the catalog, so that every later reader keeps it.
+        if vector_kind != "auto" and catalog.get_meta(VECTOR_KIND_META) != vector_kind:
+            catalog.set_meta(VECTOR_KIND_META, vector_kind)
+        self.vector_kind = catalog.get_meta(VECTOR_KIND_META) or vector_kind
+        # Whether a reader may save a vector index it had to build (when no writer holds the lock);
+        # a server never does: a request must not wait for a whole-file write.
+        self.save_vectors = save_vectors
+        self.lock = WriterLock(catalog.folder)
         self._images: VectorIndex | None = None
         self._images_generation: int | None = None
         # Recent query embeddings: a server sees the same queries again and again (paging,
@@ -104,6 +115,7 @@ class Index:
         create: bool = False,
         runtime: Runtime | None = None,
         vector_kind: str = "auto",
+        save_vectors: bool = True,
     ) -> Index:
         """Open (or with `create`, make) the index at `path` (default: `default_index_path()`).
 
@@ -111,14 +123,20 @@ class Index:
         model is loaded when first needed. A model other than the index's is refused. `runtime`
         (e.g. `Runtime.resolve()`: ONNX Runtime on CPUs) is applied to the model; without it the
         model runs as loaded (PyTorch fp32 on the CPU). `vector_kind` is the vector index kind
-        `refresh` builds ("auto" or one of `cnclip.index.vectors.KINDS`, e.g. "ivf-pq-ondisk").
+        `refresh` builds ("auto" or one of `cnclip.index.vectors.KINDS`, e.g. "ivf-pq-ondisk"); a kind
+        given here is recorded in the index and kept by every later reader. With `save_vectors=False`
+        this process never writes the vector files (a server: see `refresh`).
         """
         # The model first: a model that fails to load must not leave an empty index folder behind.
         loaded = _load(model, runtime) if isinstance(model, str | os.PathLike) else model
         if loaded is not None and runtime is not None:
             runtime.apply(loaded)
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
-        index = cls(catalog, runtime=runtime, vector_kind=vector_kind)
+        try:
+            index = cls(catalog, runtime=runtime, vector_kind=vector_kind, save_vectors=save_vectors)
+        except BaseException:
+            catalog.close()
+            raise
         if loaded is not None:
             try:
                 index._bind(loaded)
@@ -160,11 +178,21 @@ class Index:
     # -- adding -----------------------------------------------------------------------------------
 
     def add_folder(
-        self, folder: str | os.PathLike, *, progress: Callable[[Progress], None] | None = None, **options
+        self,
+        folder: str | os.PathLike,
+        *,
+        progress: Callable[[Progress], None] | None = None,
+        wait: float = 0.0,
+        **options,
     ) -> IndexSummary:
-        """Bring the index up to date with `folder` (recursively); see `Indexer` for options."""
-        summary = Indexer(self.model, self.catalog, **options).run(folder, progress)
-        self.refresh()
+        """Bring the index up to date with `folder` (recursively); see `Indexer` for options.
+
+        Holds the index's writer lock, waiting up to `wait` seconds for another writer
+        (IndexBusyError after that), and saves the vector index at the end."""
+        with self.lock.hold(wait):
+            atomic.remove_stale_temps(self.catalog.folder)  # a killed writer's, now that no other writes
+            summary = Indexer(self.model, self.catalog, **options).run(folder, progress)
+            self.refresh()
         return summary
 
     def add_texts(self, texts: Sequence[str], collection: str = "default") -> int:
@@ -181,62 +209,109 @@ class Index:
     def refresh(self) -> VectorIndex:
         """The image vector index, brought up to date with the catalog if the catalog changed.
 
-        A small change is applied to the saved index in place (vectors of new file ids added,
-        vanished ids removed); a large one, or one that would leave the index far from what a
-        fresh build makes (`VectorIndex.needs_rebuild`), rebuilds it from the catalog. A saved
-        index of another kind than `vector_kind` asks for is rebuilt; with "auto" an on-disk
-        index stays on disk (it was chosen for a collection too large for RAM).
+        The index held in memory follows the catalog in place (vectors of new file ids added,
+        vanished ids removed), at a cost that grows with the change, not with the index: the
+        file is not read again. Only the writer (the process holding the lock, e.g. `add_folder`)
+        saves it. Without one in memory, the saved index is loaded and brought up to date the
+        same way. A large change, or one that would leave the index far from what a fresh build
+        makes (`VectorIndex.needs_rebuild`), rebuilds it from one snapshot of the catalog while
+        the old one stays in use. A saved index of another kind than `vector_kind` asks for is
+        rebuilt; with "auto" an on-disk index stays on disk.
         """
         generation = self.catalog.generation()  # read first: a write after it makes us stale, not wrong
-        if self._images is not None and self._images_generation == generation:
-            return self._images
-        folder = self.catalog.folder
-        cached = VectorIndex.load(folder)
-        kind = self.vector_kind
-        if kind == "auto" and cached is not None and cached.kind == ONDISK_KIND:
-            kind = ONDISK_KIND
-        other_kind = (
-            cached is not None and kind != "auto" and cached.kind != VectorIndex.resolve_kind(kind, cached.ntotal)
-        )
-        if cached is None or cached.meta.get("generation") != generation or other_kind:
-            identity = self.catalog.identity
-            dim = identity.dim if identity else self.model.embed_dim
-            synced = self._sync(cached) if cached is not None and cached.dim == dim and not other_kind else None
-            if synced is None:
-                # A function, not an iterator: the on-disk kind reads the catalog twice. It is
-                # built inside the index folder, so `save` below only writes its meta.
-                synced = VectorIndex.build_streaming(
-                    self.catalog.file_vectors, total=self.catalog.count(), dim=dim, kind=kind, folder=folder
-                )
-            cached = synced
-            cached.meta["generation"] = generation
-            try:
-                cached.save(folder)
-            except OSError as e:  # a read-only index still searches; it just rebuilds next time
-                log.warning("could not save the vector index in %s: %s", folder, e)
-        if cached.ondisk is not None:
+        held = self._images
+        if held is not None and self._images_generation == generation:
+            return held
+        index = self._sync(held) if held is not None else self._load_current(generation)
+        if index is None:
+            index = self._rebuild()  # saved by `_build` where this process may write
+            generation = int(index.meta["generation"])
+        elif index.meta.get("generation") != generation:
+            index.meta["generation"] = generation
+            if self.lock.held:
+                self._save(index)
+        if index.ondisk is not None:
             # PQ codes alone gave recall@10 ~0.75 at 10^6; exact re-ranking from the catalog ~0.997
-            cached.ondisk.reranker = self.catalog.vectors_for_ids
-        self._images, self._images_generation = cached, generation
-        return cached
+            index.ondisk.reranker = self.catalog.vectors_for_ids
+        self._images, self._images_generation = index, generation
+        return index
+
+    def _wanted_kind(self, saved: VectorIndex | None) -> str:
+        if self.vector_kind == "auto" and saved is not None and saved.kind == ONDISK_KIND:
+            return ONDISK_KIND  # it was chosen for a collection too large for RAM
+        return self.vector_kind
+
+    def _load_current(self, generation: int) -> VectorIndex | None:
+        """The saved vector index, brought up to date in memory; None when a rebuild is due."""
+        saved = VectorIndex.load(self.catalog.folder)
+        if saved is None:
+            return None
+        kind = self._wanted_kind(saved)
+        if kind != "auto" and saved.kind != VectorIndex.resolve_kind(kind, saved.ntotal):
+            return None
+        identity = self.catalog.identity
+        if identity is not None and saved.dim != identity.dim:
+            return None
+        return saved if saved.meta.get("generation") == generation else self._sync(saved)
+
+    def _rebuild(self) -> VectorIndex:
+        """A new vector index from one snapshot of the catalog (its generation in `meta`).
+
+        The on-disk kind is built inside the index folder, which only the lock holder may write:
+        a reader takes the lock if it is free, and otherwise says that a writer is at work."""
+        kind = self._wanted_kind(VectorIndex.load(self.catalog.folder) if self.vector_kind == "auto" else None)
+        with self.catalog.snapshot() as snap:
+            total = snap.count()
+            if VectorIndex.resolve_kind(kind, total) == ONDISK_KIND and not self.lock.held:
+                with self.lock.hold(wait=0.0):
+                    return self._build(snap, kind, total)
+            return self._build(snap, kind, total)
+
+    def _build(self, snap: Catalog, kind: str, total: int) -> VectorIndex:
+        identity = snap.identity
+        dim = identity.dim if identity else self.model.embed_dim
+        # A function, not an iterator: the on-disk kind reads the catalog twice.
+        index = VectorIndex.build_streaming(
+            snap.file_vectors, total=total, dim=dim, kind=kind, folder=self.catalog.folder
+        )
+        index.meta["generation"] = snap.generation()
+        index.meta["changes_seq"] = snap.change_seq()
+        if self.lock.held:
+            self._save(index)
+        elif self.save_vectors and self.lock.try_acquire():
+            try:  # no writer at work: save it, so the next process need not build it again
+                self._save(index)
+            finally:
+                self.lock.release()
+        return index
+
+    def _save(self, index: VectorIndex) -> None:
+        try:
+            index.save(self.catalog.folder)
+        except (OSError, CNClipError) as e:  # a read-only or full disk: search still works from memory
+            log.warning("could not save the vector index in %s: %s", self.catalog.folder, e)
 
     def _sync(self, index: VectorIndex) -> VectorIndex | None:
-        """Apply the catalog's changes since `index` was saved, or None when a rebuild is better."""
-        wanted, held = self.catalog.file_ids(), index.ids()
-        gone = np.setdiff1d(held, wanted, assume_unique=True)
-        new = np.setdiff1d(wanted, held, assume_unique=True)
-        after = held.size - gone.size + new.size
+        """Apply the catalog's changes since `index` was built or synced, in place; None when a
+        rebuild is better. Reads the catalog's change journal: the cost follows the change."""
+        seq = index.meta.get("changes_seq")
+        changes = self.catalog.changes_since(int(seq)) if seq is not None else None
+        if changes is None:  # built before the journal existed, or too far behind it
+            seq = self.catalog.change_seq()  # first: what happens during the diff is replayed next time
+            wanted, held = self.catalog.file_ids(), index.ids()
+            changes = (np.setdiff1d(wanted, held, True), np.setdiff1d(held, wanted, True), seq)
+        added, removed, seq = changes
+        after = index.ntotal - removed.size + added.size
         # Past half of the index changed, a build is about as cheap and gives fresh IVF cells.
-        if gone.size + new.size > max(_SYNC_MIN_REBUILD, held.size // 2) or index.needs_rebuild(ntotal=after):
+        if added.size + removed.size > max(_SYNC_MIN_REBUILD, index.ntotal // 2) or index.needs_rebuild(ntotal=after):
             return None
-        index.remove(gone)
-        if new.size:
-            # File ids only grow, so the new ones are (almost always) all above what the index holds.
-            for ids, vectors in self.catalog.file_vectors(after_id=int(new[0]) - 1):
-                keep = np.isin(ids, new, assume_unique=True)
-                if keep.any():
-                    index.add(ids[keep], vectors[keep])
-        log.debug("vector index synced: %d added, %d removed", new.size, gone.size)
+        index.remove(removed)
+        if added.size:
+            vectors = self.catalog.vectors_for_ids(added)
+            present = ~np.isnan(vectors[:, 0])  # NaN: removed again since
+            index.add(added[present], vectors[present])
+        index.meta["changes_seq"] = int(seq)
+        log.debug("vector index synced: %d added, %d removed", added.size, removed.size)
         return index
 
     def stats(self) -> dict:
@@ -252,6 +327,8 @@ class Index:
         return {
             "index": str(self.catalog.folder),
             "images": self.catalog.count(),
+            "offline": self.catalog.offline_count(),
+            "unused_vectors": self.catalog.unused_vectors(),
             "texts": self.catalog.text_count(),
             "model": None
             if identity is None

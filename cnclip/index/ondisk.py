@@ -61,6 +61,7 @@ from cnclip.index.vector_common import (
     _default_spool_dir,
     _omp_threads,
     _recall,
+    write_faiss,
 )
 
 __all__ = ["KIND", "RERANK_FACTOR", "SHARD_ROWS", "OnDiskIndex", "min_rows"]
@@ -524,8 +525,7 @@ def _write_header(index: faiss.Index, sizes: np.ndarray, lists_name: str, lists_
     ivf.replace_invlists(lists, True)
     lists.this.disown()
     ivf.ntotal = index.ntotal = int(sizes.sum())
-    with atomic.replacing(path) as tmp:
-        faiss.write_index(index, str(tmp))
+    write_faiss(index, path)
 
 
 def _write_files(folder: Path, key: str, index: faiss.Index, shards: list[_Shard], ids: np.ndarray) -> dict[str, str]:
@@ -1056,8 +1056,7 @@ def _trained(plan: _Plan, sample: np.ndarray, work: Path) -> tuple[faiss.Index, 
         return faiss.read_index(str(path)), key, False
     log.info("training on %d vectors: nlist=%d PQ%dx%d opq=%s", len(sample), plan.nlist, plan.m, plan.nbits, plan.opq)
     index = _train(plan, sample)
-    with atomic.replacing(path) as tmp:
-        faiss.write_index(index, str(tmp))
+    write_faiss(index, path)
     return index, key, True
 
 

@@ -3,6 +3,14 @@
 Crash safety comes from the catalog: each embedded batch is committed as it finishes, and the
 sweep that deletes vanished files runs only after a complete walk, so a killed run loses at most
 the batch in flight and deletes nothing.
+
+Not seen is not gone. A folder that cannot be walked (a failed read, a symlink into a drive that
+is not mounted, a root that is missing or suddenly empty) keeps its files, marked offline with
+the reason; they leave searches and come back, without embedding, when a scan sees them again.
+A run that would remove more than half of a root's files keeps them offline too. Removing what
+is offline is an explicit act (`prune=True`, `cnclip index DIR --prune`), and the vectors of
+removed files stay (by content hash) until `Catalog.collect_garbage`, so a restored photo is
+reused, not embedded again.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ if TYPE_CHECKING:  # the model's modules load torch; searching an index must not
 log = logging.getLogger(__name__)
 
 _HASH_CHUNK = 1 << 20
+# A run that would remove more than this share of a root's files keeps them offline instead (rsync's
+# --max-delete, for the day a drive is half there): deleting most of a library is never a side effect.
+MAX_REMOVE_FRACTION = 0.5
+NOT_MOUNTED = "a drive not mounted?"
 
 
 @dataclass
@@ -40,6 +52,8 @@ class IndexSummary:
     embedded: int = 0  # images actually run through the model
     reused: int = 0  # new or changed paths whose content was already embedded (renames, copies)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # folders whose known files were kept, offline, because they could not be seen: path, reason, files
+    offline: list[dict] = field(default_factory=list)
     shards: dict[str, int] | None = None  # with Ray: embedding shards computed now / read back
 
     def to_dict(self) -> dict:
@@ -52,6 +66,7 @@ class IndexSummary:
             "embedded": self.embedded,
             "reused": self.reused,
             "skipped": list(self.skipped),
+            "offline": list(self.offline),
         }
 
 
@@ -68,6 +83,14 @@ class _Found:
     path: str
     size: int
     mtime_ns: int
+
+
+@dataclass
+class _Walk:
+    """What a walk could not see."""
+
+    unreachable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    root_empty: bool = False
 
 
 def to_catalog_path(path: str) -> str:
@@ -109,6 +132,7 @@ class Indexer:
         draft: bool = True,
         ray: RayOptions | None = None,
         on_shard: Callable[[str], None] | None = None,
+        prune: bool = False,
     ):
         self.model = model
         self.ray = ray
@@ -119,16 +143,21 @@ class Indexer:
         self.include_hidden = include_hidden
         self.max_pixels = max_pixels
         self.draft = draft
+        self.prune = prune  # remove what cannot be seen, instead of keeping it offline
 
     def run(self, folder: str | os.PathLike, progress: Callable[[Progress], None] | None = None) -> IndexSummary:
-        root = Path(folder).expanduser()
-        if not root.is_dir():
-            raise CNClipError(f"{folder} is not a folder; give the folder of images to index")
-        root_str = os.path.abspath(root)
+        root = os.path.abspath(Path(folder).expanduser())
         summary = IndexSummary()
         scan = self.catalog.begin_scan()
+        if not os.path.isdir(root):
+            if not self.catalog.missing_under(scan, to_catalog_path(root))[1]:
+                raise CNClipError(f"{folder} is not a folder; give the folder of images to index")
+            self._keep_offline(scan, root, f"folder not found ({NOT_MOUNTED})", summary)
+            summary.removed = len(self.catalog.finish_scan(scan, to_catalog_path(root)))
+            return summary
+        walk = _Walk()
         todo, unchanged = [], []
-        for found in self._walk(root_str, summary):
+        for found in self._walk(root, summary, walk):
             record = self.catalog.lookup(to_catalog_path(found.path))
             if record is not None and record.size == found.size and record.mtime_ns == found.mtime_ns:
                 unchanged.append(to_catalog_path(found.path))
@@ -141,15 +170,40 @@ class Indexer:
         self.catalog.touch(scan, unchanged)
         to_embed = self._reuse_known(scan, todo, summary)
         self._embed(scan, to_embed, summary, progress)
-        removed = self.catalog.finish_scan(scan, to_catalog_path(root_str))
-        self.catalog.record_root(to_catalog_path(root_str))
+        self._guard(scan, root, walk, summary)
+        removed = self.catalog.finish_scan(scan, to_catalog_path(root))
+        self.catalog.record_root(to_catalog_path(root))
         summary.removed = len(removed)
         return summary
 
+    def _guard(self, scan: int, root: str, walk: _Walk, summary: IndexSummary) -> None:
+        """Keep offline what this scan could not see, unless pruning: unreadable folders, an empty
+        root, or more than MAX_REMOVE_FRACTION of the root at once."""
+        for path, reason in walk.unreachable:
+            self._keep_offline(scan, path, reason, summary)
+        missing, total = self.catalog.missing_under(scan, to_catalog_path(root))
+        if walk.root_empty and missing:
+            self._keep_offline(scan, root, f"folder is empty ({NOT_MOUNTED})", summary)
+        elif missing > total * MAX_REMOVE_FRACTION:
+            reason = f"{missing} of {total} files gone at once; run with --prune to remove them"
+            self._keep_offline(scan, root, reason, summary)
+
+    def _keep_offline(self, scan: int, path: str, reason: str, summary: IndexSummary) -> None:
+        if self.prune:
+            self._skip(summary, path, reason)
+            return  # the sweep removes what it held
+        files = self.catalog.mark_offline(scan, to_catalog_path(path), reason)
+        if files:
+            log.info("offline: %s (%s): %d files kept", path, reason, files)
+            summary.offline.append({"path": path, "reason": reason, "files": files})
+        else:  # nothing indexed there yet: an ordinary skip
+            self._skip(summary, path, reason)
+
     # -- walking --------------------------------------------------------------------------------
 
-    def _walk(self, root: str, summary: IndexSummary) -> Iterator[_Found]:
-        """Image files under root, following symlinks once (loops and repeats are cut by inode)."""
+    def _walk(self, root: str, summary: IndexSummary, walk: _Walk) -> Iterator[_Found]:
+        """Image files under root, following symlinks once (loops and repeats are cut by inode).
+        Folders that cannot be read, and symlinks whose target is missing, go to `walk.unreachable`."""
         seen_dirs: set[tuple[int, int]] = set()
         stack = [root]
         while stack:
@@ -162,8 +216,10 @@ class Indexer:
                 seen_dirs.add(key)
                 entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError as e:
-                self._skip(summary, folder, _reason(e))
+                walk.unreachable.append((folder, _reason(e)))
                 continue
+            if folder == root and not entries:
+                walk.root_empty = True
             subdirs = []
             for entry in entries:
                 if entry.name.startswith(".") and not self.include_hidden:
@@ -171,6 +227,10 @@ class Indexer:
                 try:
                     if entry.is_dir(follow_symlinks=True):
                         subdirs.append(entry.path)
+                        continue
+                    if entry.is_symlink() and not os.path.exists(entry.path):
+                        # maybe a folder on a drive that is not mounted: what it held is not gone
+                        walk.unreachable.append((entry.path, f"symlink target missing ({NOT_MOUNTED})"))
                         continue
                     if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
                         continue

@@ -6,11 +6,13 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+from cnclip import atomic
 from cnclip.errors import CNClipError, ModelMismatchError
 
 META_FILE = "vectors.json"
@@ -82,3 +84,17 @@ def _default_spool_dir() -> str | None:
     if os.environ.get("TMPDIR") or os.name != "posix":
         return None  # tempfile's own choice
     return "/var/tmp" if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) else None
+
+
+def write_faiss(index: faiss.Index, path: Path) -> None:
+    """Publish a faiss index as `path` (cnclip.atomic); a failure is one CNClipError, never a traceback.
+
+    faiss reports a full disk or a read-only folder as a RuntimeError with a C++ backtrace."""
+    try:
+        with atomic.replacing(path) as tmp:
+            faiss.write_index(index, str(tmp))
+    except (OSError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CNClipError(
+            f"cannot write the vector index {path}: {first}; check free disk space and permissions"
+        ) from e

@@ -55,6 +55,7 @@ from cnclip.index.vector_common import (
     _default_spool_dir,
     _omp_threads,
     _recall,
+    write_faiss,
 )
 
 if TYPE_CHECKING:
@@ -649,8 +650,7 @@ class VectorIndex:
             raise CNClipError(f"index meta is not JSON-serialisable: {exc}") from exc
 
         index_path = folder / INDEX_FILE
-        with atomic.replacing(index_path) as tmp:
-            faiss.write_index(self._index, str(tmp))
+        write_faiss(self._index, index_path)
         st = index_path.stat()
         doc["index_bytes"] = st.st_size
         doc["index_mtime_ns"] = st.st_mtime_ns

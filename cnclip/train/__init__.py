@@ -22,4 +22,8 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'cnclip.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"cnclip.train.{module}"), name)
+    value = getattr(importlib.import_module(f"cnclip.train.{module}"), name)
+    # Importing cnclip.train.main binds the *submodule* to this package's `main`; the function wins,
+    # or `from cnclip.train import main` would hand out the module.
+    globals()[name] = value
+    return value

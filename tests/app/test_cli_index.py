@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import indexed_vectors, run_cli
 from PIL import Image
 
 import cnclip
@@ -241,3 +241,136 @@ def test_kill_9_mid_index_then_resume_and_search_meanwhile(tmp_path, model_dir):
     final = run_cli("search", "红色", "--index", idx, "-k", str(n + 10), "--json")
     assert len(json.loads(final.stdout)) == n
     shutil.rmtree(root)
+
+
+# -- several processes on one index (issue 15) ----------------------------------------------------
+
+HOLD_LOCK = (
+    "import sys, time\n"
+    "from cnclip.index.lock import WriterLock\n"
+    "WriterLock(sys.argv[1]).acquire()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+)
+
+
+def _holder(idx, seconds: float) -> subprocess.Popen:
+    """Another process holding the index's writer lock for `seconds`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(idx), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_in_one_line_waits_with_wait_and_a_killed_writer_frees_the_lock(
+    photos, tmp_path, model_dir
+):
+    idx = tmp_path / "idx"
+    _index(photos, idx, model_dir)
+    holder = _holder(idx, 600)
+    try:
+        out = run_cli("index", photos, "--index", idx, "--model", model_dir, "-q")
+        assert out.returncode == 1
+        assert out.stderr.startswith(
+            f"cnclip: error: index {idx} is being written by another process (pid {holder.pid}"
+        )
+        assert "--wait" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+        search = run_cli("search", "海边", "--index", idx, "--json")  # readers never wait for the lock
+        assert search.returncode == 0 and len(json.loads(search.stdout)) == 9
+    finally:
+        holder.kill()  # kill -9: the OS frees its lock, nothing to break by hand
+        holder.wait()
+    assert _index(photos, idx, model_dir)[0]["unchanged"] == 9
+
+    holder = _holder(idx, 2)
+    summary, _ = _index(photos, idx, model_dir, "--wait", "120")
+    assert holder.wait(timeout=60) == 0 and summary["unchanged"] == 9
+
+
+def test_two_index_runs_at_once_embed_each_photo_once(photos, tmp_path, model_dir):
+    idx = tmp_path / "idx"
+    cmd = [sys.executable, "-m", "cnclip", "index", str(photos), "--index", str(idx), "--model", str(model_dir)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    runs = [subprocess.Popen([*cmd, "--json", "-q", "--wait", "120"], stdout=subprocess.PIPE, env=env) for _ in "ab"]
+    summaries = [json.loads(run.communicate(timeout=300)[0]) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    assert sorted(s["embedded"] for s in summaries) == [0, 9]  # the second waited, then found all done
+    assert len(indexed_vectors(idx)) == 9
+
+
+def test_kill_9_at_random_points_of_index_and_rebuild_with_a_reader_running(tmp_path, model_dir):
+    import random
+    import threading
+
+    from cnclip.errors import IndexNotFoundError
+    from cnclip.index.folder import Index
+    from cnclip.index.vectors import INDEX_FILE
+
+    photos, idx, rng = tmp_path / "photos", tmp_path / "idx", random.Random(15)
+    colours = np.random.default_rng(15).integers(0, 256, (24, 3))
+    for i, rgb in enumerate(colours):
+        _solid(photos / f"d{i % 3}" / f"p{i:02d}.png", tuple(int(c) for c in rgb))
+    reference = tmp_path / "reference"
+    _index(photos, reference, model_dir)
+
+    stop, problems, searches = threading.Event(), [], [0]
+
+    def reader():
+        index = None
+        while not stop.is_set():
+            try:
+                index = index or Index.open(idx)
+                vectors = index.refresh()
+                if vectors.ntotal:
+                    query = np.ones((1, vectors.dim), np.float32) / np.sqrt(vectors.dim)
+                    ids = vectors.search(query, 5)[1][0]
+                    # hits may name files moved a moment ago: the catalog learns of it at the next scan
+                    index.catalog.files_by_ids([i for i in ids.tolist() if i >= 0])
+                    searches[0] += 1
+            except IndexNotFoundError:
+                time.sleep(0.05)
+            except Exception as e:  # noqa: BLE001 - every failure of a reader is the finding
+                problems.append(repr(e))
+        if index is not None:
+            index.close()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "cnclip", "index", str(photos), "--index", str(idx), "--model", str(model_dir)]
+    cmd += ["-q", "--batch-size", "2", "--wait", "60"]
+    started = time.monotonic()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    full = time.monotonic() - started
+    moved = []
+    try:
+        for _ in range(20):
+            if rng.random() < 0.4 and (idx / INDEX_FILE).exists():
+                (idx / INDEX_FILE).unlink()  # the next run must rebuild the vector file from the catalog
+            if moved and rng.random() < 0.5:
+                shutil.move(moved.pop(), photos / "d0")  # a photo comes back
+            else:
+                victim = rng.choice(sorted(photos.rglob("*.png")))
+                moved.append(shutil.move(victim, tmp_path / victim.name))  # one photo goes
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.2, full))
+            proc.kill()
+            proc.wait()
+        for path in moved:
+            shutil.move(path, photos / "d1")
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        time.sleep(1)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert problems == [] and searches[0] > 0
+    got, want = indexed_vectors(idx), indexed_vectors(reference)
+    assert sorted(os.path.basename(p) for p in got) == sorted(os.path.basename(p) for p in want)
+    by_name = {os.path.basename(p): v for p, v in want.items()}
+    for path, vector in got.items():
+        np.testing.assert_allclose(vector, by_name[os.path.basename(path)], atol=1e-5)
+    assert not list(idx.glob(".*.tmp*"))  # what killed writers left was cleared by the next one
+    with Index.open(idx) as index:
+        assert index.refresh().ntotal == 24 and index.stats()["offline"] == 0

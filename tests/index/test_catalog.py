@@ -70,7 +70,7 @@ def test_create_makes_folder_and_records_schema(tmp_path):
     folder = tmp_path / "deep" / "er" / "idx"
     with Catalog.open(folder, create=True) as c:
         assert c.folder == folder and c.path == folder / CATALOG_FILE
-        assert c.schema_version == SCHEMA_VERSION == 1
+        assert c.schema_version == SCHEMA_VERSION == 2
         assert c.identity is None and c.count() == 0 and c.generation() == 0
         assert c._db.execute("PRAGMA page_size").fetchone()[0] == 32768
     conn = sqlite3.connect(folder / CATALOG_FILE)
@@ -87,7 +87,7 @@ def test_future_schema_is_refused(tmp_path):
     conn = sqlite3.connect(tmp_path / CATALOG_FILE)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(CNClipError, match=r"schema version 2 .*upgrade cnclip") as e:
+    with pytest.raises(CNClipError, match=rf"schema version {SCHEMA_VERSION + 1} .*upgrade cnclip") as e:
         Catalog.open(tmp_path)
     assert "\n" not in str(e.value)
 
@@ -111,6 +111,7 @@ def test_foreign_sqlite_database_is_refused(tmp_path):
 def test_appended_migration_upgrades_atomically(tmp_path, monkeypatch):
     import cnclip.index.catalog as store
 
+    base = store.SCHEMA_VERSION
     with Catalog.open(tmp_path, create=True) as c:
         c.bind_model(identity())
 
@@ -119,21 +120,40 @@ def test_appended_migration_upgrades_atomically(tmp_path, monkeypatch):
         raise RuntimeError("killed mid-migration")
 
     monkeypatch.setattr(store, "_MIGRATIONS", [*store._MIGRATIONS, broken])
-    monkeypatch.setattr(store, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store, "SCHEMA_VERSION", base + 1)
     with pytest.raises(RuntimeError, match="killed"):
         Catalog.open(tmp_path)
     conn = sqlite3.connect(tmp_path / CATALOG_FILE)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1  # nothing half-applied
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == base  # nothing half-applied
     assert "rating" not in [r[1] for r in conn.execute("PRAGMA table_info(files)")]
     conn.close()
 
     def add_rating(conn):
         conn.execute("ALTER TABLE files ADD COLUMN rating INTEGER")
 
-    monkeypatch.setattr(store, "_MIGRATIONS", [*store._MIGRATIONS[:1], add_rating])
+    monkeypatch.setattr(store, "_MIGRATIONS", [*store._MIGRATIONS[:base], add_rating])
     with Catalog.open(tmp_path) as c:
-        assert c.schema_version == 2 and c.identity == identity()  # data kept
+        assert c.schema_version == base + 1 and c.identity == identity()  # data kept
         assert "rating" in [r[1] for r in c._db.execute("PRAGMA table_info(files)")]
+
+
+def test_a_version_1_catalog_is_upgraded_with_its_files_and_vectors(tmp_path, monkeypatch, root):
+    import cnclip.index.catalog as store
+
+    monkeypatch.setattr(store, "_MIGRATIONS", store._MIGRATIONS[:1])
+    monkeypatch.setattr(store, "SCHEMA_VERSION", 1)
+    with Catalog.open(tmp_path, create=True) as c:
+        c.bind_model(identity())
+        c._db.execute("INSERT INTO vectors (hash, vector) VALUES ('h1', ?)", (vec(1).astype("<f4").tobytes(),))
+        c._db.execute(
+            "INSERT INTO files (path, size, mtime_ns, hash, vector_id, seen_scan) VALUES (?, 100, 1, 'h1', 1, 1)",
+            (f"{root}/a.jpg",),
+        )
+    monkeypatch.undo()
+    with Catalog.open(tmp_path) as c:
+        assert c.schema_version == SCHEMA_VERSION and c.count() == 1
+        np.testing.assert_array_equal(c.vector_for_path(f"{root}/a.jpg"), vec(1))
+        assert c.offline_files() == [] and c.unused_vectors() == 0
 
 
 def test_closed_catalog_raises_clearly(tmp_path):
@@ -219,7 +239,11 @@ def test_full_scan_cycle(cat, root, tmp_path):
     np.testing.assert_array_equal(cat.vector_for_path(a), vec(1))
     assert cat.vector_for_path(c_) is None
     assert paths_of(cat) == {a, b, d, f"{other}/x.jpg"}
-    # Vectors of b's old content and of c are orphans and were swept.
+    # Vectors of b's old content and of c are unused now, kept for reuse until collected.
+    assert cat.unused_vectors() == 2 and cat.vector_id_for_hash("h2") is not None
+    assert cat._db.execute("SELECT count(*) FROM vectors").fetchone()[0] == 6
+    assert cat.collect_garbage(older_than_s=3600) == 0  # too young
+    assert cat.collect_garbage() == 2
     assert cat.vector_id_for_hash("h2") is None and cat.vector_id_for_hash("h3") is None
     assert cat._db.execute("SELECT count(*) FROM vectors").fetchone()[0] == 4
 
@@ -265,7 +289,7 @@ def test_like_wildcards_in_paths(cat, tmp_path):
     assert paths_of(cat) == {files[1], files[3]}
 
 
-def test_rename_reuses_vector_and_orphans_are_swept(cat, root):
+def test_rename_reuses_vector_and_orphans_are_kept_until_collected(cat, root):
     old, renamed, gone = f"{root}/old.jpg", f"{root}/moved/new.jpg", f"{root}/gone.jpg"
     s1 = cat.begin_scan()
     cat.put_files(s1, [new(old, 1), new(gone, 2)])
@@ -278,8 +302,18 @@ def test_rename_reuses_vector_and_orphans_are_swept(cat, root):
     assert cat.finish_scan(s2, root) == [gone, old]  # in path order
     assert cat.lookup(old) is None and cat.lookup(gone) is None
     assert cat.vector_id_for_hash("h1") == vid  # survived: renamed.jpg uses it
-    assert cat.vector_id_for_hash("h2") is None  # orphan of a truly deleted file: swept
+    # the vector of a deleted file stays, unused, so that restoring the file costs no embedding
+    kept = cat.vector_id_for_hash("h2")
+    assert kept is not None and cat.unused_vectors() == 1
     np.testing.assert_array_equal(cat.vector_for_path(renamed), vec(1))
+    s3 = cat.begin_scan()  # gone.jpg restored from the trash
+    gen = cat.generation()
+    cat.touch(s3, [renamed])
+    cat.put_files(s3, [NewFile(gone, 100, 2, "h2", vector_id=kept)])
+    assert cat.unused_vectors() == 0 and cat.generation() > gen
+    np.testing.assert_array_equal(cat.vector_for_path(gone), vec(2))
+    cat.finish_scan(s3, root)
+    assert cat.collect_garbage() == 0  # nothing unused now
 
 
 def test_duplicates_share_one_vector(cat, root):

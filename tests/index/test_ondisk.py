@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -239,9 +240,26 @@ class FakeCatalog:
         self.folder, self.ids, self.vectors = folder, ids, vectors
         self.identity = SimpleNamespace(dim=vectors.shape[1])
         self.gen = 1
+        self.meta: dict[str, str] = {}
 
     def generation(self) -> int:
         return self.gen
+
+    def get_meta(self, key: str) -> str | None:
+        return self.meta.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.meta[key] = value
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        yield self
+
+    def change_seq(self) -> int:
+        return 0
+
+    def changes_since(self, seq: int) -> None:
+        return None  # no journal: the index diffs every id
 
     def count(self) -> int:
         return int(self.ids.size)
@@ -277,6 +295,10 @@ def test_index_refresh_builds_syncs_and_keeps_the_on_disk_kind(data, tmp_path, m
     synced = Index(catalog).refresh()  # "auto": an on-disk index stays on disk, synced in place
     assert builds == [] and synced.kind == ONDISK_KIND and synced.ntotal == N - 8
     np.testing.assert_array_equal(synced.ids(), catalog.ids)
+    assert VectorIndex.load(tmp_path).meta["generation"] == 1  # a reader syncs in memory, never rewrites
+    writer = Index(catalog)
+    with writer.lock.hold():
+        writer.refresh()  # the writer saves what it synced
     again = Index(catalog).refresh()  # a fresh process: the saved index is current
     assert builds == [] and again.meta["generation"] == 2
     same_results(again.search(queries, 10), synced.search(queries, 10))

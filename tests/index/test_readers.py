@@ -1,0 +1,98 @@
+"""Readers and the writer of one index: readers follow commits in memory (cost of the change, not
+of the index), never rewrite the vector file, and keep searching while the writer rebuilds it."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from cnclip.index.catalog import Catalog, ModelIdentity, NewFile
+from cnclip.index.folder import Index
+from cnclip.index.vectors import INDEX_FILE, VectorIndex
+
+DIM = 32
+
+
+def _vectors(n: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _put(catalog: Catalog, names: list[str], seed: int) -> None:
+    scan = catalog.begin_scan()
+    vectors = _vectors(len(names), seed)
+    rows = [NewFile(f"/photos/{n}.jpg", 1, 1, f"h-{n}", vector=v) for n, v in zip(names, vectors, strict=True)]
+    catalog.put_files(scan, rows)
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    with Catalog.open(tmp_path / "idx", create=True) as catalog:
+        catalog.bind_model(ModelIdentity("t", "t", "d" * 64, DIM, 224, "squash"))
+        yield catalog
+
+
+def test_a_reader_follows_commits_in_memory_without_reading_or_writing_the_file(catalog, monkeypatch):
+    _put(catalog, [f"a{i}" for i in range(300)], seed=1)
+    writer = Index(catalog)
+    with writer.lock.hold():
+        writer.refresh()
+    saved = (catalog.folder / INDEX_FILE).stat().st_mtime_ns
+    with Catalog.open(catalog.folder) as other:
+        reader = Index(other)
+        assert reader.refresh().ntotal == 300
+        reads = []  # a reader must neither load the file again nor diff every id
+        load, file_ids = VectorIndex.load.__func__, other.file_ids
+        monkeypatch.setattr(
+            VectorIndex, "load", classmethod(lambda cls, *a, **k: reads.append("load") or load(cls, *a, **k))
+        )
+        monkeypatch.setattr(other, "file_ids", lambda: reads.append("file_ids") or file_ids())
+        _put(catalog, ["b1", "b2"], seed=2)
+        scan = catalog.begin_scan()
+        catalog.touch(scan, [f"/photos/a{i}.jpg" for i in range(1, 300)] + ["/photos/b1.jpg", "/photos/b2.jpg"])
+        catalog.finish_scan(scan, "/photos")  # a0 gone
+        index = reader.refresh()
+        assert reads == []  # synced from the catalog's change journal
+        assert index.ntotal == 301
+        np.testing.assert_array_equal(index.ids(), file_ids())
+        assert (catalog.folder / INDEX_FILE).stat().st_mtime_ns == saved  # and nothing written
+
+
+def test_readers_keep_searching_while_the_writer_rebuilds(catalog):
+    _put(catalog, [f"a{i}" for i in range(2000)], seed=3)
+    problems, searches, stop = [], [0], threading.Event()
+
+    def reader():
+        with Catalog.open(catalog.folder) as own:
+            index = Index(own, save_vectors=False)
+            query = _vectors(1, seed=9)
+            while not stop.is_set():
+                try:
+                    scores, ids = index.refresh().search(query, 10)
+                    assert np.all(np.diff(scores[0][ids[0] >= 0]) <= 1e-6)
+                    searches[0] += 1
+                except Exception as e:  # noqa: BLE001 - any failure of a reader is the finding
+                    problems.append(repr(e))
+                    return
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    writer = Index(catalog, vector_kind="ivf-flat")
+    try:
+        for round_ in range(6):
+            with writer.lock.hold():
+                scan = catalog.begin_scan()  # 3 of 4 files go: past half, so the writer rebuilds
+                catalog.touch(scan, [f"/photos/a{i}.jpg" for i in range(0, 2000, 4)])
+                catalog.finish_scan(scan, "/photos/")
+                _put(catalog, [f"r{round_}-{i}" for i in range(1500)], seed=10 + round_)
+                (catalog.folder / INDEX_FILE).unlink(missing_ok=True)
+                assert writer.refresh().ntotal == catalog.count()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert problems == [] and searches[0] > 0
+    assert VectorIndex.load(catalog.folder).meta["generation"] == catalog.generation()
