@@ -369,6 +369,18 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _cross_site(request: Request) -> bool:
+    """A request a page of another origin made the browser send (browsers say so; programs send neither header)."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return True  # "none": typed or bookmarked by the user
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}".lower()
+    return origin.lower() != own
+
+
 class _Guard:
     """ASGI middleware in front of everything: checks the Host header (no token: loopback names only,
     which stops DNS-rebinding pages), the token on /api/, and the request body size (413 from
@@ -391,6 +403,9 @@ class _Guard:
         await self._limited(scope, receive, send)
 
     def _refusal(self, request: Request) -> Response | None:
+        if request.url.path.startswith("/api/") and _cross_site(request):
+            # another web page the user has open must not read thumbnails or post forms here
+            return _error(403, "cross-site request refused; use the page this server serves, or a program")
         if self.token is None:
             host = (request.url.hostname or "").lower()
             if host not in self.hosts:
@@ -444,6 +459,8 @@ class _Guard:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+                if not page:  # other origins may not embed API answers (thumbnails in an <img>) either
+                    headers.append((b"cross-origin-resource-policy", b"same-origin"))
                 if page:
                     headers += [(b"content-security-policy", _PAGE_POLICY.encode()), (b"x-frame-options", b"DENY")]
                 message = {**message, "headers": headers}

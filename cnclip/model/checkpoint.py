@@ -189,12 +189,14 @@ def infer_config(state: StateDict, source: str = "checkpoint") -> ModelConfig:
         else:
             conv = state["visual.conv1.weight"]
             grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+            mlp = state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
             vision = VisionConfig(
                 kind="vit",
                 image_size=grid * conv.shape[-1],
                 layers=_count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
                 width=conv.shape[0],
                 patch_size=conv.shape[-1],
+                mlp_width=None if mlp == 4 * conv.shape[0] else mlp,  # read off the weights, not assumed
             )
     except (KeyError, IndexError) as e:
         raise CheckpointError(f"{source} is not a Chinese-CLIP checkpoint (no {e} tensor)") from e

@@ -44,7 +44,7 @@ def build_image_tower(config: ModelConfig) -> nn.Module:
         width=v.width,
         layers=v.layers,
         heads=v.heads,
-        mlp_ratio=4.0,
+        mlp_ratio=v.mlp_ratio,
         output_dim=config.embed_dim,
         act_layer=QuickGELU,  # the official ViTs were trained with OpenAI's QuickGELU, not exact GELU
     )

@@ -1,4 +1,4 @@
-"""The model zoo as data: one JSON file per model under `cnclip/configs/`, parsed into dataclasses."""
+"""The model zoo as data: one JSON file per model under `cnclip/model/configs/`, parsed into dataclasses."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class VisionConfig:
     width: int  # ViT: token width; ResNet: stem width (features are 32x this)
     head_width: int = 64  # heads = width // head_width; ViT-H uses 80, the only value weights can't reveal
     patch_size: int | None = None  # ViT only
+    mlp_width: int | None = None  # ViT MLP hidden size; None: 4 x width, as in every published model
 
     def __post_init__(self) -> None:
         if self.kind not in ("vit", "resnet"):
@@ -30,6 +31,11 @@ class VisionConfig:
             raise ValueError("a ViT vision config needs patch_size")
         if isinstance(self.layers, list):  # JSON gives lists; keep the dataclass hashable
             object.__setattr__(self, "layers", tuple(self.layers))
+
+    @property
+    def mlp_ratio(self) -> float:
+        # open_clip builds int(width * mlp_ratio) features; the +0.5 keeps float rounding from losing one
+        return (self.mlp_width + 0.5) / self.width if self.mlp_width else 4.0
 
     @property
     def heads(self) -> int:
@@ -63,7 +69,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str | None = None) -> ModelConfig:
-        """Build from the JSON layout used in `cnclip/configs/`."""
+        """Build from the JSON layout used in `cnclip/model/configs/`."""
         data = dict(data)
         vision = VisionConfig(**data.pop("vision"))
         text = TextConfig(**data.pop("text"))

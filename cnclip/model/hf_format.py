@@ -186,7 +186,7 @@ def hf_config_dict(config: ModelConfig) -> dict:
         },
         vision_config={
             "hidden_size": v.width,
-            "intermediate_size": v.width * 4,
+            "intermediate_size": v.mlp_width or v.width * 4,
             "num_hidden_layers": v.layers,
             "num_attention_heads": v.heads,
             "image_size": v.image_size,

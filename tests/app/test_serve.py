@@ -338,6 +338,24 @@ def test_foreign_host_header_is_refused_without_token(client):
     assert client.get("/api/health", headers={"host": "localhost:8000"}).status_code == 200
 
 
+def test_other_web_pages_cannot_use_the_api(client):
+    # Without a token, any page the user visits could <img src=http://127.0.0.1:8000/api/thumb/1> or post a form.
+    for headers in (
+        {"sec-fetch-site": "cross-site"},
+        {"sec-fetch-site": "same-site"},
+        {"origin": "https://evil.example"},
+    ):
+        message = _assert_json_error(client.get("/api/thumb/1", headers=headers), 403)
+        assert "cross-site" in message
+    form = {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"labels": "猫"}}
+    _assert_json_error(client.post("/api/tag", headers={"origin": "http://localhost:3000"}, **form), 403)
+    origin = str(client.base_url).rstrip("/")
+    own = client.get("/api/thumb/1", headers={"sec-fetch-site": "same-origin", "origin": origin})
+    assert own.status_code == 200 and own.headers["cross-origin-resource-policy"] == "same-origin"
+    assert client.get("/api/health", headers={"sec-fetch-site": "none"}).status_code == 200  # typed by the user
+    assert client.get("/api/health").status_code == 200  # programs send neither header
+
+
 def test_non_loopback_host_needs_a_token(built):
     for host in ("127.0.0.1", "127.8.9.1", "::1", "[::1]", "localhost"):
         assert is_loopback(host)

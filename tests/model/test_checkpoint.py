@@ -14,6 +14,7 @@ from reference import hf_model, official_model, save_official_checkpoint
 import cnclip
 from cnclip.errors import CheckpointError, ModelNotFoundError, VocabularyError
 from cnclip.model.config import get_model_config
+from cnclip.model.tokenizer import DEFAULT_VOCAB
 
 TEXTS = ["一只猫", "海边的日落", "iPhone 15 拍的夜景", ""]
 
@@ -35,7 +36,7 @@ def test_load_hf_folder_matches_transformers(tmp_path):
     config = get_model_config("tiny-vit")
     hf = hf_model(config)
     hf.save_pretrained(tmp_path)
-    (tmp_path / "vocab.txt").write_bytes((cnclip.model.tokenizer.DEFAULT_VOCAB).read_bytes())
+    (tmp_path / "vocab.txt").write_bytes((DEFAULT_VOCAB).read_bytes())
     model = cnclip.load_model(tmp_path)
     assert model.config.name == "tiny-vit"
     pixels = model.preprocess.batch(random_images(3))
@@ -43,6 +44,26 @@ def test_load_hf_folder_matches_transformers(tmp_path):
         _our_features(model, pixels, TEXTS), _hf_features(hf, pixels, TEXTS, model.tokenizer), strict=True
     ):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_vision_mlp_other_than_4x_its_width_loads_both_ways(tmp_path):
+    import dataclasses
+
+    base = get_model_config("tiny-vit")
+    config = dataclasses.replace(base, name=None, vision=dataclasses.replace(base.vision, mlp_width=100))
+    hf = hf_model(config)  # transformers' own model, vision intermediate_size 100 (not 4 x 64)
+    assert hf.config.vision_config.intermediate_size == 100
+    hf.save_pretrained(tmp_path / "theirs")
+    (tmp_path / "theirs" / "vocab.txt").write_bytes(DEFAULT_VOCAB.read_bytes())
+    model = cnclip.load_model(tmp_path / "theirs")
+    assert model.config.vision.mlp_width == 100
+    pixels = model.preprocess.batch(random_images(2))
+    for ours, theirs in zip(
+        _our_features(model, pixels, TEXTS), _hf_features(hf, pixels, TEXTS, model.tokenizer), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    again = cnclip.load_model(model.save_pretrained(tmp_path / "ours"))
+    torch.testing.assert_close(_our_features(again, pixels, TEXTS)[0], _our_features(model, pixels, TEXTS)[0])
 
 
 def test_transformers_loads_our_folder(tmp_path):
