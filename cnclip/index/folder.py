@@ -322,7 +322,13 @@ class Index:
         vectors = None
         if saved is not None:
             vectors = saved.info()
-            vectors["current"] = saved.meta.get("generation") == self.catalog.generation()
+            # the change journal follows the set of searchable images only (texts do not touch it)
+            seq = saved.meta.get("changes_seq")
+            vectors["current"] = (
+                seq == self.catalog.change_seq()
+                if seq is not None
+                else saved.meta.get("generation") == self.catalog.generation()
+            )
             del vectors["memory_mapped"]
         return {
             "index": str(self.catalog.folder),

@@ -96,3 +96,20 @@ def test_readers_keep_searching_while_the_writer_rebuilds(catalog):
             t.join(timeout=60)
     assert problems == [] and searches[0] > 0
     assert VectorIndex.load(catalog.folder).meta["generation"] == catalog.generation()
+
+
+def test_a_save_that_fails_leaves_search_working_from_memory(catalog, monkeypatch, caplog):
+    from cnclip.errors import CNClipError
+
+    _put(catalog, [f"a{i}" for i in range(50)], seed=4)
+
+    def read_only(self, folder):
+        raise CNClipError(f"cannot write the vector index {folder}: Read-only file system; check permissions")
+
+    monkeypatch.setattr(VectorIndex, "save", read_only)
+    writer = Index(catalog)
+    with writer.lock.hold():
+        index = writer.refresh()  # would save, cannot: says so once and keeps going
+    assert index.ntotal == 50 and "could not save the vector index" in caplog.text
+    assert len(index.search(_vectors(1, seed=5), 5)[1][0]) == 5
+    assert not (catalog.folder / INDEX_FILE).exists()
