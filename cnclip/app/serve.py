@@ -116,9 +116,9 @@ class _IndexWorker:
     def __init__(self, path: str | os.PathLike, runtime: Runtime | None):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cnclip-index")
         try:
-            # save_vectors=False: the server follows the catalog in memory and never makes a request
-            # wait for a whole-file write; `cnclip index` (the writer) saves the vector files
-            self.index: Index = self._pool.submit(Index.open, path, runtime=runtime, save_vectors=False).result()
+            # serving: follows the catalog in memory, never makes a request wait for a whole-file
+            # write or a rebuild; `cnclip index` (the writer) saves the vector files
+            self.index: Index = self._pool.submit(Index.open, path, runtime=runtime, serving=True).result()
         except BaseException:
             self._pool.shutdown()
             raise

@@ -10,6 +10,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,8 @@ INDEX_ENV = "CNCLIP_INDEX"
 DEFAULT_INDEX = Path("index") / "default"
 # Below this many changed files `refresh` always updates the saved vector index in place.
 _SYNC_MIN_REBUILD = 10_000
+# Background rebuilds of every serving Index of the process, one at a time (each holds a whole index).
+_REBUILDER = ThreadPoolExecutor(1, thread_name_prefix="cnclip-rebuild")
 QUERY_CACHE_SIZE = 1024  # recent query embeddings kept per open index (2 KB each at 512-d)
 PREPROCESSING = "squash-bicubic-clip-meanstd"
 VECTOR_KIND_META = "vector_kind"  # catalog meta: the vector index kind the user chose
@@ -85,7 +88,7 @@ class Index:
         model: CNClipModel | None = None,
         runtime: Runtime | None = None,
         vector_kind: str = "auto",
-        save_vectors: bool = True,
+        serving: bool = False,
     ):
         self.catalog = catalog
         self._model = model
@@ -95,12 +98,13 @@ class Index:
         if vector_kind != "auto" and catalog.get_meta(VECTOR_KIND_META) != vector_kind:
             catalog.set_meta(VECTOR_KIND_META, vector_kind)
         self.vector_kind = catalog.get_meta(VECTOR_KIND_META) or vector_kind
-        # Whether a reader may save a vector index it had to build (when no writer holds the lock);
-        # a server never does: a request must not wait for a whole-file write.
-        self.save_vectors = save_vectors
+        # A long-running reader (a server): it never writes the vector files (a request must not
+        # wait for a whole-file write) and rebuilds in the background while the old index answers.
+        self.serving = serving
         self.lock = WriterLock(catalog.folder)
         self._images: VectorIndex | None = None
         self._images_generation: int | None = None
+        self._rebuilding: Future[VectorIndex] | None = None
         # Recent query embeddings: a server sees the same queries again and again (paging,
         # refreshes), and the text tower is most of a query's cost.
         self._query_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -115,7 +119,7 @@ class Index:
         create: bool = False,
         runtime: Runtime | None = None,
         vector_kind: str = "auto",
-        save_vectors: bool = True,
+        serving: bool = False,
     ) -> Index:
         """Open (or with `create`, make) the index at `path` (default: `default_index_path()`).
 
@@ -124,8 +128,8 @@ class Index:
         (e.g. `Runtime.resolve()`: ONNX Runtime on CPUs) is applied to the model; without it the
         model runs as loaded (PyTorch fp32 on the CPU). `vector_kind` is the vector index kind
         `refresh` builds ("auto" or one of `cnclip.index.vectors.KINDS`, e.g. "ivf-pq-ondisk"); a kind
-        given here is recorded in the index and kept by every later reader. With `save_vectors=False`
-        this process never writes the vector files (a server: see `refresh`).
+        given here is recorded in the index and kept by every later reader. `serving=True` is for
+        a long-running reader such as `cnclip serve` (see `refresh`).
         """
         # The model first: a model that fails to load must not leave an empty index folder behind.
         loaded = _load(model, runtime) if isinstance(model, str | os.PathLike) else model
@@ -133,7 +137,7 @@ class Index:
             runtime.apply(loaded)
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
         try:
-            index = cls(catalog, runtime=runtime, vector_kind=vector_kind, save_vectors=save_vectors)
+            index = cls(catalog, runtime=runtime, vector_kind=vector_kind, serving=serving)
         except BaseException:
             catalog.close()
             raise
@@ -214,15 +218,18 @@ class Index:
         file is not read again. Only the writer (the process holding the lock, e.g. `add_folder`)
         saves it. Without one in memory, the saved index is loaded and brought up to date the
         same way. A large change, or one that would leave the index far from what a fresh build
-        makes (`VectorIndex.needs_rebuild`), rebuilds it from one snapshot of the catalog while
-        the old one stays in use. A saved index of another kind than `vector_kind` asks for is
-        rebuilt; with "auto" an on-disk index stays on disk.
+        makes (`VectorIndex.needs_rebuild`), rebuilds it from one snapshot of the catalog; when
+        `serving`, in a background thread while the old index keeps answering (its results may
+        lag the catalog until the swap). A saved index of another kind than `vector_kind` asks
+        for is rebuilt; with "auto" an on-disk index stays on disk.
         """
         generation = self.catalog.generation()  # read first: a write after it makes us stale, not wrong
-        held = self._images
+        held = self._swap_in_rebuilt() or self._images
         if held is not None and self._images_generation == generation:
             return held
         index = self._sync(held) if held is not None else self._load_current(generation)
+        if index is None and held is not None and self.serving and self._rebuild_in_background():
+            return held
         if index is None:
             index = self._rebuild()  # saved by `_build` where this process may write
             generation = int(index.meta["generation"])
@@ -234,6 +241,31 @@ class Index:
             # PQ codes alone gave recall@10 ~0.75 at 10^6; exact re-ranking from the catalog ~0.997
             index.ondisk.reranker = self.catalog.vectors_for_ids
         self._images, self._images_generation = index, generation
+        return index
+
+    def _rebuild_in_background(self) -> bool:
+        """Start (or keep) a rebuild on another thread; False for the on-disk kind, which is built
+        in the folder under the writer lock and so stays in the caller's thread."""
+        if self._rebuilding is None:
+            kind = self._wanted_kind(self._images)
+            if VectorIndex.resolve_kind(kind, self.catalog.count()) == ONDISK_KIND:
+                return False
+            self._rebuilding = _REBUILDER.submit(self._rebuild)
+            log.info("rebuilding the vector index of %s in the background", self.catalog.folder)
+        return True
+
+    def _swap_in_rebuilt(self) -> VectorIndex | None:
+        """The index a background rebuild finished, now in use; None while none has finished."""
+        job = self._rebuilding
+        if job is None or not job.done():
+            return None
+        self._rebuilding = None
+        try:
+            index = job.result()
+        except Exception as e:  # noqa: BLE001 - the old index stays in use; the next refresh tries again
+            log.warning("rebuilding the vector index of %s failed: %s", self.catalog.folder, e)
+            return None
+        self._images, self._images_generation = index, int(index.meta["generation"])
         return index
 
     def _wanted_kind(self, saved: VectorIndex | None) -> str:
@@ -278,7 +310,7 @@ class Index:
         index.meta["changes_seq"] = snap.change_seq()
         if self.lock.held:
             self._save(index)
-        elif self.save_vectors and self.lock.try_acquire():
+        elif not self.serving and self.lock.try_acquire():
             try:  # no writer at work: save it, so the next process need not build it again
                 self._save(index)
             finally:

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import record_builds
 
 from cnclip.index.catalog import Catalog, ModelIdentity, NewFile
 from cnclip.index.folder import Index
@@ -60,13 +61,17 @@ def test_a_reader_follows_commits_in_memory_without_reading_or_writing_the_file(
         assert (catalog.folder / INDEX_FILE).stat().st_mtime_ns == saved  # and nothing written
 
 
-def test_readers_keep_searching_while_the_writer_rebuilds(catalog):
+def test_readers_keep_searching_while_the_writer_rebuilds(catalog, monkeypatch):
+    from cnclip.index import folder
+
+    monkeypatch.setattr(folder, "_SYNC_MIN_REBUILD", 0)  # past half of the index changed: rebuild, not sync
+    builds = record_builds(monkeypatch, VectorIndex, "build_streaming")
     _put(catalog, [f"a{i}" for i in range(2000)], seed=3)
     problems, searches, stop = [], [0], threading.Event()
 
     def reader():
         with Catalog.open(catalog.folder) as own:
-            index = Index(own, save_vectors=False)
+            index = Index(own, serving=True)
             query = _vectors(1, seed=9)
             while not stop.is_set():
                 try:
@@ -94,7 +99,7 @@ def test_readers_keep_searching_while_the_writer_rebuilds(catalog):
         stop.set()
         for t in threads:
             t.join(timeout=60)
-    assert problems == [] and searches[0] > 0
+    assert problems == [] and searches[0] > 0 and len(builds) >= 6
     assert VectorIndex.load(catalog.folder).meta["generation"] == catalog.generation()
 
 
@@ -113,3 +118,35 @@ def test_a_save_that_fails_leaves_search_working_from_memory(catalog, monkeypatc
     assert index.ntotal == 50 and "could not save the vector index" in caplog.text
     assert len(index.search(_vectors(1, seed=5), 5)[1][0]) == 5
     assert not (catalog.folder / INDEX_FILE).exists()
+
+
+def test_a_serving_reader_rebuilds_in_the_background_while_the_old_index_answers(catalog, monkeypatch):
+    import time
+
+    from cnclip.index import folder
+
+    monkeypatch.setattr(folder, "_SYNC_MIN_REBUILD", 0)  # past half of the index changed: rebuild, not sync
+    _put(catalog, [f"a{i}" for i in range(400)], seed=6)
+    reader = Index(catalog, serving=True)
+    assert reader.refresh().ntotal == 400
+    old_ids = catalog.file_ids().tolist()
+    real = VectorIndex.build_streaming.__func__
+
+    def slow(cls, *args, **kwargs):
+        time.sleep(1.5)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(VectorIndex, "build_streaming", classmethod(slow))
+    scan = catalog.begin_scan()  # 300 of 400 gone and 300 new: past half, a rebuild
+    catalog.touch(scan, [f"/photos/a{i}.jpg" for i in range(100)])
+    catalog.finish_scan(scan, "/photos/")
+    _put(catalog, [f"b{i}" for i in range(300)], seed=7)
+    started = time.monotonic()
+    stale = reader.refresh()
+    assert time.monotonic() - started < 1.0  # no wait: the old index answers, as it was
+    assert sorted(stale.ids().tolist()) == old_ids
+    deadline = time.monotonic() + 60
+    while (fresh := reader.refresh()) is stale and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fresh.ntotal == 400 and sorted(fresh.ids().tolist()) == catalog.file_ids().tolist()
+    assert not (catalog.folder / INDEX_FILE).exists()  # a serving reader never writes the vector file
