@@ -110,6 +110,52 @@ class _ProgressBar:
             print(file=sys.stderr)
 
 
+class _DownloadBar:
+    """One self-rewriting stderr line for a weights download: size, speed and time left."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start: tuple[float, int] | None = None  # when the bar began and the bytes already there (a resume)
+        self.shown = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        self.start = self.start or (now, done)
+        finished = total is not None and done >= total
+        if not finished and now - self.shown < 0.2:
+            return
+        self.shown = now
+        rate = (done - self.start[1]) / max(now - self.start[0], 1e-9)
+        size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+        eta = f"  ETA {_duration((total - done) / rate)}" if total and rate > 0 else ""
+        print(f"\rdownloading weights {size}  {rate / 1e6:.1f} MB/s{eta} ", end="", file=sys.stderr, flush=True)
+        if finished:
+            print(file=sys.stderr)
+            self.start = None
+
+
+def _take_weights_source(argv: list[str]) -> list[str]:
+    """argv without `--weights-source LIST`, which may stand anywhere; LIST goes into $CNCLIP_WEIGHTS_SOURCE so
+    that every model load, in this process and those it starts (cnclip train, Ray workers), uses it."""
+    from cnclip.model.download import SOURCES_ENV, parse_sources
+
+    rest, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--weights-source" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--weights-source="):
+            value, i = argv[i].partition("=")[2], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+            continue
+        parse_sources(value)  # a bad LIST stops here, before any work
+        os.environ[SOURCES_ENV] = value
+    return rest
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return (
@@ -523,6 +569,13 @@ def _print_recall_table(result: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnclip", description="Chinese-CLIP text-image search.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    parser.add_argument(
+        "--weights-source",
+        metavar="LIST",
+        help="where zoo weights are downloaded from, in order: hf (or $HF_ENDPOINT, e.g. https://hf-mirror.com), "
+        "modelscope, https://host/path/{file}, or a folder (default: $CNCLIP_WEIGHTS_SOURCE, then hf, and "
+        "modelscope when the hub cannot be reached); allowed before or after the command",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # listed for --help only: main() hands `cnclip train ...` to cnclip.train.main before parsing
@@ -703,7 +756,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _take_weights_source(list(sys.argv[1:] if argv is None else argv))
+    except CNClipError as e:
+        print(f"cnclip: error: --weights-source: {e}", file=sys.stderr)
+        return 2
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if first is not None and argv[first] == "train":  # the trainer parses its own options (torchrun runs it too)
         from cnclip.train import main as train_main
@@ -714,8 +771,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    from cnclip.model.download import reporting
+
+    bar = _DownloadBar(enabled=sys.stderr.isatty() and not getattr(args, "quiet", False))
     try:
-        return args.func(args)
+        with reporting(bar):
+            return args.func(args)
     except CNClipError as e:
         print(f"cnclip: error: {e}", file=sys.stderr)
         return 1

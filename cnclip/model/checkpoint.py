@@ -1,5 +1,6 @@
 """Reading and writing weights: official `.pt` files, Hugging Face ChineseCLIP folders and hub ids,
-and cnclip's own folders. Weights are data, never code: safetensors or `torch.load(weights_only=True)`.
+and cnclip's own folders (`cnclip.model.download` fetches zoo names). Weights are data, never code:
+safetensors or `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def _load(source: str, expected: ModelConfig | None, device) -> CNClipModel:
     if _looks_like_path(source):
         raise ModelNotFoundError(f"no checkpoint file or folder at {source}")
     if source in _zoo_names():
-        return _load(_download_official(get_model_config(source)), expected or get_model_config(source), device)
+        zoo = get_model_config(source)
+        return _load(str(_fetch_official(zoo)), expected or zoo, device)
     if "/" in source:
         return _load_folder(_download_hf_repo(source), expected, device)
     get_model_config(source)  # raises the unknown-name error listing the zoo
@@ -237,12 +239,15 @@ def _heads_from_hf_config(path: Path) -> tuple[int, int] | None:
         return None  # not a ChineseCLIP config; fall back to what the weights say
 
 
-def _download_official(config: ModelConfig) -> str:
-    if not config.hub_repo or not config.official_file:
-        raise ModelNotFoundError(
-            f"{config.name} has no published weights; use cnclip.create_model({config.name!r}) for random ones"
-        )
-    return _hub_file(config.hub_repo, config.official_file, label=config.name)
+def _fetch_official(config: ModelConfig) -> Path:
+    from cnclip.model.download import fetch_official
+
+    def check(path: Path) -> None:  # refuse a downloaded file of another shape before it enters the cache
+        found = match_zoo(infer_config(read_state_dict(path), config.official_file), ignore_heads=True)
+        if found.shape(ignore_heads=True) != config.shape(ignore_heads=True):
+            raise CheckpointError(f"it holds a {describe(found)} model, not {config.name}")
+
+    return fetch_official(config, check=check)
 
 
 def _download_hf_repo(repo_id: str) -> Path:
@@ -263,8 +268,9 @@ def _hub_file(repo_id: str, filename: str, label: str) -> str:
         return hf_hub_download(repo_id, filename)
     except LocalEntryNotFoundError as e:
         raise ModelNotFoundError(
-            f"{label}: {filename} from {repo_id} is not in the local Hugging Face cache and the hub cannot be reached; "
-            f"download it on a machine with internet and pass its path (--model PATH or {MODEL_ENV}=PATH)"
+            f"{label}: {filename} from {repo_id} is not in the local Hugging Face cache and the hub cannot be reached "
+            "(a mirror: HF_ENDPOINT=https://hf-mirror.com); download it on a machine with internet and pass its "
+            f"path (--model PATH or {MODEL_ENV}=PATH)"
         ) from e
     except (RepositoryNotFoundError, EntryNotFoundError) as e:
         raise ModelNotFoundError(f"{label}: no {filename} in Hugging Face repo {repo_id}") from e

@@ -64,7 +64,13 @@ class ModelConfig:
     name: str | None = None  # zoo name when the shape matches one, else None
     context_length: int = 52  # [CLS] + 50 tokens + [SEP], as the official models were trained
     hub_repo: str | None = None  # where the published weights live on the Hugging Face hub
-    official_file: str | None = None  # the official .pt file name inside hub_repo
+    modelscope_repo: str | None = None  # the same files on ModelScope (reachable from mainland China)
+    official_file: str | None = None  # the official .pt file name inside hub_repo and modelscope_repo
+    # What the official file must be, when known. The published SHA-256 digests and sizes could not be
+    # looked up where this was written (no internet), so the zoo leaves them unset: downloads are then
+    # checked against the size the server announces, the hub's own digest header and the weights' shape.
+    sha256: str | None = None
+    size: int | None = None  # bytes
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
@@ -81,8 +87,9 @@ class ModelConfig:
         out["vision"]["layers"] = (
             list(self.vision.layers) if isinstance(self.vision.layers, tuple) else self.vision.layers
         )
-        if not out["extra"]:
-            del out["extra"]
+        for key in ("extra", "modelscope_repo", "sha256", "size"):
+            if not out[key]:  # left out when unset, so older cnclip versions still read these folders
+                del out[key]
         return out
 
     def shape(self, ignore_heads: bool = False) -> tuple:
