@@ -82,9 +82,12 @@ def images():
 
 
 def run_cli(
-    *args: str, cwd=None, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str, cwd=None, env: dict[str, str | None] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
+    """The real `cnclip` in a subprocess, offline; `env` adds variables, and a None value removes one
+    (e.g. HF_HUB_OFFLINE for a test that serves weights on 127.0.0.1)."""
+    merged = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    env = {k: v for k, v in merged.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-m", "cnclip", *map(str, args)],
         capture_output=True,

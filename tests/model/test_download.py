@@ -10,11 +10,9 @@ import dataclasses
 import hashlib
 import http.server
 import logging
-import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -378,11 +376,8 @@ def test_offline_still_reads_a_folder_source(cache, weights, monkeypatch, tmp_pa
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """The real `cnclip`, with the network to 127.0.0.1 allowed (run_cli always sets HF_HUB_OFFLINE=1)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "CNCLIP_WEIGHTS_SOURCE")} | env
-    return subprocess.run(
-        [sys.executable, "-m", "cnclip", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
-    )
+    """The real `cnclip`, with the network to 127.0.0.1 allowed."""
+    return run_cli(*args, env={**env, "HF_HUB_OFFLINE": None, "CNCLIP_WEIGHTS_SOURCE": None})
 
 
 def _vit_b_16_served(weights: bytes) -> dict[str, bytes]:
