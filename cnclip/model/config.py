@@ -90,6 +90,8 @@ class ModelConfig:
         for key in ("extra", "modelscope_repo", "sha256", "size"):
             if not out[key]:  # left out when unset, so older cnclip versions still read these folders
                 del out[key]
+        if out["vision"]["mlp_width"] is None:  # likewise
+            del out["vision"]["mlp_width"]
         return out
 
     def shape(self, ignore_heads: bool = False) -> tuple:
