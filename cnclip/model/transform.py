@@ -1,7 +1,8 @@
 """Image decoding and preprocessing: file -> 8-bit RGB PIL image -> normalised CLIP tensor.
 
 This module owns the constants that define what the vision tower sees (the OpenAI CLIP
-mean/std that Chinese-CLIP was trained with) and which file types count as images.
+mean/std that Chinese-CLIP was trained with), which file types count as images, and the
+registration of the decoders for phone formats (HEIC/HEIF through pillow-heif, AVIF).
 `preprocess` reproduces `cn_clip.clip.image_transform` (bicubic squash to a square, no crop)
 for RGB inputs, but with numpy instead of torchvision so a worker process stays light.
 """
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # imported where tensors are made: opening images must not lo
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "HEIF_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "OPENAI_MEAN",
     "OPENAI_STD",
@@ -45,26 +47,51 @@ OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS: int = 178_956_970
 
 
-def _image_extensions() -> frozenset[str]:
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff"}
-    # WebP and AVIF are optional parts of a Pillow build; ask the build instead of assuming.
-    if features.check("webp"):
-        exts.add(".webp")
-    if features.check("avif"):
-        exts.add(".avif")
-    # HEIF (the iPhone default) needs the pillow-heif plugin; registering it only adds a
-    # format, so it is safe to do whenever the plugin is installed.
+# HEIF is what iPhones shoot (.heic) and what Canon and Fujifilm cameras write (.hif); pillow-heif
+# decodes it. Image sequences (.heics, .heifs) are left out: they are bursts, not photos.
+HEIF_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif", ".hif"})
+
+
+def _register_decoders() -> dict[str, str]:
+    """Register pillow-heif's HEIF opener with Pillow (once, at import).
+
+    Returns extension -> what to install, for each phone format this Python cannot decode.
+    """
+    missing: dict[str, str] = {}
     try:
         import pillow_heif  # type: ignore[import-not-found]
-
+    except (ImportError, OSError):  # a core dependency, so this is an install made without it
+        for ext in HEIF_EXTENSIONS:
+            missing[ext] = "HEIC/HEIF photos need the pillow-heif package: pip install pillow-heif"
+    else:
+        # pillow-heif applies the file's rotation (irot/imir) while decoding and resets the EXIF
+        # orientation to 1, so exif_transpose in load_image cannot turn a HEIC twice.
         pillow_heif.register_heif_opener()
-    except Exception:  # not installed, or a broken install: HEIF simply stays unsupported
-        pass
-    exts.update(e for e in (".heic", ".heif") if e in Image.EXTENSION)
-    return frozenset(exts)
+    # AVIF is Pillow's own (its wheels include libavif from 11.3; older Pillows lack the feature
+    # name). Pillow turns the file's irot/imir into the EXIF orientation, which exif_transpose applies.
+    if not ("avif" in features.modules and features.check("avif")):
+        missing[".avif"] = "AVIF photos need Pillow 11.3 or newer: pip install -U pillow"
+    return missing
 
 
-IMAGE_EXTENSIONS: frozenset[str] = _image_extensions()
+# Checked when Pillow cannot identify a file: a phone photo then gets the fix, not "unknown format".
+_MISSING_DECODERS: dict[str, str] = _register_decoders()
+
+# Every phone format is listed even where its decoder is missing, so such files are reported as
+# skipped with the install hint instead of being passed by in silence.
+#
+# Live Photos: an iPhone Live Photo is IMG_1234.HEIC (or .JPG) plus IMG_1234.MOV in the same folder.
+# .mov is not listed, so a folder walk indexes the still once and passes the video by. Video support
+# (issue 18) must keep that rule: a .MOV beside a still of the same name is that photo's motion, not a
+# second photo, and indexing it would show every Live Photo twice in results.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".avif", *HEIF_EXTENSIONS}
+    | ({".webp"} if features.check("webp") else set())  # WebP is optional in a Pillow build: ask it
+)
+
+# Formats whose decoder can skip work when a smaller image will do: JPEG scales in the DCT domain,
+# HEIF decodes an embedded thumbnail (iPhones store a 320x240 one) instead of the full 12 MP frame.
+_DRAFT_FORMATS = frozenset({"JPEG", "MPO", "HEIF"})
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _INT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -179,9 +206,10 @@ def load_image(
                     f"{name}: {width}x{height} = {width * height:,} pixels exceeds the "
                     f"max_pixels cap of {max_pixels:,}; pass a larger max_pixels if the file is trusted"
                 )
-            if draft_size is not None and img.format in ("JPEG", "MPO"):
-                # DCT-domain downscale by 1/2, 1/4 or 1/8, chosen by Pillow so both sides stay
-                # >= draft_size; skips most of the IDCT work for multi-megapixel photos.
+            if draft_size is not None and img.format in _DRAFT_FORMATS:
+                # Both sides stay >= draft_size. JPEG: a DCT-domain downscale by 1/2, 1/4 or 1/8 that
+                # skips most of the IDCT work. HEIF: the smallest embedded thumbnail that is big
+                # enough, if any (about 5 ms instead of 400 ms for an iPhone photo).
                 img.draft("RGB", (draft_size, draft_size))
             # Decoding happens here, inside the try, so truncated data fails in this function
             # rather than later in a resize. Animated GIF/WebP stay on their first frame.
@@ -199,6 +227,9 @@ def load_image(
                 "PIL.Image.MAX_IMAGE_PIXELS (and max_pixels) if the file is trusted"
             ) from exc
         except UnidentifiedImageError as exc:
+            hint = _MISSING_DECODERS.get(os.path.splitext(name)[1].lower())
+            if hint is not None:
+                raise ImageError(f"{name}: {hint}") from exc
             raise ImageError(f"{name}: not an image Pillow can read (unknown format or wrong extension)") from exc
         except PermissionError as exc:
             raise ImageError(f"{name}: permission denied; check the file's read permissions") from exc

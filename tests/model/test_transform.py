@@ -447,5 +447,116 @@ def test_image_extensions() -> None:
     assert base <= IMAGE_EXTENSIONS
     assert all(e == e.lower() and e.startswith(".") for e in IMAGE_EXTENSIONS)
     assert (".webp" in IMAGE_EXTENSIONS) == features.check("webp")
-    assert (".avif" in IMAGE_EXTENSIONS) == features.check("avif")
-    assert (".heic" in IMAGE_EXTENSIONS) == (".heic" in Image.registered_extensions())
+    # phone formats are always walked: without their decoder a file is skipped with the install hint
+    assert {".heic", ".heif", ".avif"} <= IMAGE_EXTENSIONS
+
+
+# 9. phone formats: HEIC/HEIF through pillow-heif, AVIF, Live Photos ---------------------------
+
+
+def _two_tone(width: int = 80, height: int = 40) -> Image.Image:
+    """Left half red, right half blue: which edge ends up on top shows how a file was turned."""
+    img = Image.new("RGB", (width, height), (0, 0, 255))
+    img.paste(RED, (0, 0, width // 2, height))
+    return img
+
+
+def test_phone_formats_are_image_extensions() -> None:
+    assert {".heic", ".heif", ".hif", ".avif"} <= IMAGE_EXTENSIONS
+    assert transform.HEIF_EXTENSIONS <= IMAGE_EXTENSIONS
+    # A Live Photo's video half: the still is the photo (see the note above IMAGE_EXTENSIONS).
+    assert ".mov" not in IMAGE_EXTENSIONS and ".mp4" not in IMAGE_EXTENSIONS
+
+
+@pytest.mark.parametrize("ext", [".heic", ".heif", ".hif", ".HEIC", ".avif"])
+def test_phone_formats_decode(tmp_path: Path, ext: str) -> None:
+    src = _rgb_noise(16, 12, seed=5).resize((128, 96), Image.Resampling.BICUBIC)  # smooth, like a photo
+    path = tmp_path / f"photo{ext}"
+    src.save(path, quality=90)  # pillow-heif's saver for the HEIF names, Pillow's own for AVIF
+    with Image.open(path) as raw:
+        assert raw.format == ("AVIF" if ext == ".avif" else "HEIF")
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (128, 96)
+    error = np.abs(np.asarray(out, np.int16) - np.asarray(src, np.int16)).mean()
+    assert error < 12  # lossy, but the same picture
+
+
+@pytest.mark.parametrize("ext", [".heic", ".avif"])
+@pytest.mark.parametrize(("orientation", "top", "bottom"), [(6, RED, (0, 0, 255)), (8, (0, 0, 255), RED)])
+def test_phone_formats_orientation_applied_once(tmp_path: Path, ext: str, orientation: int, top, bottom) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"rotated{ext}"
+    _two_tone().save(path, exif=exif.tobytes(), quality=95)
+    if ext == ".heic":
+        # Like an iPhone's: the rotation is in the container (irot) and the EXIF tag says it too,
+        # so applying both would turn the picture twice.
+        with Image.open(path) as raw:
+            assert raw.size == (40, 80) and raw.info["original_orientation"] == orientation
+
+    out = load_image(path)
+    assert out.size == (40, 80)
+    for x in (2, 37):
+        assert _close(out.getpixel((x, 2)), top)
+        assert _close(out.getpixel((x, 77)), bottom)
+
+
+def test_heic_draft_decodes_the_embedded_thumbnail(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "IMG_0001.HEIC"
+    _two_tone(640, 480).save(path, exif=exif.tobytes(), quality=90, thumbnails=[320])  # as iPhones store one
+
+    assert load_image(path).size == (480, 640)
+    small = load_image(path, draft_size=224)  # the 320x240 thumbnail covers 224 on both sides
+    assert small.size == (240, 320)
+    assert _close(small.getpixel((120, 5)), RED) and _close(small.getpixel((120, 314)), (0, 0, 255))
+    assert load_image(path, draft_size=300).size == (480, 640)  # too small for 300: the full image
+
+
+@pytest.mark.parametrize("ext", [".heic", ".avif"])
+def test_corrupt_phone_photo(tmp_path: Path, ext: str) -> None:
+    good = tmp_path / f"good{ext}"
+    _rgb_noise(64, 48, seed=2).save(good, quality=90)
+    path = tmp_path / f"cut{ext}"
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ImageError) as exc:
+        load_image(path)
+    _assert_one_line_naming(exc, path)
+
+    path = tmp_path / f"notes{ext}"
+    path.write_text("not a photo")
+    with pytest.raises(ImageError, match="not an image Pillow can read") as exc:
+        load_image(path)
+    _assert_one_line_naming(exc, path)
+
+
+_WITHOUT_DECODERS = """
+import sys
+# An install without pillow-heif, on a Pillow built without AVIF.
+sys.modules["pillow_heif"] = sys.modules["PIL._avif"] = sys.modules["PIL.AvifImagePlugin"] = None
+from cnclip.errors import ImageError
+from cnclip.model.transform import IMAGE_EXTENSIONS, load_image
+assert {".heic", ".avif"} <= IMAGE_EXTENSIONS  # still walked, so the user hears about them
+for path in sys.argv[1:]:
+    try:
+        load_image(path)
+    except ImageError as exc:
+        print(exc)
+"""
+
+
+def test_missing_decoders_say_what_to_install(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    paths = [tmp_path / "IMG_0001.HEIC", tmp_path / "IMG_0002.avif"]
+    for path in paths:
+        _rgb_noise(32, 24, seed=3).save(path, quality=90)
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_DECODERS, *map(str, paths)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    heic, avif = out.stdout.splitlines()
+    assert heic == f"{paths[0]}: HEIC/HEIF photos need the pillow-heif package: pip install pillow-heif"
+    assert avif == f"{paths[1]}: AVIF photos need Pillow 11.3 or newer: pip install -U pillow"
