@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from cnclip import atomic
 from cnclip.errors import CNClipError
 from cnclip.train.distributed import DistInfo, cleanup, init_distributed
-from cnclip.train.trainer import METRICS_FILE, Trainer, TrainOptions, find_checkpoint
+from cnclip.train.loop import METRICS_FILE, find_checkpoint
+from cnclip.train.trainer import Trainer, TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ def train(args: argparse.Namespace, dist: DistInfo) -> dict:
     summary = {
         "steps": progress.step,
         "epochs": progress.epoch,
-        "pairs_seen": progress.pairs_seen,
+        "pairs_seen": progress.seen,
         "unreadable_images": progress.unreadable,
         "data_problems": report.problems,
         "best_step": progress.best_step,
@@ -199,7 +201,7 @@ def train(args: argparse.Namespace, dist: DistInfo) -> dict:
         "options": asdict(trainer.opts),
     }
     if dist.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+        atomic.write_text(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=2))
         _plot(out)
         _say(dist, f"done: {out / 'best'} (use it with --model), resumable state in {out / 'last'}")
     return summary

@@ -8,10 +8,9 @@ is an ordinary model folder, so `cnclip train` and `cnclip index` take it like a
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,13 +19,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cnclip import atomic
 from cnclip.errors import CNClipError
 from cnclip.model.checkpoint import create_model, load_model
 from cnclip.model.clip import CNClipModel
-from cnclip.train.mlm import Block, Masker, batch_rng, load_user_dict, mask_batch, pack_blocks, read_corpus
-from cnclip.train.trainer import STATE_FILE, find_checkpoint, param_groups, resolve_precision, write_checkpoint
-
-log = logging.getLogger(__name__)
+from cnclip.train.distributed import DistInfo
+from cnclip.train.loop import (
+    Loop,
+    LoopOptions,
+    MixedPrecision,
+    Objective,
+    StepLog,
+    find_checkpoint,
+    linear_with_warmup,
+    write_checkpoint,
+)
+from cnclip.train.mlm import IGNORE, Block, Masker, batch_rng, load_user_dict, mask_batch, pack_blocks, read_corpus
 
 HEAD_FILE = "mlm_head.safetensors"  # saved beside the model, so a later run continues with the same head
 VAL_SEED = 1234  # held-out masks are the same before and after training, so the figures compare
@@ -167,17 +175,6 @@ def _head_source(opts: PretrainOptions) -> Path | None:
     return None
 
 
-def _lr_factor(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up, then linear decay to zero (the BERT/RoBERTa schedule)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 def _split(blocks: list[Block], opts: PretrainOptions) -> tuple[list[Block], list[Block]]:
     order = np.random.default_rng(opts.seed).permutation(len(blocks))
     n_val = min(opts.max_val_blocks, int(len(blocks) * opts.val_fraction)) if opts.val_fraction > 0 else 0
@@ -190,6 +187,71 @@ def _split(blocks: list[Block], opts: PretrainOptions) -> tuple[list[Block], lis
     return train, val
 
 
+class MaskedTokens(Objective):
+    """The masked-language objective: whole-word masks over packed blocks, the text tower only."""
+
+    best_metric = None  # the held-out figures are reported, not used to choose a checkpoint
+
+    def __init__(
+        self, model: CNClipModel, train: list[Block], val: list[Block], opts: PretrainOptions, amp: MixedPrecision
+    ):
+        self.model, self.train, self.val, self.opts, self.amp = model, train, val, opts, amp
+        self.mlm = self.module = MaskedLM(model).to(amp.device)
+        self.masker = Masker.for_tokenizer(model.tokenizer)
+        self.pad_id = model.tokenizer.pad_id
+        self.steps_per_epoch = math.ceil(len(train) / (opts.batch_size * opts.accum))
+
+    def batches(self, epoch: int, first_step: int) -> Iterator[tuple[list[dict[str, torch.Tensor]], bool]]:
+        """(one step's masked micro-batches, is the epoch's last step): a new order and new masks each epoch."""
+        o = self.opts
+        order = np.random.default_rng([o.seed, epoch]).permutation(len(self.train))
+        for step in range(first_step, self.steps_per_epoch):
+            micro = []
+            for k in range(step * o.accum, (step + 1) * o.accum):
+                chosen = [self.train[i] for i in order[k * o.batch_size : (k + 1) * o.batch_size]]
+                if not chosen:
+                    break
+                micro.append(mask_batch(chosen, self.masker, batch_rng(o.seed, epoch, k), self.pad_id))
+            yield micro, step == self.steps_per_epoch - 1
+
+    def backward(self, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor | None, int]:
+        """Add the gradients of the mean masked-token loss; (mean over micro-batches or None, tokens)."""
+        self.mlm.train()
+        losses, tokens = [], 0
+        for batch in micro:
+            # A micro-batch without one masked token (blocks that are one long word such as a URL, or a
+            # short last block whose words all exceed its 15 %) has nothing to predict: its cross-entropy
+            # is 0/0, NaN. It is skipped rather than forced to mask something, which would mean a whole
+            # block-long word (nothing left to predict it from) or cutting a word (no longer whole-word).
+            if not bool((batch["labels"] != IGNORE).any()):
+                continue
+            batch = {k: v.to(self.amp.device) for k, v in batch.items()}
+            with self.amp.autocast():
+                loss = mlm_loss(self.mlm(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            self.amp.backward(loss / self.opts.accum)
+            losses.append(float(loss.detach()))
+            tokens += int(batch["attention_mask"].sum())
+        return (torch.tensor(float(np.mean(losses))) if losses else None), tokens
+
+    def evaluate(self) -> dict:
+        return evaluate_mlm(self.mlm, self.val, self.masker, self.pad_id)
+
+    def state(self) -> dict:
+        return {"head": self.mlm.head_state()}
+
+    def load_state(self, state: dict, source: str) -> None:
+        self.mlm.load_head(state["head"], source)
+
+    def rows(self, log: StepLog) -> list[dict]:
+        """One row per step; held-out figures ride along (the last ones are the summary's "after")."""
+        row = {"step": log.step, "epoch": (log.step - 1) // self.steps_per_epoch, "loss": log.loss, "lr": log.lr}
+        if log.rate is not None:
+            row["tokens_per_s"] = log.rate
+        if log.eval is not None and not log.done:
+            row["val"] = _figures(log.eval)
+        return [row]
+
+
 def pretrain_text(opts: PretrainOptions, report: Callable[[str], None] = lambda line: None) -> PretrainSummary:
     """Run (or resume) MLM pretraining of the text tower; writes `opts.out`/model/ and returns a summary.
 
@@ -198,154 +260,125 @@ def pretrain_text(opts: PretrainOptions, report: Callable[[str], None] = lambda 
     out = Path(opts.out).expanduser()
     if opts.batch_size < 1 or opts.accum < 1 or opts.epochs < 1:
         raise CNClipError("--batch-size, --accum and --epochs must be positive")
-    torch.manual_seed(opts.seed)
+    torch.manual_seed(opts.seed)  # a fresh head's (or --from-scratch model's) initial weights
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load_user_dict(opts.user_dict)
     if next(read_corpus(opts.corpus), None) is None:  # corpus problems show before the model loads
         raise CNClipError(f"{opts.corpus} holds no text; give one document or sentence per line")
-
     resume_from = find_checkpoint(out) if opts.resume else None
+    model = _load(opts, resume_from, device)
+    train, val = _blocks(opts, model, report)
+    model.visual.requires_grad_(False)  # only the text tower learns here
+    amp = MixedPrecision(opts.precision, device)
+    objective = MaskedTokens(model, train, val, opts, amp)
+    loop = _loop(objective, opts, amp, out, report)
+    evaluate = objective.evaluate if val else None
+    summary = PretrainSummary(train_blocks=len(train), val_blocks=len(val))
     if resume_from is not None:
-        model = load_model(resume_from, device=device)
-    elif opts.from_scratch:
-        model = create_model(opts.model or "ViT-B-16", device=device)
+        loop.restore(resume_from)
+        summary.resumed_from_step = loop.progress.step
+        report(f"resumed from {resume_from} at step {loop.progress.step}")
     else:
-        model = load_model(opts.model, device=device)
-    tokenizer = model.tokenizer
+        _start_head(objective.mlm, opts, report)
+        if evaluate is not None:
+            report(_format_eval("before", _figures(loop.evaluate(evaluate))))
+    seen, seconds = loop.progress.seen, loop.train_seconds
+    loop.run(evaluate)
+    summary.tokens_per_second = (loop.progress.seen - seen) / max(loop.train_seconds - seconds, 1e-9)
+    return _finish(loop, objective, out, summary, report)
+
+
+def _load(opts: PretrainOptions, resume_from: Path | None, device: torch.device) -> CNClipModel:
+    if resume_from is not None:
+        return load_model(resume_from, device=device)
+    if opts.from_scratch:
+        return create_model(opts.model or "ViT-B-16", device=device)
+    return load_model(opts.model, device=device)
+
+
+def _blocks(
+    opts: PretrainOptions, model: CNClipModel, report: Callable[[str], None]
+) -> tuple[list[Block], list[Block]]:
+    """The corpus packed into blocks for this text tower, split into (train, held out)."""
     max_positions = model.bert.config.max_position_embeddings
     max_length = opts.max_length or min(128, max_positions)
     if max_length > max_positions:
         raise CNClipError(f"--max-length {max_length} exceeds this text tower's {max_positions} positions")
-
     started = time.monotonic()
-    blocks = pack_blocks(tokenizer, read_corpus(opts.corpus), max_length)
+    blocks = pack_blocks(model.tokenizer, read_corpus(opts.corpus), max_length)
     if not blocks:
         raise CNClipError(f"{opts.corpus} holds no text; give one document or sentence per line")
     train, val = _split(blocks, opts)
     report(f"{len(blocks)} blocks of <= {max_length} tokens ({len(train)} train, {len(val)} held out) "
            f"in {time.monotonic() - started:.1f} s")  # fmt: skip
+    return train, val
 
-    model.train()
-    model.visual.requires_grad_(False)  # only the text tower learns here
-    mlm = MaskedLM(model).to(device)
-    masker = Masker.for_tokenizer(tokenizer)
-    steps_per_epoch = math.ceil(len(train) / (opts.batch_size * opts.accum))
-    total = steps_per_epoch * opts.epochs if opts.max_steps is None else opts.max_steps
-    optimizer = torch.optim.AdamW(param_groups(mlm, opts.weight_decay), lr=opts.lr, betas=(0.9, 0.98), eps=1e-6)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(int(total * opts.warmup), total))
-    autocast = resolve_precision(opts.precision, device)
-    scaler = torch.amp.GradScaler(enabled=autocast == torch.float16)
 
-    summary = PretrainSummary(train_blocks=len(train), val_blocks=len(val))
-    step = 0
-    if resume_from is not None:
-        state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=True)
-        mlm.load_head(state["head"], str(resume_from))
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step, summary.before, summary.tokens_seen = state["step"], state["before"], state["tokens_seen"]
-        summary.resumed_from_step = step
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        _truncate_metrics(out / "metrics.jsonl", step)  # rows past the checkpoint are about to be redone
-        report(f"resumed from {resume_from} at step {step}")
+def _loop(
+    objective: MaskedTokens, opts: PretrainOptions, amp: MixedPrecision, out: Path, report: Callable[[str], None]
+) -> Loop:
+    # --max-steps may end the run before the epochs do, or carry it past them
+    total = objective.steps_per_epoch * opts.epochs if opts.max_steps is None else opts.max_steps
+    loop_opts = LoopOptions(
+        total_steps=total,
+        schedule=linear_with_warmup(int(total * opts.warmup), total),
+        lr=opts.lr,
+        weight_decay=opts.weight_decay,
+        grad_clip=opts.grad_clip,
+        seed=opts.seed,
+        log_every=opts.log_every,
+        save_every=opts.save_every,
+        eval_every=opts.eval_every,
+        epoch_ends=False,  # held-out figures at the start, every --eval-every and at the end only
+        options=asdict(opts),
+        resume_keys=("batch_size", "accum", "seed", "max_length"),
+    )
+    return Loop(objective, loop_opts, amp, out, DistInfo(device=amp.device), on_event=_reporter(report, total))
+
+
+def _start_head(mlm: MaskedLM, opts: PretrainOptions, report: Callable[[str], None]) -> None:
+    head = _head_source(opts)
+    if head is not None:
+        mlm.load_head(_read_head_file(head), str(head))
+        report(f"MLM head from {head}")
     else:
-        head = _head_source(opts)
-        if head is not None:
-            mlm.load_head(_read_head_file(head), str(head))
-            report(f"MLM head from {head}")
-        else:
-            report("MLM head: fresh (the checkpoint has none)")
-        summary.before = evaluate_mlm(mlm, val, masker, tokenizer.pad_id) if val else {}
-        if val:
-            report(_format_eval("before", summary.before))
+        report("MLM head: fresh (the checkpoint has none)")
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = (out / "metrics.jsonl").open("a", encoding="utf-8")
 
-    def save(name: str = "last") -> None:
-        state = {
-            "step": step,
-            "head": mlm.head_state(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "before": summary.before,
-            "tokens_seen": summary.tokens_seen,
-            "options": asdict(opts),
-            "rng": torch.get_rng_state(),  # dropout: a resumed run continues exactly as an uninterrupted one
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-        }
-        write_checkpoint(model, out, name, state)
-
-    tick, tokens_since = time.monotonic(), 0
-    run_tokens, run_started = 0, time.monotonic()
-    try:
-        while step < total:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            order = np.random.default_rng([opts.seed, epoch]).permutation(len(train))
-            losses = []
-            for micro in range(opts.accum):
-                first = (in_epoch * opts.accum + micro) * opts.batch_size
-                chosen = [train[i] for i in order[first : first + opts.batch_size]]
-                if not chosen:
-                    break
-                batch = mask_batch(
-                    chosen, masker, batch_rng(opts.seed, epoch, in_epoch * opts.accum + micro), tokenizer.pad_id
-                )
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                    loss = mlm_loss(mlm(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-                scaler.scale(loss / opts.accum).backward()
-                losses.append(float(loss.detach()))
-                n_tokens = int(batch["attention_mask"].sum())
-                tokens_since += n_tokens
-                run_tokens += n_tokens
-                summary.tokens_seen += n_tokens
-            if opts.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(mlm.parameters(), opts.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            step += 1
-            row = {"step": step, "epoch": epoch, "loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0]}
-            if step % opts.log_every == 0 or step == total:
-                now = time.monotonic()
-                row["tokens_per_s"] = tokens_since / max(now - tick, 1e-9)
-                tick, tokens_since = now, 0
-                report(f"step {step}/{total}  loss {row['loss']:.3f}  {row['tokens_per_s']:.0f} tokens/s")
-            if opts.eval_every and step % opts.eval_every == 0 and val and step < total:
-                row["val"] = evaluate_mlm(mlm, val, masker, tokenizer.pad_id)
-                report(_format_eval(f"step {step}", row["val"]))
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            if step % opts.save_every == 0 and step < total:
-                save()
-    finally:
-        metrics.close()
-    summary.steps = step
-    summary.tokens_per_second = run_tokens / max(time.monotonic() - run_started, 1e-9)
-    summary.after = evaluate_mlm(mlm, val, masker, tokenizer.pad_id) if val else {}
-    if val:
+def _finish(
+    loop: Loop, objective: MaskedTokens, out: Path, summary: PretrainSummary, report: Callable[[str], None]
+) -> PretrainSummary:
+    """The summary, and the final model folder with the head beside it."""
+    p, model = loop.progress, objective.model
+    summary.steps, summary.tokens_seen = p.step, p.seen
+    if p.history:  # the evaluation before the first step and the one after the last
+        summary.before, summary.after = _figures(p.history[0]), _figures(p.history[-1])
         report(_format_eval("after", summary.after))
-    save()
     model.eval()
     model.forget_weights_digest()
-    final = out / "model"
-    write_checkpoint(model, out, "model", None)
-    save_file(mlm.head_state(), str(final / HEAD_FILE))
+    final = write_checkpoint(model, out, "model", None)
+    save_file(objective.mlm.head_state(), str(final / HEAD_FILE))
     summary.model_folder = str(final)
-    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False), encoding="utf-8")
+    atomic.write_text(out / "summary.json", json.dumps(asdict(summary), indent=2, ensure_ascii=False))
     return summary
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text("utf-8").splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+def _reporter(report: Callable[[str], None], total: int) -> Callable[[dict], None]:
+    """Report lines for metrics rows: the logged steps' loss and speed, held-out figures."""
+
+    def show(row: dict) -> None:
+        if "tokens_per_s" in row:
+            loss = "-" if row["loss"] is None else f"{row['loss']:.3f}"  # None: no masked token in the step
+            report(f"step {row['step']}/{total}  loss {loss}  {row['tokens_per_s']:.0f} tokens/s")
+        if "val" in row:
+            report(_format_eval(f"step {row['step']}", row["val"]))
+
+    return show
+
+
+def _figures(event: dict) -> dict:
+    """An evaluation event's figures, without its kind, step and epoch."""
+    return {k: v for k, v in event.items() if k not in ("kind", "step", "epoch")}
 
 
 def _format_eval(label: str, result: dict) -> str:

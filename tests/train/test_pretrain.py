@@ -222,6 +222,32 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, start_model):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_block_with_no_masked_token_adds_nothing_instead_of_nan(tmp_path, start_model, tokenizer):
+    """A word longer than 15 % of its block (here a URL's 65-token tail, a block of its own) is never
+    masked, whole words only: the block has nothing to predict. Alone in a micro-batch its
+    cross-entropy is 0/0; that NaN must not reach AdamW."""
+    url = "https://example.com/a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6q7r8s9t0u1v2w3x4y5z6a7b8c9d0e1f2g3h4"
+    lines = corpus_lines(30) + [url] + corpus_lines(10, seed=1)
+    masker = Masker.for_tokenizer(tokenizer)
+    unmaskable = [
+        b for b in pack_blocks(tokenizer, lines, 64) if not (masker(b, np.random.default_rng(0))[1] != IGNORE).any()
+    ]
+    assert len(unmaskable) == 1 and len(unmaskable[0].ids) == 64
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    opts = PretrainOptions(
+        corpus=str(corpus), out=str(tmp_path / "run"), model=str(start_model), max_length=64, batch_size=1,
+        val_fraction=0.0, lr=1e-3, log_every=1, precision="fp32",
+    )  # fmt: skip
+    summary = pretrain_text(opts)
+    adapted = cnclip.load_model(summary.model_folder)
+    assert all(torch.isfinite(p).all() for p in adapted.bert.parameters())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == summary.steps == summary.train_blocks
+    assert all(np.isfinite(row["loss"]) for row in rows if row["loss"] is not None)
+    assert [row["loss"] for row in rows].count(None) == 1  # that block's step: no loss, no update
+
+
 def test_the_mlm_head_comes_from_a_bert_checkpoint_when_given(tmp_path, start_model):
     from safetensors.torch import save_file
     from transformers import BertForMaskedLM
