@@ -22,6 +22,7 @@ __all__ = [
     "fsync_file",
     "fsync_tree",
     "previous_folder",
+    "publish",
     "remove_stale_temps",
     "replacing",
     "replacing_folder",
@@ -91,6 +92,14 @@ def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def publish(finished: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a file written to completely elsewhere in the same folder (a download's `.part`, an
+    export in a private folder) into place as `path`, durably."""
+    fsync_file(finished)
+    os.replace(finished, path)
+    fsync_dir(Path(path).parent)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

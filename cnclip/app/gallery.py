@@ -4,7 +4,7 @@ People would rather look than read paths, so `cnclip search --grid/--html` hands
 Queries are usually Chinese, so the grid renderer hunts for a CJK-capable system font
 (`$CNCLIP_FONT` first); without one the sheet is still written, with whatever font there is.
 A hit whose file has gone missing or will not decode becomes a placeholder; it never stops
-the sheet from being written. Outputs are written atomically (temp file + os.replace).
+the sheet from being written. Outputs are published atomically (cnclip.atomic).
 """
 
 from __future__ import annotations

@@ -256,9 +256,7 @@ def _download(source: Source, where: str, target: Path, config: ModelConfig, pro
     part = target.with_name(target.name + ".part")
     digest = _receive(source, where, part, progress, answered)
     _verify(part, config, digest, check)
-    atomic.fsync_file(part)
-    os.replace(part, target)
-    atomic.fsync_dir(target.parent)
+    atomic.publish(part, target)
 
 
 def _receive(source: Source, where: str, part: Path, progress, answered) -> str | None:

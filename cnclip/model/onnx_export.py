@@ -154,13 +154,10 @@ def _move_model(src: Path, dst: Path) -> None:
     so a reader that finds `dst` also finds its data."""
     data = src.with_name(f"{src.name}.data")
     if data.exists():
-        atomic.fsync_file(data)
-        os.replace(data, dst.with_name(f"{dst.name}.data"))
+        atomic.publish(data, dst.with_name(f"{dst.name}.data"))
     else:
         dst.with_name(f"{dst.name}.data").unlink(missing_ok=True)  # left by an older, larger export
-    atomic.fsync_file(src)
-    os.replace(src, dst)
-    atomic.fsync_dir(dst.parent)
+    atomic.publish(src, dst)
 
 
 def export_cached(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> Path:
