@@ -87,6 +87,7 @@ def build(work: Path, size: int, dim: int) -> Path:
 @dataclasses.dataclass
 class Phase:
     latencies: list[float] = dataclasses.field(default_factory=list)
+    started: list[float] = dataclasses.field(default_factory=list)  # perf_counter at each request's start
     errors: int = 0
     example: str = ""
 
@@ -103,13 +104,14 @@ def client(url: str, seed: int, phase: list[Phase], stop: threading.Event) -> No
             ok, why = False, f"{type(e).__name__}: {e}"
         current = phase[-1]
         current.latencies.append(time.perf_counter() - started)
+        current.started.append(started)
         if not ok:
             current.errors += 1
             current.example = current.example or why
     http.close()
 
 
-def measure(index_dir: Path, photos: Path, clients: int, idle: float, batch: int) -> tuple[Phase, Phase, float]:
+def measure(index_dir: Path, photos: Path, clients: int, idle: float, batch: int) -> tuple[Phase, Phase, float, float]:
     proc, url = start_server(index_dir, None)
     try:
         httpx.get(f"{url}/api/search", params={"q": "海边", "k": 5}, timeout=600).raise_for_status()  # warm-up
@@ -128,7 +130,7 @@ def measure(index_dir: Path, photos: Path, clients: int, idle: float, batch: int
             t.join()
         if out.returncode != 0:
             raise SystemExit(f"cnclip index failed:\n{out.stderr}")
-        return phases[0], phases[1], took
+        return phases[0], phases[1], took, started
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -167,9 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             work = Path(tmp) / f"n{size}"
             index_dir = build(work, size, args.dim)
-            idle, during, took = measure(index_dir, photos, args.clients, args.idle, args.batch_size)
+            idle, during, took, t0 = measure(index_dir, photos, args.clients, args.idle, args.batch_size)
             lines += [row(size, "idle", idle, args.idle), row(size, "while indexing", during, took)]
             notes.append(f"{size:,}: `cnclip index` of {args.add:,} photos took {took:.0f} s during the load")
+            slowest = sorted(zip(during.latencies, during.started, strict=True), reverse=True)[:3]
+            notes.append(
+                f"{size:,}: slowest requests while indexing started at "
+                + ", ".join(f"{s - t0:.1f} s ({1000 * lat:.0f} ms)" for lat, s in slowest)
+                + " after `cnclip index` started"
+            )
             notes += [f"{size:,} error: {p.example}" for p in (idle, during) if p.example]
             shutil.rmtree(work, ignore_errors=True)  # 1M x 512-d is ~4 GB of catalog and vector file
     print("\n".join(lines + [""] + notes))

@@ -150,3 +150,13 @@ def test_a_serving_reader_rebuilds_in_the_background_while_the_old_index_answers
         time.sleep(0.1)
     assert fresh.ntotal == 400 and sorted(fresh.ids().tolist()) == catalog.file_ids().tolist()
     assert not (catalog.folder / INDEX_FILE).exists()  # a serving reader never writes the vector file
+
+
+def test_a_serving_reader_holds_the_vectors_in_memory_a_one_shot_reader_maps_them(catalog):
+    # mapped, the first change a server follows would copy the whole file while a request waits
+    _put(catalog, [f"a{i}" for i in range(50)], seed=8)
+    writer = Index(catalog)
+    with writer.lock.hold():
+        writer.refresh()
+    assert Index(catalog).refresh().info()["memory_mapped"] is True
+    assert Index(catalog, serving=True).refresh().info()["memory_mapped"] is False
