@@ -225,8 +225,8 @@ class Index:
         """
         generation = self.catalog.generation()  # read first: a write after it makes us stale, not wrong
         held = self._swap_in_rebuilt() or self._images
-        if held is not None and self._images_generation == generation:
-            return held
+        if held is not None and (self._images_generation == generation or self._rebuilding is not None):
+            return held  # current, or a rebuild is on its way: no journal read per request meanwhile
         index = self._sync(held) if held is not None else self._load_current(generation)
         if index is None and held is not None and self.serving and self._rebuild_in_background():
             return held
