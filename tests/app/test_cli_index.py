@@ -374,3 +374,23 @@ def test_kill_9_at_random_points_of_index_and_rebuild_with_a_reader_running(tmp_
     assert not list(idx.glob(".*.tmp*"))  # what killed writers left was cleared by the next one
     with Index.open(idx) as index:
         assert index.refresh().ntotal == 24 and index.stats()["offline"] == 0
+
+
+def test_offline_prune_and_gc_through_the_cli(photos, tmp_path, model_dir):
+    idx = tmp_path / "idx"
+    _index(photos, idx, model_dir)
+    aside = tmp_path / "aside"
+    shutil.move(photos / "子目录", aside)
+    os.symlink(tmp_path / "nas" / "子目录", photos / "子目录")  # a folder on a drive that is not mounted
+    summary, stderr = _index(photos, idx, model_dir)
+    assert summary["removed"] == 0 and summary["offline"][0]["files"] == 3
+    assert f"offline {photos / '子目录'}: symlink target missing" in stderr
+    hits = json.loads(run_cli("search", "海边", "--index", idx, "--json", "-k", "20").stdout)
+    assert len(hits) == 6 and not any("子目录" in h["path"] for h in hits)
+    info = json.loads(run_cli("info", "--index", idx, "--json").stdout)
+    assert (info["images"], info["offline"], info["unused_vectors"]) == (6, 3, 0)
+
+    pruned, _ = _index(photos, idx, model_dir, "--prune")
+    assert pruned["removed"] == 3
+    gc = run_cli("gc", "--index", idx, "--json")
+    assert gc.returncode == 0 and json.loads(gc.stdout) == {"vectors_removed": 3, "unused_vectors_left": 0}
