@@ -181,6 +181,8 @@ class Indexer:
         root, or more than MAX_REMOVE_FRACTION of the root at once."""
         for path, reason in walk.unreachable:
             self._keep_offline(scan, path, reason, summary)
+        if self.prune:
+            return  # what is gone from the root is meant to go
         missing, total = self.catalog.missing_under(scan, to_catalog_path(root))
         if walk.root_empty and missing:
             self._keep_offline(scan, root, f"folder is empty ({NOT_MOUNTED})", summary)
