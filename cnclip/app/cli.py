@@ -186,6 +186,18 @@ def _port(text: str) -> int:
     return value
 
 
+def _add_no_t2s(p: argparse.ArgumentParser, what: str = "queries") -> None:
+    p.add_argument(
+        "--no-t2s",
+        dest="t2s",
+        action="store_const",
+        const=False,
+        default=None,
+        help=f"keep {what} as typed (default: Traditional Chinese is read as Simplified, OpenCC t2s; $CNCLIP_T2S=0 "
+        "turns that off everywhere)",
+    )
+
+
 def _add_runtime_options(p: argparse.ArgumentParser, backend: str | None) -> None:
     """--device / --backend / --precision; `backend` is the command's default (None: $CNCLIP_BACKEND, then auto)."""
     g = p.add_argument_group("how the model runs")
@@ -362,7 +374,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise CNClipError("give either a text query or --image FILE")
     if args.query is not None:
         check_query(args.query)  # before the index and its model are loaded
-    with Index.open(args.index, model=args.model, runtime=_runtime(args)) as index:
+    with Index.open(args.index, model=args.model, runtime=_runtime(args), t2s=args.t2s) as index:
         if args.texts:
             if args.image is None:
                 raise CNClipError("--texts searches texts by image; add --image FILE")
@@ -439,7 +451,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     else:
         with Index.open(args.index, runtime=runtime) as index:
             model = index.model
-    hits = zero_shot(model, load_image(args.file), labels)[: args.k]
+    hits = zero_shot(model, load_image(args.file), labels, t2s=args.t2s)[: args.k]
     if args.json:
         print(_json([{"label": h.text, "score": h.score} for h in hits]))
     else:
@@ -465,7 +477,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     index = args.index or default_index_path()
     runtime = _runtime(args)
     print(f"loading {index} ({runtime.describe()}) ...", file=sys.stderr)
-    app = create_app(index, token=token, runtime=runtime, host=args.host)
+    app = create_app(index, token=token, runtime=runtime, host=args.host, t2s=args.t2s)
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{sock.getsockname()[1]}/" + ("?token=" + token if token else "")
     print(f"serving {index} at {url}  (Ctrl+C stops)", file=sys.stderr, flush=True)
@@ -509,6 +521,7 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from cnclip.index.scan import Progress
     from cnclip.model.checkpoint import load_model
+    from cnclip.train.data import simplified_captions
     from cnclip.train.evaluate import evaluate_pairs, zero_shot_accuracy
 
     if args.labels and args.zero_shot is None:
@@ -516,6 +529,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.zero_shot is not None and not os.path.isdir(os.path.expanduser(args.zero_shot)):
         raise CNClipError(f"{args.zero_shot} is not a folder; give a folder with one sub-folder of images per class")
     pairs = _read_pairs(args.data) if args.data is not None else None  # data problems show before the model loads
+    if pairs is not None and args.t2s:
+        pairs = simplified_captions(pairs)
     runtime = _runtime(args)
     model = runtime.apply(load_model(args.model, device=runtime.device))
     bar = _ProgressBar("embedding", enabled=not args.quiet and sys.stderr.isatty())
@@ -669,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
     p.add_argument("--grid", metavar="OUT.jpg", help="also write a contact sheet of the hits")
     p.add_argument("--html", metavar="OUT.html", help="also write an HTML page of the hits")
+    _add_no_t2s(p)
     _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_search)
 
@@ -684,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("-k", type=_positive_int, default=5, help="labels to print (default 5)")
     p.add_argument("--json", action="store_true")
+    _add_no_t2s(p, "labels")
     _add_runtime_options(p, "torch")
     p.set_defaults(func=_cmd_tag)
 
@@ -698,6 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON (fractions, not percent)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--t2s", action="store_true", help="read Traditional Chinese captions as Simplified (OpenCC t2s) first"
+    )
     _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_eval)
 
@@ -710,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this secret (Authorization: Bearer, or /?token= for the page); needed for a non-loopback "
         "--host (default: $CNCLIP_TOKEN)",
     )
+    _add_no_t2s(p)
     _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_serve)
 

@@ -113,12 +113,12 @@ def listen_socket(host: str, port: int) -> socket.socket:
 class _IndexWorker:
     """Owns the `Index` on one thread; `run(fn, ...)` calls `fn(index, ...)` there and returns its result."""
 
-    def __init__(self, path: str | os.PathLike, runtime: Runtime | None):
+    def __init__(self, path: str | os.PathLike, runtime: Runtime | None, t2s: bool | None = None):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cnclip-index")
         try:
             # serving: follows the catalog in memory, never makes a request wait for a whole-file
             # write or a rebuild; `cnclip index` (the writer) saves the vector files
-            self.index: Index = self._pool.submit(Index.open, path, runtime=runtime, serving=True).result()
+            self.index: Index = self._pool.submit(Index.open, path, runtime=runtime, serving=True, t2s=t2s).result()
         except BaseException:
             self._pool.shutdown()
             raise
@@ -480,15 +480,17 @@ def create_app(
     host: str = "127.0.0.1",
     warm: bool = True,
     thumb_cache_bytes: int = THUMB_CACHE_BYTES,
+    t2s: bool | None = None,
 ) -> FastAPI:
     """The FastAPI app serving the index at `index_path`: the API under /api/, the page at /.
 
     The index is opened (and with `warm`, its model loaded and text tower run once) here, so a
     missing index or model fails before a port is opened. `runtime` is how the model runs (e.g.
     `Runtime.resolve()`: ONNX Runtime on CPUs); `host` is the address served on, accepted in the
-    Host header besides the loopback names when there is no `token`.
+    Host header besides the loopback names when there is no `token`. `t2s`: queries in
+    Traditional Chinese are read as Simplified (default: `$CNCLIP_T2S`, else on).
     """
-    worker = _IndexWorker(index_path, runtime)
+    worker = _IndexWorker(index_path, runtime, t2s)
     try:
         image_size = worker.run(_warm) if warm else None
     except BaseException:
@@ -564,7 +566,7 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
         started = time.perf_counter()
         names = split_labels(labels)
         image = read_upload(file, image_size)
-        hits = worker.run(lambda index: zero_shot(index.model, image, names))[:k]
+        hits = worker.run(lambda index: zero_shot(index.model, image, names, t2s=index.t2s))[:k]
         found = [LabelResult(label=h.text, score=round(h.score, 6)) for h in hits]
         return TagResponse(labels=found, count=len(found), took_ms=_since(started))
 
@@ -615,6 +617,7 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
             "vector_index": stats["vector_index"],
             "last_update": None if last is None else dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(),
             "runtime": (runtime or Runtime()).describe(),
+            "t2s": worker.index.t2s,
         }
 
     return api

@@ -24,6 +24,7 @@ from cnclip.index.catalog import Catalog, ModelIdentity
 from cnclip.index.lock import WriterLock
 from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
 from cnclip.index.vectors import ONDISK_KIND, VectorIndex
+from cnclip.model.chinese import t2s_default, to_simplified_all
 from cnclip.model.onnx_runtime import TextEncoder
 from cnclip.model.runtime import Runtime
 from cnclip.model.transform import load_image
@@ -89,8 +90,11 @@ class Index:
         runtime: Runtime | None = None,
         vector_kind: str = "auto",
         serving: bool = False,
+        t2s: bool | None = None,
     ):
         self.catalog = catalog
+        # Text queries (and added texts) go through Traditional->Simplified before the model.
+        self.t2s = t2s_default() if t2s is None else t2s
         self._model = model
         self._runtime = runtime
         # What `refresh` builds: "auto" (exact, IVF-Flat, or on disk past ONDISK_THRESHOLD) or a kind.
@@ -120,6 +124,7 @@ class Index:
         runtime: Runtime | None = None,
         vector_kind: str = "auto",
         serving: bool = False,
+        t2s: bool | None = None,
     ) -> Index:
         """Open (or with `create`, make) the index at `path` (default: `default_index_path()`).
 
@@ -129,7 +134,8 @@ class Index:
         model runs as loaded (PyTorch fp32 on the CPU). `vector_kind` is the vector index kind
         `refresh` builds ("auto" or one of `cnclip.index.vectors.KINDS`, e.g. "ivf-pq-ondisk"); a kind
         given here is recorded in the index and kept by every later reader. `serving=True` is for
-        a long-running reader such as `cnclip serve` (see `refresh`).
+        a long-running reader such as `cnclip serve` (see `refresh`). `t2s` converts text queries
+        from Traditional to Simplified Chinese first (default: `$CNCLIP_T2S`, else on).
         """
         # The model first: a model that fails to load must not leave an empty index folder behind.
         loaded = _load(model, runtime) if isinstance(model, str | os.PathLike) else model
@@ -137,7 +143,7 @@ class Index:
             runtime.apply(loaded)
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
         try:
-            index = cls(catalog, runtime=runtime, vector_kind=vector_kind, serving=serving)
+            index = cls(catalog, runtime=runtime, vector_kind=vector_kind, serving=serving, t2s=t2s)
         except BaseException:
             catalog.close()
             raise
@@ -206,7 +212,11 @@ class Index:
         new = [t for t in texts if t not in known]
         if not new:
             return 0
-        return self.catalog.add_texts(new, self.model.embed_texts(new), collection)
+        return self.catalog.add_texts(new, self.model.embed_texts(self._model_texts(new)), collection)
+
+    def _model_texts(self, texts: list[str]) -> list[str]:
+        """Texts as the model reads them: in Simplified characters unless `t2s` is off."""
+        return to_simplified_all(texts) if self.t2s else texts
 
     # -- searching --------------------------------------------------------------------------------
 
@@ -395,7 +405,7 @@ class Index:
 
     def query_vector(self, query: str) -> np.ndarray:
         """The (1, D) embedding of a text query, from a small cache of recent queries."""
-        query = check_query(query)
+        query = self._model_texts([check_query(query)])[0]
         vector = self._query_vectors.pop(query, None)
         if vector is None:
             vector = self._embed_texts([query])

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cnclip.errors import QueryError
+from cnclip.model.chinese import t2s_default, to_simplified_all
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -42,12 +43,17 @@ class TextHit:
 
 
 def zero_shot(
-    model: CNClipModel, image: Image.Image, labels: Sequence[str], templates=PROMPT_TEMPLATES
+    model: CNClipModel,
+    image: Image.Image,
+    labels: Sequence[str],
+    templates=PROMPT_TEMPLATES,
+    t2s: bool | None = None,
 ) -> list[TextHit]:
     """Label probabilities for `image`, best first: each label's prompts are embedded, averaged and
-    renormalized, then softmax over logit_scale x cosine."""
+    renormalized, then softmax over logit_scale x cosine. `t2s`: labels in Traditional characters
+    are read as Simplified (default: `$CNCLIP_T2S`, else on)."""
     labels = [check_query(label) for label in labels]
-    text = label_embeddings(model, labels, templates)
+    text = label_embeddings(model, labels, templates, t2s=t2s)
     image_vec = model.embed_images([image])[0]
     logits = float(model.logit_scale.detach().exp()) * (text @ image_vec)
     probs = np.exp(logits - logits.max())
@@ -56,10 +62,14 @@ def zero_shot(
     return [TextHit(labels[i], float(probs[i])) for i in order]
 
 
-def label_embeddings(model: CNClipModel, labels: Sequence[str], templates=PROMPT_TEMPLATES) -> np.ndarray:
+def label_embeddings(
+    model: CNClipModel, labels: Sequence[str], templates=PROMPT_TEMPLATES, t2s: bool | None = None
+) -> np.ndarray:
     """float32 (len(labels), D) unit rows: each label's prompts embedded, averaged and renormalized."""
     if not labels:
         raise QueryError("no labels given; put one label per line in the labels file")
+    if t2s_default() if t2s is None else t2s:
+        labels = to_simplified_all(labels)
     prompts = [t.format(label) for label in labels for t in templates]
     text = model.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
     return text / np.linalg.norm(text, axis=1, keepdims=True)

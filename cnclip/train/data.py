@@ -87,6 +87,13 @@ class Pair:
     text: str
 
 
+def simplified_captions(pairs: Sequence[Pair]) -> list[Pair]:
+    """`pairs` with their captions in Simplified characters (OpenCC t2s), for Traditional captions."""
+    from cnclip.model.chinese import to_simplified
+
+    return [Pair(p.image, to_simplified(p.text)) for p in pairs]
+
+
 @dataclass
 class DataReport:
     """What reading a dataset kept and left out."""

@@ -26,6 +26,9 @@ from cnclip.train.trainer import Trainer, TrainOptions
 log = logging.getLogger(__name__)
 
 
+T2S_CAPTIONS_HELP = "read Traditional Chinese captions as Simplified (OpenCC t2s) before tokenizing"
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainOptions()
     p = argparse.ArgumentParser(
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from-scratch", action="store_true", help="random weights in --model's zoo shape")
     g.add_argument("--out", required=True, help="run folder: best/, last/, metrics.jsonl, plot.png")
     g.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
+    g.add_argument("--t2s", action="store_true", help=T2S_CAPTIONS_HELP)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
@@ -109,11 +113,13 @@ def _say(dist: DistInfo, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _read(path: str, what: str, dist: DistInfo):
-    from cnclip.train.data import read_pairs
+def _read(path: str, what: str, dist: DistInfo, t2s: bool = False):
+    from cnclip.train.data import read_pairs, simplified_captions
 
     pairs, report = read_pairs(path)
-    _say(dist, f"{what}: {len(pairs):,} pairs from {path}")
+    if t2s:
+        pairs = simplified_captions(pairs)
+    _say(dist, f"{what}: {len(pairs):,} pairs from {path}" + (", captions read as Simplified" if t2s else ""))
     if report.dropped:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.problems.items()))
         _say(dist, f"{what}: left out {report.dropped} records ({reasons}); e.g. " + "; ".join(report.examples[:3]))
@@ -168,8 +174,8 @@ def _printer(dist: DistInfo):
 def train(args: argparse.Namespace, dist: DistInfo) -> dict:
     """Run training as `args` says; returns the summary written to out/summary.json."""
     out = Path(args.out)
-    pairs, report = _read(args.train, "train", dist)
-    val_pairs = _read(args.val, "val", dist)[0] if args.val else None
+    pairs, report = _read(args.train, "train", dist, args.t2s)
+    val_pairs = _read(args.val, "val", dist, args.t2s)[0] if args.val else None
     resume_from = None if args.no_resume else find_checkpoint(out)
     model = _load(args, resume_from)
     trainer = Trainer(model, pairs, options_from(args), out, dist, on_event=_printer(dist))

@@ -147,6 +147,21 @@ def test_health_reports_counts_model_and_last_update(client):
     assert body["last_update"].startswith("20") and body["vector_index"]["current"] is True
 
 
+def _scores(client, q: str) -> list[tuple[int, float]]:
+    r = client.get("/api/search", params={"q": q, "k": 5})
+    assert r.status_code == 200, r.text
+    return [(h["id"], h["score"]) for h in r.json()["results"]]
+
+
+def test_traditional_queries_are_read_as_simplified_unless_turned_off(client, built):
+    assert client.get("/api/health").json()["t2s"] is True
+    assert _scores(client, "海邊的日落") == _scores(client, "海边的日落")
+    with TestClient(create_app(built[0], t2s=False), base_url=LOCAL) as as_typed:
+        assert as_typed.get("/api/health").json()["t2s"] is False
+        assert _scores(as_typed, "海边的日落") == _scores(client, "海边的日落")
+        assert _scores(as_typed, "海邊的日落") != _scores(client, "海邊的日落")
+
+
 def test_openapi_schema_lists_the_api(client):
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/api/search", "/api/search/image", "/api/tag", "/api/texts", "/api/thumb/{file_id}", "/api/health"):

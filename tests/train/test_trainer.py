@@ -313,3 +313,27 @@ def test_grad_checkpointing_gives_the_same_gradients_and_bf16_runs(tmp_path, sma
     assert trainer.amp_dtype == torch.bfloat16
     micro, _ = next(trainer._micro_batches(epoch=0, first_step=0))
     assert np.isfinite(trainer.train_step(micro))
+
+
+def test_t2s_trains_on_traditional_captions_as_on_simplified(tmp_path, small_data, init_model):
+    """`--t2s` reads captions written in Traditional characters as the Simplified ones they came from."""
+    import opencc
+
+    train, _ = small_data
+    s2t = opencc.OpenCC("s2t")
+    traditional = Path(train).with_name("traditional.jsonl")
+    rows = [json.loads(line) for line in Path(train).read_text("utf-8").splitlines()]
+    lines = [json.dumps({**r, "text": s2t.convert(r["text"])}, ensure_ascii=False) for r in rows]
+    traditional.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert traditional.read_text("utf-8") != Path(train).read_text("utf-8")
+
+    def losses(data, *extra) -> list[float]:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        common = ("--model", init_model, "--out", out, "--max-steps", 3, "--batch-size", 16, "--precision", "fp32")
+        _train("--train", data, *common, *extra)
+        rows = [json.loads(line) for line in (out / METRICS_FILE).read_text("utf-8").splitlines()]
+        return [r["loss"] for r in rows if r["kind"] == "train"]
+
+    simplified = losses(train)
+    assert losses(traditional, "--t2s") == simplified
+    assert losses(traditional) != simplified
