@@ -22,6 +22,7 @@ _LAZY = {
     "CNClipModel": "model.clip",
     "Hit": "index.folder",
     "Index": "index.folder",
+    "find_duplicates": "index.dupes",
     "TextHit": "model.zeroshot",
     "zero_shot": "model.zeroshot",
     "Tokenizer": "model.tokenizer",
@@ -32,6 +33,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from cnclip.index.dupes import find_duplicates
     from cnclip.index.folder import Hit, Index
     from cnclip.model.checkpoint import create_model, load_model
     from cnclip.model.clip import CNClipModel
@@ -72,6 +74,7 @@ __all__ = [
     "VocabularyError",
     "available_models",
     "create_model",
+    "find_duplicates",
     "get_model_config",
     "load_image",
     "load_model",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 # Before anything imports huggingface_hub: tests must never reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -29,6 +30,28 @@ def random_images(n: int, seed: int = 0, size: tuple[int, int] = (96, 72)) -> li
         arr = np.clip(base + grad + noise, 0, 255).astype(np.uint8)
         images.append(Image.fromarray(arr, "RGB"))
     return images
+
+
+def write_photos(folder, n: int, seed: int, prefix: str = "p") -> list:
+    """`n` generated photos saved in `folder` (made if missing) as PREFIX0.png, PREFIX1.png, ...; their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(random_images(n, seed=seed)):
+        paths.append(folder / f"{prefix}{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def eventually(condition, what: str, timeout: float):
+    """Poll `condition` until it returns something true (returned), failing after `timeout` seconds:
+    for what happens on another thread or process, without a sleep of fixed length."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"not within {timeout:.0f} s: {what}")
 
 
 def indexed_vectors(index_dir) -> dict[str, np.ndarray]:
@@ -58,6 +81,10 @@ def record_builds(monkeypatch, cls, name: str) -> list:
 def _private_cache(tmp_path_factory):
     """Exported ONNX towers go to a per-run folder, not the user's ~/.cache (subprocesses inherit it)."""
     os.environ["CNCLIP_CACHE"] = str(tmp_path_factory.mktemp("cnclip-cache"))
+    # The suite makes the same choices on every CPU: "auto" would measure bf16 per model on AMX
+    # machines and compare with fp32 numbers elsewhere. Tests of the bf16 paths set it to 1
+    # themselves, and `CNCLIP_CPU_BF16=1 pytest` runs the whole suite as an AMX machine would.
+    os.environ.setdefault("CNCLIP_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,23 @@ MODEL_HELP = (
 
 
 WAIT_HELP = "if another process is writing the index, wait up to this long for it (default 0: say so and stop)"
+WATCH_POLL_HELP = (
+    "with --watch: look for changes every SECONDS instead of waiting for the system's file events "
+    "(network drives: NFS, SMB, where those do not arrive)"
+)
+
+
+SEARCH_EPILOG = """combined queries:
+  One text or one --image searches as it is. Anything more is combined on the unit embeddings:
+  the sum of weight x unit vector over the terms, renormalized (a subtracted term's weight is
+  negative; the default weight is 1).
+    cnclip search "猫 + 狗 - 草地"            + and - with a space on both sides split the text
+    cnclip search "海边" --image ref.jpg      a text and an image together
+    cnclip search "猫" --not "狗" --not 室内   --not subtracts a text (repeatable)
+    cnclip search "日落 + 夜景:0.5"           a term ending in :NUMBER has that weight (above 0)
+    cnclip search --image a.jpg --image b.jpg:2 --not-image c.jpg
+  Indexed query images are left out of the results unless --include-self. A combination that
+  cancels out (猫 - 猫) is an error. "Wi-Fi" or "C++" are plain text: no spaces around them."""
 
 
 def _json(value: object) -> str:
@@ -179,6 +196,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _interval(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -213,14 +237,20 @@ def _add_runtime_options(p: argparse.ArgumentParser, backend: str | None) -> Non
     g.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
-        help="auto: fp32 on CPUs, fp16 on GPUs; bf16 is ~3x faster on AMX CPUs, cosine ~0.998 to fp32",
+        help="auto: fp16 on GPUs; on CPUs with AMX or AVX-512 BF16 the fastest of fp32 and bf16 per tower, measured "
+        "once per model (bf16 only where it ranks as fp32 does); fp32 on other CPUs",
     )
 
 
 def _runtime(args: argparse.Namespace):
     from cnclip.model.runtime import Runtime
 
-    return Runtime.resolve(args.device, args.backend, args.precision)
+    runtime = Runtime.resolve(args.device, args.backend, args.precision)
+    if runtime.calibrate:  # say so when a one-time measurement makes this command wait
+        from cnclip.model import calibrate
+
+        calibrate.notify = lambda message: print(message, file=sys.stderr, flush=True)
+    return runtime
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -230,6 +260,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         raise CNClipError(f"{args.folder} is not a folder; give the folder of images to index")
     if args.folder is None and not args.texts:
         raise CNClipError("nothing to index; give a folder of images and/or --texts FILE")
+    if args.watch and (args.folder is None or args.ray or args.address):
+        raise CNClipError("--watch needs the FOLDER to watch, and embeds in this process: drop --ray")
     from cnclip.train.data import read_lines
 
     texts = read_lines(args.texts) if args.texts else None
@@ -255,17 +287,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
             summary = index.add_folder(
                 args.folder,
                 progress=bar,
-                batch_size=args.batch_size,
-                include_hidden=args.hidden,
-                draft=not args.exact_decode,
                 ray=_ray_options(args),
-                prune=args.prune,
                 wait=args.wait,
-                **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
+                **_scan_options(args),
             )
         finally:
             bar.close()
         _prepare_text_search(index, runtime, quiet=args.quiet)
+        model = index.model if args.watch else None
     for item in summary.skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     for item in summary.offline:
@@ -285,6 +314,51 @@ def _cmd_index(args: argparse.Namespace) -> int:
             + f" ({summary.embedded} embedded, {summary.reused} reused)",
             file=sys.stderr,
         )
+    return _watch(args, index.catalog.folder, model) if args.watch else 0
+
+
+def _scan_options(args: argparse.Namespace) -> dict:
+    """The `Indexer` options of `cnclip index` (its first pass and the watching after it)."""
+    options = {"batch_size": args.batch_size, "include_hidden": args.hidden, "draft": not args.exact_decode}
+    return options | {"prune": args.prune} | ({"max_pixels": args.max_pixels} if args.max_pixels else {})
+
+
+def _print_watch_batch(batch, as_json: bool = False) -> None:
+    """One stderr line per batch that changed something (and its JSON on stdout with --json)."""
+    for item in batch.summary.skipped:
+        print(f"watch: skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    for item in batch.summary.offline:
+        print(f"watch: offline {item['path']}: {item['reason']}; {item['files']} files kept", file=sys.stderr)
+    line = batch.describe()
+    if line:
+        print(f"watch: {line}", file=sys.stderr, flush=True)
+        if as_json:
+            print(_json(batch.to_dict()), flush=True)
+
+
+def _watch(args: argparse.Namespace, index_folder, model) -> int:
+    """`cnclip index DIR --watch` after its first pass: apply changes as they happen, until Ctrl+C."""
+    from cnclip.index.watch import Watcher
+
+    watcher = Watcher(
+        index_folder,
+        [args.folder],
+        model=model,
+        poll=args.watch_poll,
+        on_batch=lambda batch: _print_watch_batch(batch, args.json),
+        on_error=lambda e: print(f"watch: {e}", file=sys.stderr, flush=True),
+        **_scan_options(args),
+    ).start()
+    print(f"watching {args.folder} for changes (Ctrl+C stops)", file=sys.stderr, flush=True)
+    try:
+        while not watcher.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        print("watch: stopping (Ctrl+C again quits at once; the next run picks up the rest)", file=sys.stderr)
+    finally:
+        watcher.stop()
+    if watcher.error is not None:
+        raise CNClipError(f"watching {args.folder} stopped: {watcher.error}") from watcher.error
     return 0
 
 
@@ -316,10 +390,66 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dupes(args: argparse.Namespace) -> int:
+    from cnclip.index.dupes import check_threshold, find_duplicates
+    from cnclip.index.folder import Index
+    from cnclip.index.scan import Progress
+
+    threshold = check_threshold(args.threshold)  # before opening anything
+    bar = _ProgressBar("comparing", enabled=not args.quiet and sys.stderr.isatty())
+    with Index.open(args.index) as index:
+        try:
+            report = find_duplicates(index, threshold, limit=args.limit, progress=lambda d, t: bar(Progress(d, t)))
+        finally:
+            bar.close()
+    if args.html:
+        print(f"wrote {_write_dupes_html(report, args.html)}", file=sys.stderr)
+    if args.json:
+        print(_json(report.to_dict()))
+    else:
+        for number, group in enumerate(report.groups, 1):
+            print(f"group {number}: {group.size} photos" + (f", {len(group.members)} listed" if group.capped else ""))
+            for i, m in enumerate(group.members):
+                size = f"{m.width}x{m.height}" if m.pixels else "?x?"
+                print(f"{'*' if i == 0 else ' '} {m.similarity:.4f}\t{size}\t{m.bytes}\t{m.path}")
+            print()
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    listed = " in the groups listed" if len(report.groups) < report.total_groups else ""
+    print(
+        f"{report.total_groups} groups of near-duplicates among {report.files} photos at threshold {threshold:g}: "
+        f"{report.duplicates} photos besides the best copies{listed} (* marks them: most pixels, then bytes, then "
+        "oldest). Nothing was deleted or moved.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _write_dupes_html(report, out: str) -> Path:
+    from cnclip.app.gallery import GalleryItem, write_groups_html
+
+    sections = []
+    for number, group in enumerate(report.groups, 1):
+        heading = f"第 {number} 组 · {group.size} 张" + (f"（列出 {len(group.members)} 张）" if group.capped else "")
+        items = [
+            GalleryItem(
+                m.path,
+                m.similarity,
+                rank,
+                label=("最佳 · " if rank == 1 else "") + (f"{m.width}×{m.height}" if m.pixels else "?"),
+            )
+            for rank, m in enumerate(group.members, 1)
+        ]
+        sections.append((heading, items))
+    title = f"重复照片（阈值 {report.threshold:g}）"
+    return write_groups_html(sections, out, title=title, count=f"{report.total_groups} 组，共 {report.files} 张照片")
+
+
 def _prepare_text_search(index, runtime, quiet: bool) -> None:
     """Export the text tower now (once per model) when searches will run it in ONNX Runtime: then
     `cnclip search` answers without loading the model at all."""
-    if "text" not in runtime.onnx_towers:
+    chosen = index.model.runtime or runtime
+    if "text" not in chosen.onnx_towers:
         return
     from cnclip.model.onnx_runtime import export_folder
 
@@ -368,27 +498,35 @@ def _open_for_indexing(args: argparse.Namespace, runtime):
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from cnclip.index.folder import Index
-    from cnclip.model.zeroshot import check_query
+    from cnclip.index.query import IMAGE, build_terms, describe
 
-    if (args.query is None) == (args.image is None):
-        raise CNClipError("give either a text query or --image FILE")
-    if args.query is not None:
-        check_query(args.query)  # before the index and its model are loaded
+    images, nots, not_images = args.image or [], args.not_texts or [], args.not_images or []
+    if args.query is None and not images:
+        raise CNClipError("give a text query or --image FILE")
+    if args.texts and (args.query is not None or len(images) != 1 or nots or not_images):
+        raise CNClipError("--texts searches texts by one image; give --image FILE alone")
+    terms = build_terms(args.query, images, nots, not_images)  # checked before the index and its model load
     with Index.open(args.index, model=args.model, runtime=_runtime(args), t2s=args.t2s) as index:
+        where = _filter(index, args)
         if args.texts:
-            if args.image is None:
-                raise CNClipError("--texts searches texts by image; add --image FILE")
-            hits = index.search_texts_by_image(args.image, k=args.k)
+            if not where.empty:
+                raise CNClipError("filters choose photos; --texts returns texts, so leave the filters out")
+            hits = index.search_texts_by_image(images[0], k=args.k)
             rows = [(h.score, h.text) for h in hits]
             payload = [h.to_dict() for h in hits]
         else:
-            if args.image is not None:
-                hits = index.search_image(args.image, k=args.k, exclude_self=not args.include_self)
+            if len(terms) > 1:
+                hits = index.search_combined(terms, k=args.k, exclude_self=not args.include_self, where=where)
+                title = describe(terms)
+            elif terms[0].kind == IMAGE:
+                hits = index.search_image(images[0], k=args.k, exclude_self=not args.include_self, where=where)
+                title = f"相似图片：{os.path.basename(images[0])}"
             else:
-                hits = index.search_text(args.query, k=args.k)
+                hits = index.search_text(args.query, k=args.k, where=where)
+                title = args.query
             rows = [(h.score, h.path) for h in hits]
             payload = [h.to_dict() for h in hits]
-            _write_sheets(args, hits)
+            _write_sheets(args, hits, title)
     if args.json:
         print(_json(payload))
     else:
@@ -397,13 +535,42 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_sheets(args: argparse.Namespace, hits) -> None:
+def _filter(index, args: argparse.Namespace):
+    """The search filter the options ask for (an empty one without filter options)."""
+    return index.filter(
+        after=args.after,
+        before=args.before,
+        folders=args.within or (),
+        kind=args.kind,
+        camera=args.camera,
+        min_size=args.min_size,
+        max_size=args.max_size,
+    )
+
+
+def _add_filter_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters (date taken from EXIF, else the file's time)")
+    g.add_argument("--after", metavar="DATE", help="taken from this date on: 2024, 2024-06 or 2024-06-15")
+    g.add_argument("--before", metavar="DATE", help="taken before this date (--before 2024-09: up to 31 August)")
+    g.add_argument(
+        "--in",
+        dest="within",
+        action="append",
+        metavar="FOLDER",
+        help="only under this folder: absolute, or relative to an indexed folder, e.g. 旅行/2024 (repeatable)",
+    )
+    g.add_argument("--kind", choices=("photo", "video"), help="only photos or only videos")
+    g.add_argument("--camera", help="camera model contains this, e.g. iPhone")
+    g.add_argument("--min-size", metavar="SIZE", help="file size at least this, e.g. 500K, 2M")
+    g.add_argument("--max-size", metavar="SIZE", help="file size at most this")
+
+
+def _write_sheets(args: argparse.Namespace, hits, title: str) -> None:
     if not (args.grid or args.html):
         return
     from cnclip.app.gallery import GalleryItem, write_grid, write_html
 
     items = [GalleryItem(h.path, h.score, rank) for rank, h in enumerate(hits, 1)]
-    title = args.query if args.query is not None else f"相似图片：{os.path.basename(args.image)}"
     if args.grid:
         print(f"wrote {write_grid(items, args.grid, title=title)}", file=sys.stderr)
     if args.html:
@@ -413,7 +580,7 @@ def _write_sheets(args: argparse.Namespace, hits) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     from cnclip.index.folder import Index
 
-    with Index.open(args.index) as index:
+    with Index.open(args.index, runtime=_runtime(args)) as index:
         stats = index.stats()
     if args.json:
         print(_json(stats))
@@ -434,6 +601,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         recall = "" if vectors["recall_at_10"] is None else f", recall@10 {vectors['recall_at_10']:.3f} at build"
         state = "current" if vectors["current"] else "stale (the next search updates it)"
         print(f"vectors  {vectors['kind']}, {vectors['ntotal']:,} vectors{recall}; {state}")
+    if stats["precisions"]:
+        print("computed " + ", ".join(f"{n:,} {name}" for name, n in sorted(stats["precisions"].items())))
+    runtime = stats["runtime"]
+    if runtime is not None:
+        towers = ", ".join(f"{t}: {runtime[t]['engine']} {runtime[t]['precision']}" for t in ("image", "text"))
+        print(f"runtime  {runtime['device']}; {towers}\n         {runtime['reason']}")
     return 0
 
 
@@ -477,7 +650,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     index = args.index or default_index_path()
     runtime = _runtime(args)
     print(f"loading {index} ({runtime.describe()}) ...", file=sys.stderr)
-    app = create_app(index, token=token, runtime=runtime, host=args.host, t2s=args.t2s)
+    watching = {"watch": args.watch or (), "watch_poll": args.watch_poll, "on_watch": _print_watch_batch}
+    app = create_app(index, token=token, runtime=runtime, host=args.host, t2s=args.t2s, **watching)
+    if args.watch:
+        print(f"watching {', '.join(args.watch)} for changes", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{sock.getsockname()[1]}/" + ("?token=" + token if token else "")
     print(f"serving {index} at {url}  (Ctrl+C stops)", file=sys.stderr, flush=True)
@@ -647,6 +823,13 @@ def build_parser() -> argparse.ArgumentParser:
         "them offline",
     )
     p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS", help=WAIT_HELP)
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="after indexing, keep watching FOLDER and apply new, changed, moved and deleted files within "
+        "seconds, until Ctrl+C",
+    )
+    p.add_argument("--watch-poll", type=_interval, metavar="SECONDS", help=WATCH_POLL_HELP)
     g = p.add_argument_group("on a Ray cluster (pip install 'cnclip[ray]')")
     g.add_argument("--ray", action="store_true", help="embed with Ray Data (a local Ray instance without --address)")
     g.add_argument("--address", help="Ray cluster to join, e.g. ray://head:10001 or auto (implies --ray)")
@@ -671,9 +854,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_gc)
 
-    p = sub.add_parser("search", help="search an index by Chinese text or by image")
-    p.add_argument("query", nargs="?", help="what to look for, e.g. 海边的日落")
-    p.add_argument("--image", metavar="FILE", help="search by this image instead of text")
+    p = sub.add_parser(
+        "search",
+        help="search an index by Chinese text, by image, or by both combined",
+        epilog=SEARCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("query", nargs="?", help="what to look for, e.g. 海边的日落, or a combination: 猫 + 狗 - 草地")
+    p.add_argument(
+        "--image", metavar="FILE", action="append", help="search by this image; repeat it, or add a text, to combine"
+    )
+    p.add_argument("--not", dest="not_texts", metavar="TEXT", action="append", help="subtract this text (repeatable)")
+    p.add_argument(
+        "--not-image", dest="not_images", metavar="FILE", action="append", help="subtract this image (repeatable)"
+    )
     p.add_argument("--texts", action="store_true", help="with --image: return the closest indexed texts")
     p.add_argument("--include-self", action="store_true", help="with --image: keep the query image in its own results")
     p.add_argument("--index", help=index_help)
@@ -684,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
     p.add_argument("--grid", metavar="OUT.jpg", help="also write a contact sheet of the hits")
     p.add_argument("--html", metavar="OUT.html", help="also write an HTML page of the hits")
+    _add_filter_options(p)
     _add_no_t2s(p)
     _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_search)
@@ -691,7 +886,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what an index holds: counts, model, vector index")
     p.add_argument("--index", help=index_help)
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "dupes", help="groups of near-identical photos (resized, re-compressed, cropped, bursts); deletes nothing"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.95,
+        help="cosine similarity, in (0, 1], from which two photos count as copies (default 0.95)",
+    )
+    p.add_argument("--index", help=index_help)
+    p.add_argument("--limit", type=_positive_int, help="list only the first N groups (largest first)")
+    p.add_argument("--json", action="store_true", help="print the groups as JSON")
+    p.add_argument("--html", metavar="OUT.html", help="also write an HTML page of the groups with thumbnails")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_dupes)
 
     p = sub.add_parser("tag", help="zero-shot labels for an image")
     p.add_argument("file", help="image file")
@@ -730,6 +942,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this secret (Authorization: Bearer, or /?token= for the page); needed for a non-loopback "
         "--host (default: $CNCLIP_TOKEN)",
     )
+    p.add_argument(
+        "--watch",
+        action="append",
+        metavar="DIR",
+        help="keep the index current with DIR while serving: new, changed, moved and deleted files are applied "
+        "within seconds (repeatable)",
+    )
+    p.add_argument("--watch-poll", type=_interval, metavar="SECONDS", help=WATCH_POLL_HELP)
     _add_no_t2s(p)
     _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_serve)

@@ -29,7 +29,7 @@ from cnclip import atomic
 from cnclip.errors import CNClipError
 from cnclip.model.transform import load_image
 
-__all__ = ["GalleryItem", "find_cjk_font", "write_grid", "write_html"]
+__all__ = ["GalleryItem", "find_cjk_font", "write_grid", "write_groups_html", "write_html"]
 
 _Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -55,6 +55,7 @@ class GalleryItem:
     path: str
     score: float
     rank: int
+    label: str = ""  # shown after the rank on HTML cards, e.g. "最佳 · 4032×3024" for the best copy of a group
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,6 +617,8 @@ figcaption { padding: 8px 10px 10px; }
   overflow: hidden; text-overflow: ellipsis; }
 a.name:hover { text-decoration: underline; }
 .empty { color: var(--muted); font-size: 1.2em; padding: 48px 0; text-align: center; }
+.label { color: var(--muted); overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+section h2 { margin: 28px 0 12px; font-size: 1.15em; font-weight: 600; }
 """.strip()
 
 
@@ -629,7 +632,7 @@ def _data_uri(img: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _card(item: GalleryItem, thumb: int, embed: bool) -> str:
+def _card(item: GalleryItem, thumb: int, embed: bool, anchor: str | None = None) -> str:
     esc = functools.partial(html.escape, quote=True)
     full = _display(os.path.abspath(item.path))
     name = _display(os.path.basename(item.path) or item.path)
@@ -652,9 +655,10 @@ def _card(item: GalleryItem, thumb: int, embed: bool) -> str:
         )
         cls = "card"
     return (
-        f'<figure class="{cls}" id="r{int(item.rank)}">{visual}<figcaption>'
+        f'<figure class="{cls}" id="{esc(anchor or f"r{int(item.rank)}")}">{visual}<figcaption>'
         f'<div class="meta"><span class="rank">#{int(item.rank)}</span>'
-        f'<span class="score">{item.score:.3f}</span></div>'
+        + (f'<span class="label">{esc(item.label)}</span>' if item.label else "")
+        + f'<span class="score">{item.score:.3f}</span></div>'
         f'<a class="name" href="{esc(uri)}" title="{esc(full)}">{esc(name)}</a>'
         "</figcaption></figure>"
     )
@@ -677,10 +681,15 @@ def write_html(
     _check_thumb(thumb)
     hits = _sorted(items)
     heading = _display(title) if title else "cnclip search results"
-    esc = functools.partial(html.escape, quote=True)
     n = len(hits)
     count = "no results" if n == 0 else f"{n} result{'s' if n != 1 else ''}"
     body = "\n".join(_card(it, thumb, embed) for it in hits) if hits else '<p class="empty">no results</p>'
+    return _write_page(out, heading, count, f'<main class="grid">\n{body}\n</main>', thumb)
+
+
+def _write_page(out: str | Path, heading: str, count: str, main: str, thumb: int) -> Path:
+    """Publish one self-contained page: `heading` and `count` on top, then the `main` HTML."""
+    esc = functools.partial(html.escape, quote=True)
     page = (
         "<!DOCTYPE html>\n"
         '<html lang="zh">\n<head>\n<meta charset="utf-8">\n'
@@ -691,7 +700,7 @@ def write_html(
         f"<style>\n{_CSS}\n</style>\n</head>\n"
         f'<body style="--thumb: {int(thumb)}px">\n'
         f'<header><h1>{esc(heading)}</h1><span class="count">{esc(count)}</span></header>\n'
-        f'<main class="grid">\n{body}\n</main>\n</body>\n</html>\n'
+        f"{main}\n</body>\n</html>\n"
     )
     data = page.encode("utf-8")
 
@@ -699,3 +708,26 @@ def write_html(
         fh.write(data)
 
     return _write_atomically(Path(out), save)
+
+
+def write_groups_html(
+    groups: Sequence[tuple[str, Sequence[GalleryItem]]],
+    out: str | Path,
+    *,
+    title: str,
+    count: str = "",
+    thumb: int = 192,
+    embed: bool = True,
+) -> Path:
+    """Write a self-contained HTML page of several galleries, one section per (heading, items)
+    pair (e.g. the groups of `cnclip dupes`), with cards as in `write_html`; return its path."""
+    _check_thumb(thumb)
+    esc = functools.partial(html.escape, quote=True)
+    sections = [
+        f'<section id="g{g}"><h2>{esc(_display(heading))}</h2><div class="grid">\n'
+        + "\n".join(_card(it, thumb, embed, anchor=f"g{g}-{it.rank}") for it in _sorted(items))
+        + "\n</div></section>"
+        for g, (heading, items) in enumerate(groups, 1)
+    ]
+    main = "<main>\n" + ("\n".join(sections) if sections else '<p class="empty">none</p>') + "\n</main>"
+    return _write_page(out, _display(title), count, main, thumb)

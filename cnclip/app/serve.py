@@ -9,6 +9,7 @@ that were indexed.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hmac
 import io
@@ -26,10 +27,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -39,11 +41,17 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cnclip.errors import CNClipError, ImageError, IndexNotFoundError, ModelMismatchError, QueryError
-from cnclip.index.catalog import FileRecord
+from cnclip.index.catalog import Catalog, FileRecord
+from cnclip.index.dupes import DEFAULT_THRESHOLD, DupeReport, find_duplicates
+from cnclip.index.filters import SearchFilter
 from cnclip.index.folder import Hit, Index
+from cnclip.index.query import FILE, TEXT, Term
 from cnclip.index.scan import from_catalog_path
 from cnclip.model.runtime import Runtime
 from cnclip.model.zeroshot import TextHit, check_query, zero_shot
+
+if TYPE_CHECKING:
+    from cnclip.index.watch import WatchBatch
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,7 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 100_000_000
 MAX_K = 200
 MAX_LABELS = 64  # each label is embedded with 8 prompt templates
+MAX_DUPE_GROUPS = 1000  # per /api/dupes answer; each lists at most cnclip.index.dupes.MAX_MEMBERS files
 MAX_ID = 2**63 - 1  # SQLite's integer range: larger ids cannot exist and would overflow the query
 THUMB_SIDE = 256
 THUMB_CACHE_BYTES = 64 * 1024 * 1024  # ~4,000 thumbnails of ~15 KB
@@ -301,6 +310,33 @@ class TagResponse(BaseModel):
     took_ms: float
 
 
+class DupeFile(ImageResult):
+    """One file of a near-duplicate group; `score` is its similarity to the group's best copy."""
+
+    width: int | None
+    height: int | None
+    bytes: int
+    mtime: float
+
+
+class DupeGroupResult(BaseModel):
+    size: int
+    score: float
+    capped: bool
+    members: list[DupeFile]
+
+
+class DupesResponse(BaseModel):
+    groups: list[DupeGroupResult]
+    count: int
+    total: int
+    files: int
+    pairs: int
+    threshold: float
+    notes: list[str]
+    took_ms: float
+
+
 def _display(path: str) -> str:
     """File names that are not UTF-8 (lone surrogates) shown with U+FFFD, as JSON cannot carry them."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -481,6 +517,9 @@ def create_app(
     warm: bool = True,
     thumb_cache_bytes: int = THUMB_CACHE_BYTES,
     t2s: bool | None = None,
+    watch: Sequence[str | os.PathLike] = (),
+    watch_poll: float | None = None,
+    on_watch: Callable[[WatchBatch], None] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving the index at `index_path`: the API under /api/, the page at /.
 
@@ -488,8 +527,15 @@ def create_app(
     missing index or model fails before a port is opened. `runtime` is how the model runs (e.g.
     `Runtime.resolve()`: ONNX Runtime on CPUs); `host` is the address served on, accepted in the
     Host header besides the loopback names when there is no `token`. `t2s`: queries in
-    Traditional Chinese are read as Simplified (default: `$CNCLIP_T2S`, else on).
+    Traditional Chinese are read as Simplified (default: `$CNCLIP_T2S`, else on). `watch`: folders
+    kept current while serving (a `Watcher`, polling every `watch_poll` seconds if given, with its
+    own writer `Index` and model; `on_watch` gets each batch), started and stopped with the app.
     """
+    watcher = None
+    if watch:
+        from cnclip.index.watch import Watcher
+
+        watcher = Watcher(index_path, watch, runtime=runtime, poll=watch_poll, on_batch=on_watch)
     worker = _IndexWorker(index_path, runtime, t2s)
     try:
         image_size = worker.run(_warm) if warm else None
@@ -499,7 +545,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if watcher is not None:
+            try:
+                watcher.start()
+            except BaseException:
+                worker.close()
+                raise
         yield
+        if watcher is not None:
+            await asyncio.to_thread(watcher.stop)  # it may finish an embedding batch first
         worker.close()
 
     app = FastAPI(
@@ -526,6 +580,64 @@ FormK = Annotated[int, Form(ge=1, le=MAX_K, description=f"number of results, 1 t
 FileId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a file id from a search result")]
 QueryFileId = Annotated[int, Query(ge=1, le=MAX_ID, description="a file id from a search result")]
 Upload = Annotated[UploadFile, File(description="an image: JPEG, PNG, WebP, GIF, BMP or TIFF")]
+Threshold = Annotated[float, Query(gt=0, le=1, description="cosine similarity from which two photos are copies")]
+DupeLimit = Annotated[int, Query(ge=1, le=MAX_DUPE_GROUPS, description="groups to return, largest first")]
+NotTexts = Annotated[list[str] | None, Query(alias="not", description="a text to subtract, e.g. 草地 (repeatable)")]
+LikeId = Annotated[
+    int | None, Query(ge=1, le=MAX_ID, description="a file id: more like this photo, added to the text")
+]
+
+
+
+@dataclass(frozen=True)
+class _Filters:
+    """Filter parameters of a search request; `where` makes the `SearchFilter` on the index's thread."""
+
+    after: str | None = None
+    before: str | None = None
+    within: tuple[str, ...] = ()
+    kind: str | None = None
+    camera: str | None = None
+    min_size: str | None = None
+    max_size: str | None = None
+
+    def where(self, index: Index) -> SearchFilter:
+        return index.filter(
+            after=self.after,
+            before=self.before,
+            folders=self.within,
+            kind=self.kind,
+            camera=self.camera,
+            min_size=self.min_size,
+            max_size=self.max_size,
+        )
+
+
+def _filters(
+    after: Annotated[str | None, Query(description="taken from this date on: 2024, 2024-06 or 2024-06-15")] = None,
+    before: Annotated[str | None, Query(description="taken before this date (2024-09: up to 31 August)")] = None,
+    within: Annotated[
+        list[str] | None, Query(alias="in", description="under this folder, absolute or relative to an indexed one")
+    ] = None,
+    kind: Annotated[Literal["photo", "video"] | None, Query(description="only photos or only videos")] = None,
+    camera: Annotated[str | None, Query(max_length=200, description="camera model contains this")] = None,
+    min_size: Annotated[str | None, Query(max_length=20, description="file size at least, e.g. 500K")] = None,
+    max_size: Annotated[str | None, Query(max_length=20, description="file size at most, e.g. 20M")] = None,
+) -> _Filters:
+    blank = (None, "")
+    return _Filters(
+        after=None if after in blank else after,
+        before=None if before in blank else before,
+        within=tuple(f for f in within or () if f.strip()),
+        kind=kind,
+        camera=None if camera in blank else camera,
+        min_size=None if min_size in blank else min_size,
+        max_size=None if max_size in blank else max_size,
+    )
+
+
+Filters = Annotated[_Filters, Depends(_filters)]
+NO_FILTERS = _Filters()
 
 
 def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, thumbs: _ThumbCache) -> APIRouter:
@@ -537,24 +649,35 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
         return resolve_file(record, list(roots), file_id)
 
     @api.get("/search", response_model=SearchResponse)
-    def search_text(q: Annotated[str, Query(description="what to look for, e.g. 海边的日落")], k: K = 20):
-        """Text -> images, best first."""
+    def search_text(
+        q: Annotated[str, Query(description="what to look for, e.g. 海边的日落")],
+        filters: Filters,
+        k: K = 20,
+        not_: NotTexts = None,
+        like: LikeId = None,
+    ):
+        """Text -> images, best first; with `not` and `like`, the text minus those texts plus that photo;
+        the filter parameters limit which files may be returned."""
         started = time.perf_counter()
         check_query(q)
-        return _image_results(worker.run(Index.search_text, q, k), started)
+        nots = [check_query(text) for text in not_ or () if text.strip()]  # an empty form field adds nothing
+        if not nots and like is None and filters == NO_FILTERS:
+            return _image_results(worker.run(Index.search_text, q, k), started)
+        return _image_results(worker.run(_combined, q, nots, like, k, filters), started)
 
     @api.post("/search/image", response_model=SearchResponse)
-    def search_image(file: Upload, k: FormK = 20):
-        """Image -> similar images, best first."""
+    def search_image(file: Upload, filters: Filters, k: FormK = 20):
+        """Image -> similar images, best first (filter parameters in the query string)."""
         started = time.perf_counter()
         image = read_upload(file, image_size)
-        return _image_results(worker.run(Index.search_image, image, k), started)
+        found = worker.run(lambda index: index.search_image(image, k, where=filters.where(index)))
+        return _image_results(found, started)
 
     @api.get("/similar", response_model=SearchResponse)
-    def similar(id: QueryFileId, k: K = 20):
+    def similar(id: QueryFileId, filters: Filters, k: K = 20):
         """Indexed image -> similar images, itself left out."""
         started = time.perf_counter()
-        return _image_results(worker.run(_similar, id, k), started)
+        return _image_results(worker.run(_similar, id, k, filters), started)
 
     @api.post("/tag", response_model=TagResponse)
     def tag(
@@ -617,10 +740,74 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
             "vector_index": stats["vector_index"],
             "last_update": None if last is None else dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(),
             "runtime": (runtime or Runtime()).describe(),
+            "runtime_choice": stats["runtime"],
             "t2s": worker.index.t2s,
         }
 
+    dupes_cache = _DupesCache(worker.index.catalog.folder)
+
+    @api.get("/dupes", response_model=DupesResponse)
+    def dupes(threshold: Threshold = DEFAULT_THRESHOLD, limit: DupeLimit = 100):
+        """Groups of near-identical photos, largest first, each with its best copy first; deletes nothing."""
+        started = time.perf_counter()
+        return _dupe_results(dupes_cache.get(threshold, limit), started)
+
     return api
+
+
+class _DupesCache:
+    """The latest `find_duplicates` report, kept until the catalog changes or other parameters are asked for.
+
+    It runs in the request's thread on a catalog connection of its own, one request at a time: at
+    100,000 photos it takes most of a minute, and searches on the index worker must not wait for it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._last: tuple[tuple[int, float, int], DupeReport] | None = None
+
+    def get(self, threshold: float, limit: int) -> DupeReport:
+        with self._lock, Catalog.open(self.folder) as catalog:
+            key = (catalog.generation(), threshold, limit)
+            if self._last is None or self._last[0] != key:
+                self._last = (key, find_duplicates(catalog, threshold, limit=limit))
+            return self._last[1]
+
+
+def _dupe_results(report: DupeReport, started: float) -> DupesResponse:
+    groups = [
+        DupeGroupResult(
+            size=g.size,
+            score=round(g.score, 6),
+            capped=g.capped,
+            members=[
+                DupeFile(
+                    id=m.id,
+                    path=_display(m.path),
+                    name=_display(os.path.basename(m.path)),
+                    score=round(m.similarity, 6),
+                    thumb=f"/api/thumb/{m.id}",
+                    image=f"/api/image/{m.id}",
+                    width=m.width,
+                    height=m.height,
+                    bytes=m.bytes,
+                    mtime=m.mtime_ns / 1e9,
+                )
+                for m in g.members
+            ],
+        )
+        for g in report.groups
+    ]
+    return DupesResponse(
+        groups=groups,
+        count=len(groups),
+        total=report.total_groups,
+        files=report.files,
+        pairs=report.pairs,
+        threshold=report.threshold,
+        notes=report.notes,
+        took_ms=_since(started),
+    )
 
 
 def _stats(index: Index, cache: dict) -> tuple[dict, dict[str, float]]:
@@ -640,8 +827,20 @@ def _indexed_path(index: Index, file_id: int) -> str:
     return from_catalog_path(record.path)
 
 
-def _similar(index: Index, file_id: int, k: int) -> list[Hit]:
-    return index.search_image(_indexed_path(index, file_id), k)
+def _combined(index: Index, q: str, nots: list[str], like: int | None, k: int, filters: _Filters) -> list[Hit]:
+    """The text, minus each of `nots`, plus the indexed photo `like` (itself left out), filtered."""
+    where = filters.where(index)
+    if not nots and like is None:
+        return index.search_text(q, k, where=where)
+    terms = [Term(TEXT, q)] + [Term(TEXT, text, -1.0) for text in nots]
+    if like is not None:
+        _indexed_path(index, like)  # 404 for an id not in the index, as /api/similar answers
+        terms.append(Term(FILE, like))
+    return index.search_combined(terms, k, where=where)
+
+
+def _similar(index: Index, file_id: int, k: int, filters: _Filters) -> list[Hit]:
+    return index.search_image(_indexed_path(index, file_id), k, where=filters.where(index))
 
 
 def _texts(index: Index, file_id: int, k: int, collection: str | None) -> list[TextHit]:

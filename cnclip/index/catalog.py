@@ -34,6 +34,7 @@ from types import TracebackType
 import numpy as np
 
 from cnclip.errors import CNClipError, IndexNotFoundError, ModelMismatchError
+from cnclip.index.metadata import INFO_VERSION, PhotoInfo
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -142,7 +143,28 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
 
 # Migration i takes the catalog from schema version i to i + 1. To change the schema, append one
 # function; it runs inside the same write transaction as the version bump, so it is all-or-nothing.
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1, _migrate_1_to_2]
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """The precision each vector was computed in ("fp32", "bf16", "fp16"; NULL: not recorded)."""
+    # The weights digest stays the model's identity (bf16 and fp32 vectors rank alike, checked
+    # by cnclip.model.calibrate); this says which is which, should one ever need re-embedding.
+    conn.execute("ALTER TABLE vectors ADD COLUMN precision TEXT")
+
+
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    """What search filters read (cnclip.index.metadata): when taken, camera, pixel size, kind."""
+    for column in ("taken TEXT", "taken_from TEXT", "camera TEXT", "width INTEGER", "height INTEGER", "kind TEXT"):
+        conn.execute(f"ALTER TABLE files ADD COLUMN {column}")
+    # NULL: not read yet (files indexed before filters existed, or changed since): the next scan reads it
+    conn.execute("ALTER TABLE files ADD COLUMN info_version INTEGER")
+    conn.execute("CREATE INDEX files_taken ON files (taken)")
+
+
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _migrate_0_to_1,
+    _migrate_1_to_2,
+    _migrate_2_to_3,
+    _migrate_3_to_4,
+]
 SCHEMA_VERSION: int = len(_MIGRATIONS)
 
 
@@ -230,6 +252,7 @@ class NewFile:
     hash: str
     vector: np.ndarray | None = None  # float32 (dim,)
     vector_id: int | None = None
+    precision: str | None = None  # the image tower's precision that computed `vector`
 
 
 # --------------------------------------------------------------------------- helpers
@@ -603,8 +626,9 @@ class Catalog:
                 if old is not None and old[1] == vid:
                     conn.execute(
                         "UPDATE files SET size = ?, mtime_ns = ?, hash = ?, seen_scan = max(seen_scan, ?), "
-                        "offline = NULL, offline_since = NULL WHERE id = ?",
-                        (row.size, row.mtime_ns, row.hash, scan_id, old[0]),
+                        "offline = NULL, offline_since = NULL, "
+                        "info_version = CASE WHEN size = ? AND mtime_ns = ? THEN info_version END WHERE id = ?",
+                        (row.size, row.mtime_ns, row.hash, scan_id, row.size, row.mtime_ns, old[0]),
                     )
                     changed = changed or old[3] is not None  # back online: back in searches
                     continue
@@ -636,7 +660,8 @@ class Catalog:
             return None
         blob = self._encode(row.vector, dim, row.path)
         cur = conn.execute(
-            "INSERT INTO vectors (hash, vector) VALUES (?, ?) ON CONFLICT(hash) DO NOTHING", (row.hash, blob)
+            "INSERT INTO vectors (hash, vector, precision) VALUES (?, ?, ?) ON CONFLICT(hash) DO NOTHING",
+            (row.hash, blob, row.precision),
         )
         if cur.rowcount == 1:
             return int(cur.lastrowid)
@@ -644,6 +669,59 @@ class Catalog:
         # vector of removed content): keep that one.
         conn.execute("UPDATE vectors SET unused_since = NULL WHERE hash = ?", (row.hash,))
         return int(conn.execute("SELECT id FROM vectors WHERE hash = ?", (row.hash,)).fetchone()[0])
+
+    def files_without_info(self, root: str, limit: int = 512) -> list[tuple[int, str, int]]:
+        """Up to `limit` (id, path, mtime_ns) of files under `root` whose filter facts are not read yet."""
+        lo, hi = _prefix_range(_absolute(root))
+        rows = self._db.execute(
+            "SELECT id, path, mtime_ns FROM files WHERE path >= ? AND path < ? AND offline IS NULL "
+            "AND (info_version IS NULL OR info_version < ?) LIMIT ?",
+            (lo, hi, INFO_VERSION, limit),
+        ).fetchall()
+        return [(int(i), str(p), int(m)) for i, p, m in rows]
+
+    def set_info(self, rows: Sequence[tuple[int, PhotoInfo]]) -> None:
+        """Record the filter facts of files (by id), in one transaction."""
+        if not rows:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE files SET taken = ?, taken_from = ?, camera = ?, width = ?, height = ?, kind = ?, "
+                "info_version = ? WHERE id = ?",
+                [
+                    (i.taken, i.taken_from, i.camera, i.width, i.height, i.kind, INFO_VERSION, file_id)
+                    for file_id, i in rows
+                ],
+            )
+
+    def info_for_ids(self, ids: Sequence[int]) -> dict[int, PhotoInfo]:
+        """The recorded filter facts of files (ids without them are absent)."""
+        out: dict[int, PhotoInfo] = {}
+        for chunk in _chunks([int(i) for i in ids], _IN_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.execute(
+                f"SELECT id, taken, taken_from, camera, width, height, coalesce(kind, 'photo') FROM files "
+                f"WHERE id IN ({marks}) AND taken IS NOT NULL",
+                tuple(chunk),
+            ):
+                out[int(row[0])] = PhotoInfo(*row[1:])
+        return out
+
+    def searchable_ids_where(self, clause: str, params: Sequence) -> np.ndarray:
+        """int64 ids of searchable files (with a vector, online) that also match the SQL `clause`
+        on the files table (built by `cnclip.index.filters.SearchFilter.sql`, never from user text)."""
+        rows = self._db.execute(
+            f"SELECT id FROM files WHERE vector_id IS NOT NULL AND offline IS NULL AND ({clause})", tuple(params)
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def precision_counts(self) -> dict[str, int]:
+        """How many searchable files have vectors of each precision ("unrecorded": from before it was kept)."""
+        rows = self._db.execute(
+            "SELECT coalesce(v.precision, 'unrecorded'), count(*) FROM files f JOIN vectors v ON v.id = f.vector_id "
+            "WHERE f.offline IS NULL GROUP BY 1"
+        ).fetchall()
+        return {str(name): int(n) for name, n in rows}
 
     def missing_under(self, scan_id: int, root: str) -> tuple[int, int]:
         """(files under `root` that scan `scan_id` has not seen, all files under `root`)."""

@@ -21,7 +21,9 @@ from PIL import Image
 from cnclip import atomic
 from cnclip.errors import CNClipError, ModelMismatchError, QueryError
 from cnclip.index.catalog import Catalog, ModelIdentity
+from cnclip.index.filters import SearchFilter, parse_date, parse_size
 from cnclip.index.lock import WriterLock
+from cnclip.index.query import Term, combine_terms
 from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
 from cnclip.index.vectors import ONDISK_KIND, VectorIndex
 from cnclip.model.chinese import t2s_default, to_simplified_all
@@ -41,6 +43,7 @@ DEFAULT_INDEX = Path("index") / "default"
 _SYNC_MIN_REBUILD = 10_000
 # Background rebuilds of every serving Index of the process, one at a time (each holds a whole index).
 _REBUILDER = ThreadPoolExecutor(1, thread_name_prefix="cnclip-rebuild")
+FILTER_SCAN_ROWS = 20_000  # a filter selecting at most this many files scans their vectors directly
 QUERY_CACHE_SIZE = 1024  # recent query embeddings kept per open index (2 KB each at 512-d)
 PREPROCESSING = "squash-bicubic-clip-meanstd"
 VECTOR_KIND_META = "vector_kind"  # catalog meta: the vector index kind the user chose
@@ -386,22 +389,39 @@ class Index:
             if identity is None
             else {"name": identity.name, "source": identity.source, "digest": identity.digest, "dim": identity.dim},
             "vector_index": vectors,
+            "precisions": self.catalog.precision_counts(),
+            "runtime": self.runtime_choice(),
         }
+
+    def runtime_choice(self) -> dict | None:
+        """How this index's model runs here and why (None without a runtime or a model): the
+        loaded model's, else the cached measurement for its weights, else that it is not measured yet."""
+        if self._model is not None and self._model.runtime is not None:
+            return self._model.runtime.to_dict()
+        identity = self.catalog.identity
+        if self._runtime is None or identity is None:
+            return None
+        chosen = self._runtime.for_digest(identity.digest)
+        if chosen is None:
+            return {**self._runtime.to_dict(), "reason": self._runtime.reason + "; not measured yet for this model"}
+        return chosen.to_dict()
 
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
         """Text embeddings, without loading the model when its text tower was exported before and
         the runtime runs text in ONNX Runtime: the same vectors, seconds sooner."""
-        if self._model is None and self._runtime is not None and "text" in self._runtime.onnx_towers:
-            identity = self.catalog.identity
-            if self._text_encoder is None and identity is not None:
+        identity = self.catalog.identity
+        if self._model is None and self._runtime is not None and identity is not None:
+            # a choice measured per model is read from its cache; not measured yet: load the model
+            chosen = self._runtime.for_digest(identity.digest)
+            if self._text_encoder is None and chosen is not None and "text" in chosen.onnx_towers:
                 self._text_encoder = TextEncoder.cached(identity.digest)
             if self._text_encoder is not None:
                 return self._text_encoder.embed_texts(texts)
         return self.model.embed_texts(texts)
 
-    def search_text(self, query: str, k: int = 10) -> list[Hit]:
-        """Text -> images, best first."""
-        return self._image_hits(self.query_vector(query), k)
+    def search_text(self, query: str, k: int = 10, where: SearchFilter | None = None) -> list[Hit]:
+        """Text -> images, best first; `where` (from `filter`) limits which files may be returned."""
+        return self._image_hits(self.query_vector(query), k, where)
 
     def query_vector(self, query: str) -> np.ndarray:
         """The (1, D) embedding of a text query, from a small cache of recent queries."""
@@ -414,13 +434,31 @@ class Index:
             self._query_vectors.popitem(last=False)
         return vector
 
-    def search_image(self, image: Image.Image | str | os.PathLike, k: int = 10, exclude_self: bool = True) -> list[Hit]:
+    def search_image(
+        self,
+        image: Image.Image | str | os.PathLike,
+        k: int = 10,
+        exclude_self: bool = True,
+        where: SearchFilter | None = None,
+    ) -> list[Hit]:
         """Image -> similar images; an indexed query file is left out of its own results by default."""
         vector, self_path = self._image_vector(image)
-        hits = self._image_hits(vector, k + 1 if self_path and exclude_self else k)
+        hits = self._image_hits(vector, k + 1 if self_path and exclude_self else k, where)
         if self_path and exclude_self:
             hits = [h for h in hits if h.path != self_path][:k]
         return hits
+
+    def search_combined(
+        self, terms: Sequence[Term], k: int = 10, exclude_self: bool = True, where: SearchFilter | None = None
+    ) -> list[Hit]:
+        """Images closest to a weighted sum of texts and images (`cnclip.index.query.Term`), best first.
+
+        Text terms go through `query_vector`; indexed images and file ids use their stored vectors
+        and are left out of the results by default, as in `search_image`."""
+        vector, own = combine_terms(terms, self.query_vector, self._image_vector, self._file_vector)
+        own = own if exclude_self else set()
+        hits = self._image_hits(vector, k + len(own) if k > 0 else k, where)  # k < 1 is refused there
+        return [h for h in hits if h.path not in own][:k]
 
     def search_texts_by_image(
         self, image: Image.Image | str | os.PathLike, k: int = 10, collection: str | None = None
@@ -443,13 +481,85 @@ class Index:
             return stored[None, :].astype(np.float32), path
         return self.model.embed_images([load_image(path)]), None
 
-    def _image_hits(self, vectors: np.ndarray, k: int) -> list[Hit]:
+    def _file_vector(self, file_id: int) -> tuple[np.ndarray, str]:
+        record = self.catalog.files_by_ids([file_id]).get(file_id)
+        stored = None if record is None else self.catalog.vector_for_path(record.path)
+        if stored is None:
+            raise QueryError(f"no indexed file with id {file_id}; take file ids from search results")
+        return stored[None, :].astype(np.float32), from_catalog_path(record.path)
+
+    def _image_hits(self, vectors: np.ndarray, k: int, where: SearchFilter | None = None) -> list[Hit]:
         if k < 1:
             raise QueryError(f"k must be at least 1, not {k}")
-        scores, ids = self.refresh().search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        query = np.ascontiguousarray(vectors, dtype=np.float32)
+        if where is None or where.empty:
+            scores, ids = self.refresh().search(query, k)
+        else:
+            scores, ids = self._filtered_search(query, k, where)
         records = self.catalog.files_by_ids(ids[0].tolist())
         return [
             Hit(from_catalog_path(records[i].path), float(s), i)
             for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True)
             if i in records  # a file removed since the vector index was built
         ]
+
+    def _filtered_search(self, query: np.ndarray, k: int, where: SearchFilter) -> tuple[np.ndarray, np.ndarray]:
+        """The top `k` among the files `where` selects, as exact as the unfiltered search: few
+        rows are scanned directly from their stored vectors; otherwise the vector index is asked
+        for more and more until `k` results pass (or every vector was returned)."""
+        allowed = self.catalog.searchable_ids_where(*where.sql())
+        if allowed.size == 0:
+            return np.empty((1, 0), np.float32), np.empty((1, 0), np.int64)
+        if allowed.size <= FILTER_SCAN_ROWS:
+            vectors = self.catalog.vectors_for_ids(allowed)
+            scores = vectors @ query[0]
+            order = np.argsort(-scores, kind="stable")[:k]
+            return scores[order][None, :], allowed[order][None, :]
+        index = self.refresh()
+        total = max(len(index), 1)
+        fetch = min(total, k * 2 * -(-total // allowed.size))
+        while True:
+            scores, ids = index.search(query, fetch)
+            keep = np.isin(ids[0], allowed)
+            if keep.sum() >= k or fetch >= total:
+                return scores[:, keep][:, :k], ids[:, keep][:, :k]
+            fetch = min(total, fetch * 4)
+
+    def filter(
+        self,
+        *,
+        after: str | None = None,
+        before: str | None = None,
+        folders: Sequence[str | os.PathLike] = (),
+        kind: str | None = None,
+        camera: str | None = None,
+        min_size: int | str | None = None,
+        max_size: int | str | None = None,
+    ) -> SearchFilter:
+        """A `SearchFilter` for the search methods' `where`: dates as "2024", "2024-06" or
+        "2024-06-15" (`after` inclusive, `before` exclusive); `folders` absolute, or relative to
+        an indexed folder (e.g. "旅行/2024"); sizes in bytes or as "2M"."""
+        return SearchFilter(
+            after=parse_date(after) if after else None,
+            before=parse_date(before) if before else None,
+            folders=tuple(self._folder(f) for f in folders),
+            kind=kind or None,
+            camera=camera or None,
+            min_size=parse_size(min_size) if isinstance(min_size, str) else min_size,
+            max_size=parse_size(max_size) if isinstance(max_size, str) else max_size,
+        )
+
+    def _folder(self, folder: str | os.PathLike) -> str:
+        """A folder to filter by, as a catalog path: absolute (or relative to the current folder)
+        if it holds indexed files, else relative to the indexed folder that has it."""
+        path = Path(folder).expanduser()
+        here = to_catalog_path(os.path.abspath(path))
+        if self.catalog.files_under(here):
+            return here
+        if not path.is_absolute():
+            for root in self.catalog.roots():
+                inside = to_catalog_path(os.path.join(from_catalog_path(root), path))
+                if self.catalog.files_under(inside):
+                    return inside
+        roots = ", ".join(from_catalog_path(r) for r in self.catalog.roots()) or "none yet"
+        raise QueryError(f"no indexed photos under {folder}; give a folder inside an indexed one ({roots})")

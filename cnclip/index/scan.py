@@ -145,8 +145,19 @@ class Indexer:
         self.draft = draft
         self.prune = prune  # remove what cannot be seen, instead of keeping it offline
 
-    def run(self, folder: str | os.PathLike, progress: Callable[[Progress], None] | None = None) -> IndexSummary:
+    def run(
+        self,
+        folder: str | os.PathLike,
+        progress: Callable[[Progress], None] | None = None,
+        *,
+        within: str | os.PathLike | None = None,
+    ) -> IndexSummary:
+        """Bring the catalog up to date with `folder`. `within`: the indexed folder that `folder` lies
+        in, when only `folder` is rescanned (a watcher's batch): the removal guard then weighs what
+        is gone against all of `within`, an emptied `folder` is just emptied, and `folder` is not
+        recorded as an indexed folder of its own."""
         root = os.path.abspath(Path(folder).expanduser())
+        outer = None if within is None else os.path.abspath(Path(within).expanduser())
         summary = IndexSummary()
         scan = self.catalog.begin_scan()
         if not os.path.isdir(root):
@@ -170,20 +181,38 @@ class Indexer:
         self.catalog.touch(scan, unchanged)
         to_embed = self._reuse_known(scan, todo, summary)
         self._embed(scan, to_embed, summary, progress)
-        self._guard(scan, root, walk, summary)
+        self._guard(scan, root, walk, summary, outer)
         removed = self.catalog.finish_scan(scan, to_catalog_path(root))
-        self.catalog.record_root(to_catalog_path(root))
+        if outer is None or outer == root:
+            self.catalog.record_root(to_catalog_path(root))
         summary.removed = len(removed)
+        self._fill_info(root)
         return summary
 
-    def _guard(self, scan: int, root: str, walk: _Walk, summary: IndexSummary) -> None:
+    def _fill_info(self, root: str) -> None:
+        """Read what search filters need (date taken, camera, size) for the files under `root` that
+        lack it: new and changed files, and all files of an index made before filters existed.
+        Headers only, in threads; no file is embedded again."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from cnclip.index.metadata import read_info
+
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="cnclip-info") as pool:
+            while todo := self.catalog.files_without_info(to_catalog_path(root)):
+                infos = pool.map(lambda row: read_info(from_catalog_path(row[1]), row[2]), todo)
+                self.catalog.set_info([(row[0], info) for row, info in zip(todo, infos, strict=True)])
+
+    def _guard(self, scan: int, root: str, walk: _Walk, summary: IndexSummary, outer: str | None = None) -> None:
         """Keep offline what this scan could not see, unless pruning: unreadable folders, an empty
-        root, or more than MAX_REMOVE_FRACTION of the root at once."""
+        root, or more than MAX_REMOVE_FRACTION of the root (of `outer`, when given) at once."""
         for path, reason in walk.unreachable:
             self._keep_offline(scan, path, reason, summary)
         if self.prune:
             return  # what is gone from the root is meant to go
         missing, total = self.catalog.missing_under(scan, to_catalog_path(root))
+        if outer is not None and outer != root:
+            total = self.catalog.files_under(to_catalog_path(outer))
+            walk.root_empty = False  # a subfolder emptied by its owner, not a drive gone
         if walk.root_empty and missing:
             self._keep_offline(scan, root, f"folder is empty ({NOT_MOUNTED})", summary)
         elif missing > total * MAX_REMOVE_FRACTION:
@@ -311,15 +340,19 @@ class Indexer:
                 max_pixels=self.max_pixels,
                 draft=self.draft,
             )
+        # Ray's actors choose their own runtime: their precision is not known here
+        precision = None if self.ray is not None else self.model.image_precision
         for batch in batches:
             rows = []
             for path, vector in zip(batch.paths, batch.vectors, strict=True):
                 found, known, digest, copies = by_path[path]
-                rows.append(NewFile(to_catalog_path(path), found.size, found.mtime_ns, digest, vector=vector))
+                for f in (found, *(copy for copy, _ in copies)):  # same bytes: same vector, one forward pass
+                    rows.append(
+                        NewFile(to_catalog_path(f.path), f.size, f.mtime_ns, digest, vector=vector, precision=precision)
+                    )
                 self._count(summary, known)
                 summary.embedded += 1
-                for copy, copy_known in copies:  # same bytes: same vector, no second forward pass
-                    rows.append(NewFile(to_catalog_path(copy.path), copy.size, copy.mtime_ns, digest, vector=vector))
+                for _, copy_known in copies:
                     self._count(summary, copy_known)
                     summary.reused += 1
             self.catalog.put_files(scan, rows)

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from cnclip.errors import CNClipError
 from cnclip.model.config import ModelConfig
 from cnclip.model.tokenizer import Tokenizer, default_tokenizer, text_batches
 from cnclip.model.transform import ImageTransform, load_image
+
+if TYPE_CHECKING:
+    from cnclip.model.runtime import Runtime
 
 ImageInput = Image.Image | str | os.PathLike
 
@@ -76,6 +80,9 @@ def unit_rows(features: torch.Tensor) -> np.ndarray:
     return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
+BF16_IMAGE_ROWS = 8
+
+
 class CNClipModel(nn.Module):
     """Image and text towers projecting into one `embed_dim` space.
 
@@ -95,6 +102,7 @@ class CNClipModel(nn.Module):
         self.tokenizer = tokenizer or default_tokenizer()
         self.preprocess = ImageTransform(config.vision.image_size)
         self.source: str | None = None  # what load_model was given (set there), so indexes can reload it
+        self.runtime: Runtime | None = None  # how it runs, once `Runtime.apply` made it so
         # Set by `use_onnx`: towers embed_* runs through ONNX Runtime (export folder per tower), and
         # their sessions, opened on first use.
         self._onnx_towers: dict[str, str | os.PathLike | None] = {}
@@ -109,6 +117,17 @@ class CNClipModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.text_projection.dtype
+
+    @property
+    def image_dtype(self) -> torch.dtype:
+        """The image tower's dtype: the towers may run in different precisions (see `Runtime.apply`)."""
+        return next(self.visual.parameters()).dtype
+
+    @property
+    def image_precision(self) -> str:
+        """"fp32", "bf16" or "fp16": what image vectors are computed in (indexes record it per vector)."""
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return names.get(self.image_dtype, str(self.image_dtype).removeprefix("torch."))
 
     @property
     def embed_dim(self) -> int:
@@ -138,7 +157,7 @@ class CNClipModel(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(N, 3, s, s) preprocessed pixels -> (N, embed_dim) image features."""
-        features = self.visual(pixels.to(device=self.device, dtype=self.dtype))
+        features = self.visual(pixels.to(device=self.device, dtype=self.image_dtype))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, token_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -191,7 +210,13 @@ class CNClipModel(nn.Module):
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         runner = self._runner("image")
-        return torch.from_numpy(runner(pixels)) if runner else self.encode_image(pixels)
+        if runner is not None:
+            return torch.from_numpy(runner(pixels))
+        if self.image_dtype == torch.bfloat16 and self.device.type == "cpu":
+            # bf16 on AMX ran fastest 8 images at a time (measured; larger runs spill its tile caches)
+            n = BF16_IMAGE_ROWS
+            return torch.cat([self.encode_image(pixels[i : i + n]) for i in range(0, len(pixels), n)])
+        return self.encode_image(pixels)
 
     def _text_features(self, token_ids: torch.Tensor) -> torch.Tensor:
         runner = self._runner("text")

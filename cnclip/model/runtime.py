@@ -1,28 +1,32 @@
 """How a model runs for inference: which device, which engine (PyTorch or ONNX Runtime), which precision.
 
-Measured on this project's build machine (2-core AMD EPYC, AVX2, no AVX-512/AMX; see
+On CPUs without fast bf16 (AVX2 machines such as this project's 2-core AMD EPYC; see
 scripts/bench/embed.py), same output either way (cosine 0.9999999):
 - text: ONNX Runtime fp32 ran a query in ~19-23 ms against PyTorch's ~55-80 ms;
 - images: ONNX Runtime (4 images per run) reached 4.3-4.5 images/s model-only, 84-91 % of the
   machine's fp32 ceiling, against PyTorch's 3.2; indexing 12 MP JPEGs end to end 3.96 against
   3.30 images/s. torch.compile (inductor, with or without freezing) matched ONNX Runtime at
   best (4.1-4.3) after 23-36 s of compiling in every new process, so it is not used.
-So "auto" runs both towers in ONNX Runtime on CPUs (each exported once per model and cached).
-bf16 is ~3x *slower* than fp32 on such CPUs, and even on AMX CPUs, where it is faster, its
-embeddings differ from fp32 (cosine ~0.998 in our measurement), so "auto" keeps fp32 on the CPU
-and bf16 is opt-in. On GPUs "auto" means fp16 weights, as the official code runs them.
+  bf16 there runs ~3x *slower* than fp32.
+So "auto" runs both towers in ONNX Runtime fp32 on such CPUs, with nothing to measure.
+
+On CPUs with AMX or AVX-512 BF16 (Intel Xeon since Sapphire Rapids), bf16 PyTorch ran the
+ViT-B-16 image tower at ~12 images/s against ~4 for fp32 (2-core Xeon). There "auto" measures
+once per (CPU, model) which engine and precision is fastest for each tower, and keeps bf16 only
+where its rankings match fp32's (`cnclip.model.calibrate`); the result is cached under
+`cache_dir()/runtime/`. On GPUs "auto" means fp16 weights, as the official code runs them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cnclip.errors import CNClipError
+from cnclip.model.cpu import cpu_has_fast_bf16, onnxruntime_available
 
 BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -48,37 +52,29 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-CPU_BF16_ENV = "CNCLIP_CPU_BF16"  # "1"/"0": say whether this CPU has fast bf16, instead of reading /proc/cpuinfo
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 BF16: without them bf16 matmuls run *slower* than fp32 (measured here).
-
-    `$CNCLIP_CPU_BF16` overrides the answer: for a CPU the flags misreport (some VMs hide AMX), and
-    so that the test suite can make the choices an AMX machine makes on any machine."""
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def onnxruntime_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+NO_FAST_BF16 = "no AMX or AVX-512 BF16 on this CPU, where bf16 runs ~3x slower than fp32"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """A resolved choice: `device` ("cpu", "cuda", "cuda:1"), `precision`, and the towers that run
-    in ONNX Runtime (`onnx_towers`; the others run in PyTorch)."""
+    """A resolved choice: `device` ("cpu", "cuda", "cuda:1"), the image tower's `precision` (and
+    the text tower's, `text_precision`, when it differs), the towers that run in ONNX Runtime
+    (`onnx_towers`; the others run in PyTorch), and why (`reason`).
+
+    `calibrate`: "auto" on a CPU with fast bf16, where the choice is measured per model by
+    `for_model` (the fields then hold the fallback: ONNX Runtime fp32)."""
 
     device: str = "cpu"
     precision: str = "fp32"
     onnx_towers: tuple[str, ...] = ()
+    text_precision: str | None = None
+    calibrate: bool = False
+    reason: str = field(default="", compare=False)
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        return {"image": self.precision, "text": self.text_precision or self.precision}
 
     @classmethod
     def resolve(cls, device: str | None = None, backend: str | None = None, precision: str | None = None) -> Runtime:
@@ -89,7 +85,7 @@ class Runtime:
         """
         device = device or os.environ.get(DEVICE_ENV) or "auto"
         backend = backend or os.environ.get(BACKEND_ENV) or "auto"
-        precision = precision or "auto"
+        precision = asked = precision or "auto"
         if backend not in BACKENDS:
             raise CNClipError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
@@ -112,24 +108,93 @@ class Runtime:
             raise CNClipError("--backend onnx runs fp32 on the CPU; use --backend torch for a GPU or bf16")
         if backend == "onnx" and not onnxruntime_available():
             raise CNClipError("--backend onnx needs onnxruntime; pip install onnxruntime, or use --backend torch")
+        auto_cpu = kind == "cpu" and asked == "auto" and backend == "auto"
         if backend == "onnx":
             towers: tuple[str, ...] = ("image", "text")
         elif backend == "auto" and kind == "cpu" and precision == "fp32" and onnxruntime_available():
             towers = ("image", "text")
         else:
             towers = ()
-        return cls(device=device, precision=precision, onnx_towers=towers)
+        if auto_cpu and cpu_has_fast_bf16():
+            reason = "this CPU has fast bf16: the fastest engine and precision per tower is measured once per model"
+            return cls(device, precision, towers, calibrate=True, reason=reason)
+        if auto_cpu:
+            engine = "ONNX Runtime" if towers else "PyTorch (onnxruntime is not installed)"
+            reason = f"{NO_FAST_BF16}: fp32, both towers in {engine}"
+        elif kind == "cuda":
+            reason = f"GPU: {precision}" + (" (auto)" if asked == "auto" else " (asked for)")
+        else:
+            reason = f"{precision} in {'ONNX Runtime' if towers else 'PyTorch'}, as asked for"
+        return cls(device, precision, towers, reason=reason)
+
+    def for_model(self, model) -> Runtime:
+        """This choice made concrete for `model`: where it says `calibrate`, the measured choice
+        (cached per CPU and model; measured now, once, if not cached yet)."""
+        if not self.calibrate:
+            return self
+        from cnclip.model.calibrate import calibrated
+
+        return self._with(calibrated(model))
+
+    def for_digest(self, digest: str) -> Runtime | None:
+        """This choice for the model with weights `digest` without loading it: None when it must
+        be measured first (`for_model`)."""
+        if not self.calibrate:
+            return self
+        from cnclip.model.calibrate import load_cached
+
+        found = load_cached(digest)
+        return None if found is None else self._with(found)
+
+    def _with(self, calibration) -> Runtime:
+        towers = tuple(t for t in ("image", "text") if calibration.engine(t) == "onnx")
+        return replace(
+            self,
+            precision=calibration.precision("image"),
+            text_precision=calibration.precision("text"),
+            onnx_towers=towers,
+            calibrate=False,
+            reason=calibration.reason,
+        )
 
     def apply(self, model):
-        """Make `model` run this way; returns it (moved, cast, its ONNX towers set; sessions open on first use)."""
+        """Make `model` run this way; returns it (moved, each tower cast, its ONNX towers set;
+        sessions open on first use). The concrete choice is left in `model.runtime`."""
         model.weights_digest()  # of the fp32 weights, before any cast: an index compares it
         import torch
 
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        model.to(device=self.device, dtype=dtypes[self.precision])
-        model.use_onnx(self.onnx_towers)
+        chosen = self.for_model(model)
+        dtypes = {name: getattr(torch, dtype) for name, dtype in DTYPES.items()}
+        precisions = chosen.precisions
+        if precisions["text"] == precisions["image"]:
+            model.to(device=chosen.device, dtype=dtypes[precisions["image"]])
+        else:  # each tower cast once from fp32 (a round trip through bf16 would lose the text tower's bits)
+            model.to(device=chosen.device)
+            model.visual.to(dtype=dtypes[precisions["image"]])
+            model.bert.to(dtype=dtypes[precisions["text"]])
+            model.text_projection.data = model.text_projection.data.to(dtypes[precisions["text"]])
+        model.use_onnx(chosen.onnx_towers)
+        model.runtime = chosen
         return model
 
     def describe(self) -> str:
-        engines = {t: "ONNX Runtime" if t in self.onnx_towers else "PyTorch" for t in ("image", "text")}
-        return f"{self.precision} on {self.device}; images: {engines['image']}, text: {engines['text']}"
+        if self.calibrate:
+            return f"auto on {self.device}: measured per model (fast bf16 CPU)"
+
+        def tower(name: str) -> str:
+            return f"{'ONNX Runtime' if name in self.onnx_towers else 'PyTorch'} {self.precisions[name]}"
+
+        return f"{self.device}; images: {tower('image')}, text: {tower('text')}"
+
+    def to_dict(self) -> dict:
+        """What `cnclip info` and /api/health report."""
+        return {
+            "device": self.device,
+            "image": {"engine": "onnx" if "image" in self.onnx_towers else "torch", "precision": self.precision},
+            "text": {
+                "engine": "onnx" if "text" in self.onnx_towers else "torch",
+                "precision": self.precisions["text"],
+            },
+            "measured_per_model": self.calibrate,
+            "reason": self.reason,
+        }

@@ -169,6 +169,34 @@ def evaluate_pairs(
     return {**metrics, "images": len(image_features), "texts": len(text_features), "failed": len(failed)}
 
 
+def compare_precisions(
+    model: CNClipModel, pairs: Sequence[Pair], precision: str = "bf16", batch_size: int = 64, top: int = 10
+) -> dict:
+    """Search quality of `precision` against fp32 on real pairs: `retrieval_metrics` with both
+    towers in fp32, both in `precision`, and each mixed way (an index built in one precision and
+    searched in the other), plus the mean share of each caption's top-`top` images that the
+    fp32 ranking and each other ranking agree on. `model` should be fp32 (it is not changed)."""
+    import copy
+
+    from cnclip.model.calibrate import overlap
+    from cnclip.model.runtime import Runtime
+
+    image32, text32, owners, _ = embed_pairs(model, pairs, batch_size)
+    other = Runtime(str(model.device), precision).apply(copy.deepcopy(model))
+    image_lo, text_lo, _, _ = embed_pairs(other, pairs, batch_size)
+    combos = {
+        "fp32": (image32, text32),
+        precision: (image_lo, text_lo),
+        f"{precision} images, fp32 text": (image_lo, text32),
+        f"fp32 images, {precision} text": (image32, text_lo),
+    }
+    out = {}
+    for name, (images, texts) in combos.items():
+        out[name] = retrieval_metrics(images, texts, owners)
+        out[name][f"top{top}_overlap"] = overlap(text32, image32, texts, images, top)
+    return out
+
+
 # -- zero-shot classification ---------------------------------------------------------------------
 
 

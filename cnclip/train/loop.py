@@ -24,7 +24,7 @@ from torch import nn
 from cnclip import atomic
 from cnclip.errors import CNClipError
 from cnclip.model.clip import CNClipModel
-from cnclip.model.runtime import cpu_has_fast_bf16
+from cnclip.model.cpu import cpu_has_fast_bf16
 from cnclip.train.distributed import DistInfo, all_reduce_mean, barrier
 
 STATE_FILE = "trainer_state.pt"

@@ -35,7 +35,9 @@ from ann import machine  # noqa: E402
 from reference import official_model, save_official_checkpoint  # noqa: E402
 
 import cnclip  # noqa: E402
+from cnclip.model.calibrate import matmul_gflops  # noqa: E402
 from cnclip.model.config import get_model_config  # noqa: E402
+from cnclip.model.cpu import cpu_has_fast_bf16  # noqa: E402
 
 QUERIES = ["海边的日落", "一只在沙发上睡觉的橘猫", "城市夜景", "我家的狗在公园里奔跑", "生日蛋糕和蜡烛", "雪山"]
 
@@ -92,10 +94,37 @@ def image_gflop(model, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def sgemm_gflops(n: int = 3072, repeats: int = 3) -> float:
-    """The machine's fp32 matrix-product rate: what a transformer's GEMMs can hope for."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sgemm_gflops(n: int = 3072, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matrix-product rate in `dtype`: what a transformer's GEMMs can hope for."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     return 2 * n**3 / 1e9 * rate(lambda: a @ b, 1, repeats)
+
+
+def bf16_rows(ours, our_pixels, ref_vecs, args) -> list[tuple[str, float, float]]:
+    """PyTorch bf16 (8 images per run, as `embed_images` runs it) and what "auto" chose here."""
+    import copy
+
+    from cnclip.model.runtime import Runtime
+
+    rows = []
+    if cpu_has_fast_bf16():
+        bf16 = Runtime("cpu", "bf16").apply(copy.deepcopy(ours))
+        with torch.inference_mode():
+            r = rate(lambda: bf16._image_features(our_pixels), args.batch, args.repeats)
+            rows.append(
+                (
+                    "cnclip, PyTorch bf16 (8 per run)",
+                    r,
+                    cosine_min(bf16._image_features(our_pixels).float().numpy(), ref_vecs),
+                )
+            )
+    auto = Runtime.resolve().apply(copy.deepcopy(ours))
+    with torch.inference_mode():
+        r = rate(lambda: auto._image_features(our_pixels), args.batch, args.repeats)
+        cos = cosine_min(auto._image_features(our_pixels).float().numpy(), ref_vecs)
+    rows.append((f'cnclip "auto" here: {auto.runtime.describe()}', r, cos))
+    print(f'"auto" chose: {auto.runtime.reason}\n')
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = ours._runner("image")
         onnx_rate = rate(lambda: runner(our_pixels), args.batch, args.repeats)
         rows.append(("cnclip, ONNX Runtime fp32", onnx_rate, cosine_min(runner(our_pixels), ref_vecs)))
+        ours.use_onnx(())
+        rows += bf16_rows(ours, our_pixels, ref_vecs, args)
 
         def official_text(q: str) -> np.ndarray:
             with torch.inference_mode():
@@ -153,9 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads.\n")
         gflop, peak = image_gflop(ours, size), sgemm_gflops()
         ceiling = peak / gflop
+        # bf16 without AMX/AVX-512 BF16 is emulated (~0.5 GFLOP/s): a small product says so in a second
+        bf16_peak = sgemm_gflops(dtype=torch.bfloat16) if cpu_has_fast_bf16() else matmul_gflops(torch.bfloat16)
         print(
-            f"Ceiling: one {size}px image is {gflop:.1f} GFLOP; a large fp32 matrix product runs at "
-            f"{peak:.0f} GFLOP/s here (torch, all threads), so fp32 cannot pass ~{ceiling:.1f} images/s.\n"
+            f"Ceilings: one {size}px image is {gflop:.1f} GFLOP; a large fp32 matrix product runs at "
+            f"{peak:.0f} GFLOP/s here (torch, all threads), so fp32 cannot pass ~{ceiling:.1f} images/s; "
+            f"bf16 products run at {bf16_peak:.1f} GFLOP/s (~{bf16_peak / gflop:.1f} images/s"
+            f"{'' if cpu_has_fast_bf16() else '; no AMX or AVX-512 BF16: emulated'}).\n"
         )
         print(f"Images (model only, batches of {args.batch} preprocessed {size}px images):\n")
         print("| implementation | images/s | vs official | of the fp32 ceiling | lowest cosine to official |")

@@ -199,3 +199,136 @@ def test_dropped_or_pasted_image_searches_by_image(browser, server, kind):
     _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails")
     assert browser.find_element(By.CSS_SELECTOR, "#results .hit .name").text == name  # a thumbnail finds its photo
     _shot(browser, f"6-{kind}")
+
+
+def _combined_names(photos: Path, terms: list[tuple]) -> list[str]:
+    """File names of the library's own combined search on the served index, best first."""
+    from cnclip.index.query import Term
+
+    with cnclip.Index.open(photos.parent / "idx") as index:
+        return [Path(h.path).name for h in index.search_combined([Term(*t) for t in terms], k=20)]
+
+
+def test_minus_field_and_more_like_this_combine_with_the_text(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, photos = server
+    browser.get_log("browser")  # drop what earlier tests left (the token prompt's 401s)
+    browser.get(f"{url}?token={TOKEN}")
+    _wait(browser, lambda d: "索引共 12 张图片" in d.find_element(By.ID, "info").text, "the index summary")
+    browser.find_element(By.ID, "not").send_keys("人群，城市")
+    browser.find_element(By.ID, "q").send_keys("海边的日落", Keys.ENTER)
+    status = "“海边的日落” 不要“人群” 不要“城市”：找到 12 张图片"
+    _wait(browser, lambda d: status in d.find_element(By.ID, "status").text, "the search minus two texts")
+    _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails")
+    minus = [("text", "海边的日落"), ("text", "人群", -1.0), ("text", "城市", -1.0)]
+    shown = [n.text for n in browser.find_elements(By.CSS_SELECTOR, "#results .name")]
+    assert shown == _combined_names(photos, minus)
+    _shot(browser, "8-minus")
+
+    liked = shown[2]
+    browser.find_elements(By.CSS_SELECTOR, "#results .like")[2].click()
+    _wait(browser, lambda d: "更像这张：找到 11 张图片" in d.find_element(By.ID, "status").text, "more like this")
+    _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails")
+    with cnclip.Index.open(photos.parent / "idx") as index:
+        liked_id = index.catalog.file_id_for_path(str(photos / liked))
+    shown = [n.text for n in browser.find_elements(By.CSS_SELECTOR, "#results .name")]
+    assert shown == _combined_names(photos, [*minus, ("file", liked_id)]) and liked not in shown
+    _shot(browser, "9-more-like-this")
+
+    browser.get(browser.current_url)  # the address keeps the minus texts: a reload searches the same
+    _wait(browser, lambda d: status in d.find_element(By.ID, "status").text, "the reloaded search")
+    assert browser.find_element(By.ID, "not").get_attribute("value") == "人群，城市"
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
+@pytest.fixture(scope="module")
+def dupes_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """`cnclip serve` on an index of 5 photos plus byte-identical copies of two of them (3 files and 2)."""
+    import torch
+
+    base = tmp_path_factory.mktemp("browser-dupes")
+    photos = base / "照片"
+    (photos / "备份").mkdir(parents=True)
+    for i, image in enumerate(random_images(5, seed=23, size=(160, 120))):
+        image.save(photos / f"旅行{i}.jpg", quality=90)
+    for name in ("旅行1.jpg", "旅行3.jpg"):
+        shutil.copyfile(photos / name, photos / "备份" / name)
+    shutil.copyfile(photos / "旅行1.jpg", photos / "备份" / "旅行1 副本.jpg")
+    torch.manual_seed(2)
+    model = cnclip.create_model("tiny-vit").save_pretrained(base / "model")
+    with cnclip.Index.open(base / "idx", model=str(model), create=True) as index:
+        index.add_folder(photos)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CNCLIP_TOKEN="")
+    command = [sys.executable, "-m", "cnclip", "serve", "--index", str(base / "idx"), "--port", "0"]
+    proc = subprocess.Popen([*command, "--token", TOKEN], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        yield _wait_for_url(proc), photos
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_dupes_view_shows_groups_best_copy_first_and_opens_the_lightbox(browser, dupes_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, photos = dupes_server
+    browser.get(f"{url}?token={TOKEN}")
+    _wait(browser, lambda d: "索引共 8 张图片" in d.find_element(By.ID, "info").text, "the index summary")
+    browser.find_element(By.ID, "dupes-button").click()
+    _wait(browser, lambda d: "重复照片：" in d.find_element(By.ID, "status").text, "the duplicate groups")
+    # a random tiny model may also find other photos alike at 0.95; the copies group whatever the model
+    assert _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails of the groups") >= 5
+    groups = browser.find_elements(By.CSS_SELECTOR, "#results .dupe-group")
+    heads = [g.find_element(By.TAG_NAME, "h2").text for g in groups]
+    assert len(groups) >= 2 and heads[0].startswith("第 1 组："), heads
+    names = [[n.text.split(" ", 1)[1] for n in g.find_elements(By.CSS_SELECTOR, ".name")] for g in groups]
+    assert any({"旅行1.jpg", "旅行1 副本.jpg"} <= set(group) for group in names), names
+    assert any("旅行3.jpg" in group for group in names), names
+    for group in groups:  # the best copy, and only it, is marked
+        marks = [s.text for s in group.find_elements(By.CSS_SELECTOR, ".score")]
+        assert marks[0] == "最佳" and "最佳" not in marks[1:], marks
+    assert "160×120" in groups[0].find_element(By.CSS_SELECTOR, ".name").text
+    _shot(browser, "7-dupes")
+
+    groups[0].find_elements(By.CSS_SELECTOR, ".hit button")[1].click()
+    big = "const i = document.getElementById('lightbox-img'); return i.complete && i.naturalWidth > 0;"
+    _wait(browser, lambda d: d.find_element(By.ID, "lightbox").is_displayed() and d.execute_script(big), "lightbox")
+    assert browser.find_element(By.ID, "lightbox-caption").text.endswith(names[0][1])
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    _wait(browser, lambda d: not d.find_element(By.ID, "lightbox").is_displayed(), "the lightbox to close")
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
+def test_filter_fields_limit_every_search_and_stay_in_the_address(browser, dupes_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, photos = dupes_server
+    browser.get_log("browser")
+    browser.get(f"{url}?token={TOKEN}")
+    _wait(browser, lambda d: "索引共 8 张图片" in d.find_element(By.ID, "info").text, "the index summary")
+    browser.find_element(By.ID, "in").send_keys("备份")
+    browser.find_element(By.ID, "q").send_keys("旅行的照片", Keys.ENTER)
+    _wait(browser, lambda d: "找到 3 张图片" in d.find_element(By.ID, "status").text, "the search in one folder")
+    _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails")
+    paths = [e.get_attribute("title") or e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .name")]
+    assert sorted(paths) == ["旅行1 副本.jpg", "旅行1.jpg", "旅行3.jpg"], paths
+    _shot(browser, "11-filter-folder")
+
+    browser.find_element(By.ID, "file").send_keys(str(photos / "旅行0.jpg"))  # image search, same filter
+    _wait(browser, lambda d: "以图搜图：找到 3 张图片" in d.find_element(By.ID, "status").text, "filtered image search")
+
+    browser.execute_script("document.getElementById('after').value = '2099-01'")  # taken from 2099 on: none
+    browser.find_element(By.ID, "q").send_keys(Keys.ENTER)
+    _wait(browser, lambda d: "没有找到图片" in d.find_element(By.ID, "status").text, "an empty filtered search")
+    assert "after=2099-01" in browser.current_url and "in=" in browser.current_url
+    browser.get(browser.current_url)  # a reload keeps the filters and searches the same
+    _wait(browser, lambda d: "没有找到图片" in d.find_element(By.ID, "status").text, "the reloaded search")
+    assert browser.find_element(By.ID, "in").get_attribute("value") == "备份"
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors

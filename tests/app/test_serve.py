@@ -119,6 +119,43 @@ def test_similar_to_an_indexed_photo_leaves_it_out(client, built):
     assert body["count"] == 4 and file_id not in [h["id"] for h in body["results"]]
 
 
+def _combined(built, terms, k: int) -> list[tuple[int, float]]:
+    from cnclip.index.query import Term
+
+    with cnclip.Index.open(built[0]) as index:
+        return [(h.id, h.score) for h in index.search_combined([Term(*t) for t in terms], k=k)]
+
+
+def test_search_with_not_and_like_combines_text_and_photo(client, built):
+    like = _id_of(built[0], built[1] / "p5.png")
+    params = [("q", "海边的日落"), ("not", "城市"), ("not", "人群"), ("like", like), ("k", 6)]
+    body = client.get("/api/search", params=params).json()
+    terms = [("text", "海边的日落"), ("text", "城市", -1.0), ("text", "人群", -1.0), ("file", like)]
+    expected = _combined(built, terms, 6)
+    assert [(h["id"], h["score"]) for h in body["results"]] == [(i, pytest.approx(s, abs=1e-5)) for i, s in expected]
+    assert body["count"] == 6 and like not in [h["id"] for h in body["results"]]  # "more like this" leaves it out
+    assert set(body["results"][0]) == {"id", "path", "name", "score", "thumb", "image"}
+
+    only_not = client.get("/api/search", params={"q": "雪山", "not": "城市", "k": 8}).json()
+    expected = _combined(built, [("text", "雪山"), ("text", "城市", -1.0)], 8)
+    assert [h["id"] for h in only_not["results"]] == [i for i, _ in expected]
+    # a blank `not` (an empty form field) is no term at all: the plain search, unchanged
+    blank = client.get("/api/search", params={"q": "雪山", "not": " ", "k": 8}).json()
+    plain = client.get("/api/search", params={"q": "雪山", "k": 8}).json()
+    assert blank["results"] == plain["results"] and blank["results"] != only_not["results"]
+
+
+def test_unusable_not_and_like_are_4xx_json(client, built):
+    cancelled = _assert_json_error(client.get("/api/search", params={"q": "猫", "not": "猫"}), 400)
+    assert "cancels out" in cancelled
+    missing = _assert_json_error(client.get("/api/search", params={"q": "猫", "like": 987654}), 404)
+    assert "987654" in missing
+    for bad in (0, -1, "abc", 2**63):
+        _assert_json_error(client.get("/api/search", params={"q": "猫", "like": bad}), 422)
+    _assert_json_error(client.get("/api/search", params={"like": _id_of(built[0], built[1] / "p1.png")}), 422)
+    _assert_json_error(client.get("/api/search", params={"q": "猫", "not": "狗" * 1001}), 400)
+
+
 def test_tag_ranks_labels_given_in_every_form(client, built):
     files = {"file": ("p.png", (built[1] / "p1.png").read_bytes(), "image/png")}
     r = client.post("/api/tag", files=files, data={"labels": ["猫,狗\n海滩", "城市，雪山"]})

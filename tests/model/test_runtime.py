@@ -19,7 +19,7 @@ TEXTS = ["海边的日落", "一只橘猫"]
 
 @pytest.mark.parametrize("value", ["0", "1"])
 def test_the_cpu_bf16_answer_can_be_forced(monkeypatch, value):
-    from cnclip.model.runtime import CPU_BF16_ENV, cpu_has_fast_bf16
+    from cnclip.model.cpu import CPU_BF16_ENV, cpu_has_fast_bf16
 
     monkeypatch.setenv(CPU_BF16_ENV, value)
     assert cpu_has_fast_bf16() is (value == "1")

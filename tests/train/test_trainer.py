@@ -73,6 +73,16 @@ def test_tiny_model_learns_the_synthetic_scenes_from_scratch(tmp_path, init_mode
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text("utf-8").splitlines()]
     assert {e["kind"] for e in events} == {"train", "eval"}
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The trained model in bf16 searches as in fp32 (the rule "auto" follows on AMX CPUs): recall
+    # within 0.5 point and top-10 overlap >= 0.95, both towers and each mixed way.
+    from cnclip.train.evaluate import compare_precisions
+
+    compared = compare_precisions(cnclip.load_model(out / "best"), read_pairs(val)[0])
+    for name, result in compared.items():
+        assert result["top10_overlap"] >= 0.95, (name, result)
+        for way in ("t2i", "i2t"):
+            for k in ("R@1", "R@5", "R@10"):
+                assert abs(result[way][k] - compared["fp32"][way][k]) < 0.005, (name, way, k, compared)
 
 
 def test_output_loads_everywhere_a_model_is_accepted(tmp_path, small_data, init_model):

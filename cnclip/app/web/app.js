@@ -76,7 +76,13 @@ function showResults(data, what, imageUrl) {
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = hit.name;
-    caption.append(score, name);
+    const like = document.createElement("button");
+    like.type = "button";
+    like.className = "like";
+    like.textContent = "更像这张";
+    like.title = "把这张照片加到搜索文字里，再搜一次";
+    like.addEventListener("click", () => searchLike(hit));
+    caption.append(score, name, like);
     figure.append(open, caption);
     grid.append(figure);
   });
@@ -85,18 +91,62 @@ function showResults(data, what, imageUrl) {
   setStatus(`${what}：${found}，用时 ${Math.round(data.took_ms)} 毫秒`, imageUrl);
 }
 
+// Combined queries: the 不要 field's texts (split at commas or 、) are subtracted from the query text.
+function minusTexts() {
+  return $("not").value.split(/[,，、]/).map((text) => text.trim()).filter(Boolean);
+}
+
+// Filters (拍摄时间, 文件夹): the same query parameters for every kind of search.
+const FILTERS = ["after", "before", "in"];
+
+function filterPairs() {
+  return FILTERS.map((name) => [name, $(name).value.trim()]).filter(([, value]) => value);
+}
+
+function withFilters(params) {
+  filterPairs().forEach(([name, value]) => params.append(name, value));
+  return params;
+}
+
+function combinedParams(query, nots, like) {
+  const params = new URLSearchParams({ q: query, k: $("k").value });
+  nots.forEach((text) => params.append("not", text));
+  if (like !== undefined) params.append("like", like);
+  return withFilters(params);
+}
+
+function describeQuery(query, nots) {
+  return `“${query}”` + nots.map((text) => ` 不要“${text}”`).join("");
+}
+
 async function searchText(query) {
   query = query.trim();
   if (!query) return;
   clearMessages();
-  const k = $("k").value;
+  const nots = minusTexts();
   const url = new URL(location.href);
-  url.search = new URLSearchParams({ q: query }).toString();
+  url.search = new URLSearchParams([["q", query], ...nots.map((text) => ["not", text]), ...filterPairs()]).toString();
   history.replaceState(null, "", url);
   setStatus("搜索中…");
   try {
-    const data = await api(`/api/search?${new URLSearchParams({ q: query, k })}`);
-    showResults(data, `“${query}”`);
+    const data = await api(`/api/search?${combinedParams(query, nots)}`);
+    showResults(data, describeQuery(query, nots));
+  } catch (error) {
+    setStatus("");
+    showError(error);
+  }
+}
+
+// 更像这张: the current text (minus the 不要 texts) plus this photo; with no text, plain 找相似.
+async function searchLike(hit) {
+  const query = $("q").value.trim();
+  if (!query) return searchSimilar(hit.id);
+  clearMessages();
+  const nots = minusTexts();
+  setStatus("搜索中…", hit.thumb);
+  try {
+    const data = await api(`/api/search?${combinedParams(query, nots, hit.id)}`);
+    showResults(data, `${describeQuery(query, nots)} 更像这张`, hit.thumb);
   } catch (error) {
     setStatus("");
     showError(error);
@@ -116,7 +166,7 @@ async function searchImage(file) {
   form.append("file", file, file.name || "pasted.png");
   form.append("k", $("k").value);
   try {
-    const data = await api("/api/search/image", { method: "POST", body: form });
+    const data = await api(`/api/search/image?${withFilters(new URLSearchParams())}`, { method: "POST", body: form });
     showResults(data, "以图搜图", preview);
   } catch (error) {
     setStatus("");
@@ -129,7 +179,7 @@ async function searchSimilar(id) {
   clearMessages();
   setStatus("查找相似图片中…");
   try {
-    const data = await api(`/api/similar?${new URLSearchParams({ id, k: $("k").value })}`);
+    const data = await api(`/api/similar?${withFilters(new URLSearchParams({ id, k: $("k").value }))}`);
     showResults(data, "相似图片", `/api/thumb/${id}`);
   } catch (error) {
     setStatus("");
@@ -237,8 +287,74 @@ document.addEventListener("DOMContentLoaded", async () => {
   wire();
   const ready = await showInfo();
   const query = new URLSearchParams(location.search).get("q");
+  $("not").value = new URLSearchParams(location.search).getAll("not").join("，");
+  FILTERS.forEach((name) => ($(name).value = new URLSearchParams(location.search).get(name) || ""));
   if (ready && query) {
     $("q").value = query;
     searchText(query);
   }
 });
+
+// -- near-duplicate photos (重复照片): groups from /api/dupes, one block per group in the results grid --
+const DUPES_THRESHOLD = 0.95;
+
+function dupeFigure(member, i, best) {
+  const figure = document.createElement("figure");
+  figure.className = "hit";
+  const open = document.createElement("button");
+  open.type = "button";
+  open.title = member.path;
+  open.addEventListener("click", () => openLightbox(i));
+  const img = document.createElement("img");
+  img.loading = "lazy";
+  img.src = member.thumb;
+  img.alt = member.name;
+  open.append(img);
+  const caption = document.createElement("figcaption");
+  const score = document.createElement("span");
+  score.className = best ? "score best" : "score";
+  score.textContent = best ? "最佳" : member.score.toFixed(3);
+  score.title = best ? "像素最多（其次字节数、最早）的一张" : "与最佳一张的相似度";
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = member.width ? `${member.width}×${member.height} ${member.name}` : member.name;
+  caption.append(score, name);
+  figure.append(open, caption);
+  return figure;
+}
+
+function showDupeGroups(data) {
+  state.hits = data.groups.flatMap((group) => group.members); // the lightbox walks every listed photo
+  const grid = $("results");
+  grid.replaceChildren();
+  let i = 0;
+  data.groups.forEach((group, g) => {
+    const section = document.createElement("section");
+    section.className = "dupe-group";
+    const heading = document.createElement("h2");
+    const listed = group.capped ? `，列出 ${group.members.length} 张` : "";
+    heading.textContent = `第 ${g + 1} 组：${group.size} 张${listed}`;
+    const row = document.createElement("div");
+    row.className = "dupe-row";
+    group.members.forEach((member, j) => row.append(dupeFigure(member, i++, j === 0)));
+    section.append(heading, row);
+    grid.append(section);
+  });
+  $("hint").hidden = data.count > 0;
+  const found = data.total > 0 ? `找到 ${data.total} 组` : "没有找到";
+  const shown = data.total > data.count ? `（显示前 ${data.count} 组）` : "";
+  setStatus(`重复照片：${data.files} 张中${found}${shown}，只列出，不删除；用时 ${Math.round(data.took_ms)} 毫秒`);
+}
+
+async function showDupes() {
+  clearMessages();
+  setStatus("查找重复照片中…");
+  try {
+    showDupeGroups(await api(`/api/dupes?${new URLSearchParams({ threshold: DUPES_THRESHOLD })}`));
+  } catch (error) {
+    setStatus("");
+    showError(error);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => $("dupes-button").addEventListener("click", showDupes));
