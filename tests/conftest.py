@@ -123,3 +123,25 @@ def run_cli(
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def write_video(path, colors, seconds_each: int = 4, fps: int = 6, size=(96, 64), gop_seconds: int = 2):
+    """A short MPEG-4 video (PyAV): `seconds_each` seconds of each colour in turn, a key frame every
+    `gop_seconds`; returns `path`."""
+    import av
+
+    container = av.open(str(path), "w")
+    stream = container.add_stream("mpeg4", rate=fps)
+    stream.width, stream.height = size
+    stream.pix_fmt = "yuv420p"
+    stream.gop_size = fps * gop_seconds
+    for color in colors:
+        frame = np.full((size[1], size[0], 3), color, np.uint8)
+        frame[::5, ::7] = 255 - np.array(color, np.uint8)  # texture, so frames are more than a mean colour
+        for _ in range(seconds_each * fps):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path

@@ -524,7 +524,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             else:
                 hits = index.search_text(args.query, k=args.k, where=where)
                 title = args.query
-            rows = [(h.score, h.path) for h in hits]
+            rows = [(h.score, h.path if h.t is None else f"{h.path}#t={h.t:g}") for h in hits]  # a video: its moment
             payload = [h.to_dict() for h in hits]
             _write_sheets(args, hits, title)
     if args.json:
@@ -588,6 +588,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     model = stats["model"]
     print(f"index    {stats['index']}")
     print(f"images   {stats['images']:,}")
+    if stats["videos"]:
+        print(f"videos   {stats['videos']:,}")
     print(f"texts    {stats['texts']:,}")
     print(
         f"model    {model['name'] or '-'} ({model['digest'][:12]}), {model['dim']}-d, from {model['source']}"

@@ -47,6 +47,7 @@ from cnclip.index.filters import SearchFilter
 from cnclip.index.folder import Hit, Index
 from cnclip.index.query import FILE, TEXT, Term
 from cnclip.index.scan import from_catalog_path
+from cnclip.index.video import VideoError, frame_at, split_frame_path
 from cnclip.model.runtime import Runtime
 from cnclip.model.zeroshot import TextHit, check_query, zero_shot
 
@@ -147,6 +148,12 @@ def _warm(index: Index) -> int:
     return index.model.config.vision.image_size
 
 
+def _frame_time(index: Index, file_id: int) -> float | None:
+    """The time of a video frame's row (None for a photo)."""
+    record = index.catalog.files_by_ids([file_id]).get(file_id)
+    return None if record is None else split_frame_path(record.path)[1]
+
+
 def _servable(index: Index, file_id: int) -> tuple[FileRecord | None, dict[str, float]]:
     return index.catalog.files_by_ids([file_id]).get(file_id), index.catalog.roots()
 
@@ -171,7 +178,7 @@ def resolve_file(record: FileRecord | None, roots: Sequence[str], file_id: int) 
     """
     if record is None:
         raise _not_found(file_id)
-    path = from_catalog_path(record.path)
+    path = split_frame_path(from_catalog_path(record.path))[0]  # a video's frame: the video
     real = os.path.realpath(path)
     folders = [os.path.realpath(from_catalog_path(r)) for r in roots] or [os.path.realpath(os.path.dirname(path))]
     if not any(_inside(real, folder) for folder in folders):
@@ -211,11 +218,18 @@ class _ThumbCache:
                 self._bytes -= len(self._items.popitem(last=False)[1])
 
 
-def make_thumbnail(path: str, side: int = THUMB_SIDE) -> bytes:
-    """JPEG bytes of the image at `path` scaled to fit `side` x `side` (ImageError if it will not decode)."""
+def make_thumbnail(path: str, side: int = THUMB_SIDE, t: float | None = None) -> bytes:
+    """JPEG bytes of the image at `path` (of a video: its frame at `t` seconds) scaled to fit
+    `side` x `side` (ImageError if it will not decode)."""
     from cnclip.model.transform import load_image
 
-    image = load_image(path, draft_size=side)
+    if t is None:
+        image = load_image(path, draft_size=side)
+    else:
+        try:
+            image = frame_at(path, t)
+        except VideoError as e:
+            raise ImageError(f"{path}: {e}") from e
     image.thumbnail((side, side), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=85)
@@ -280,6 +294,7 @@ class ImageResult(BaseModel):
     score: float
     thumb: str
     image: str
+    t: float | None = None  # a video: seconds into it of the best-matching frame (play from there)
 
 
 class SearchResponse(BaseModel):
@@ -355,6 +370,7 @@ def _image_results(hits: Sequence[Hit], started: float) -> SearchResponse:
             score=round(h.score, 6),
             thumb=f"/api/thumb/{h.id}",
             image=f"/api/image/{h.id}",
+            t=h.t,
         )
         for h in hits
         if h.id is not None
@@ -712,7 +728,7 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
         data = thumbs.get(file_id)
         if data is None:
             try:
-                data = make_thumbnail(path)
+                data = make_thumbnail(path, t=worker.run(_frame_time, file_id))
             except ImageError as e:
                 raise HTTPException(404, f"file {file_id} no longer decodes; run cnclip index to update") from e
             thumbs.put(file_id, data)
@@ -723,7 +739,7 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
         """The original file of an indexed image."""
         path = path_of(file_id)
         media = mimetypes.guess_type(path)[0]
-        if media is None or not media.startswith("image/"):
+        if media is None or not media.startswith(("image/", "video/")):
             media = "application/octet-stream"
         return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
 

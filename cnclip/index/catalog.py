@@ -670,6 +670,26 @@ class Catalog:
         conn.execute("UPDATE vectors SET unused_since = NULL WHERE hash = ?", (row.hash,))
         return int(conn.execute("SELECT id FROM vectors WHERE hash = ?", (row.hash,)).fetchone()[0])
 
+    def frame_paths(self, video: str) -> list[str]:
+        """The catalog paths of the frames stored for the video at catalog path `video`."""
+        lo = video + "#t="
+        rows = self._db.execute("SELECT path FROM files WHERE path >= ? AND path < ?", (lo, video + "#t>"))
+        return [r[0] for r in rows]
+
+    def frame_vectors(self, digest: str) -> dict[float, int]:
+        """Seconds -> vector id of the stored frames of the video whose content hash is `digest`."""
+        lo = digest + "#t="
+        rows = self._db.execute("SELECT hash, id FROM vectors WHERE hash >= ? AND hash < ?", (lo, digest + "#t>"))
+        return {float(h[len(lo) :]): int(i) for h, i in rows}
+
+    def frame_count(self) -> tuple[int, int]:
+        """(videos, searchable frames) in the index."""
+        frames = self._db.execute(
+            "SELECT count(*), count(DISTINCT substr(path, 1, instr(path, '#t=') - 1)) FROM files "
+            "WHERE path GLOB '*#t=*' AND vector_id IS NOT NULL AND offline IS NULL"
+        ).fetchone()
+        return int(frames[1]), int(frames[0])
+
     def files_without_info(self, root: str, limit: int = 512) -> list[tuple[int, str, int]]:
         """Up to `limit` (id, path, mtime_ns) of files under `root` whose filter facts are not read yet."""
         lo, hi = _prefix_range(_absolute(root))
@@ -724,10 +744,12 @@ class Catalog:
         return {str(name): int(n) for name, n in rows}
 
     def missing_under(self, scan_id: int, root: str) -> tuple[int, int]:
-        """(files under `root` that scan `scan_id` has not seen, all files under `root`)."""
+        """(files under `root` that scan `scan_id` has not seen, all files under `root`); a video
+        counts once, not once per stored frame (rows `VIDEO#t=SECONDS`)."""
         lo, hi = _prefix_range(_absolute(root))
         row = self._db.execute(
-            "SELECT count(*) FILTER (WHERE seen_scan < ?), count(*) FROM files WHERE path >= ? AND path < ?",
+            "SELECT count(*) FILTER (WHERE seen_scan < ?), count(*) FROM files WHERE path >= ? AND path < ? "
+            "AND path NOT GLOB '*#t=*'",
             (scan_id, lo, hi),
         ).fetchone()
         return int(row[0]), int(row[1])

@@ -313,7 +313,13 @@ def _read_all(catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
     if not chunks:
         dim = catalog.identity.dim if catalog.identity is not None else 0
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+    ids, vectors = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+    # a video's frames (cnclip.index.video) resemble each other by nature: photos only
+    frames = catalog.searchable_ids_where("path GLOB '*#t=*'", ())
+    if frames.size:
+        keep = ~np.isin(ids, frames)
+        ids, vectors = ids[keep], vectors[keep]
+    return ids, vectors
 
 
 def _notes(groups: list[DupeGroup], cap: int, threshold: float, limit: int | None, total: int) -> list[str]:

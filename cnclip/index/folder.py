@@ -26,6 +26,7 @@ from cnclip.index.lock import WriterLock
 from cnclip.index.query import Term, combine_terms
 from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
 from cnclip.index.vectors import ONDISK_KIND, VectorIndex
+from cnclip.index.video import split_frame_path
 from cnclip.model.chinese import t2s_default, to_simplified_all
 from cnclip.model.onnx_runtime import TextEncoder
 from cnclip.model.runtime import Runtime
@@ -56,9 +57,10 @@ class Hit:
     path: str
     score: float
     id: int | None = None
+    t: float | None = None  # a video: the time (seconds) of its best-matching frame
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "score": self.score}
+        return {"path": self.path, "score": self.score} | ({} if self.t is None else {"t": self.t})
 
 
 def _load(source: str | os.PathLike, runtime: Runtime | None) -> CNClipModel:
@@ -367,6 +369,7 @@ class Index:
         """What the index holds, without loading the model or touching the vector index:
         counts, the model record, and the saved vector index (kind, recall, whether current)."""
         identity = self.catalog.identity
+        videos, frames = self.catalog.frame_count()
         saved = VectorIndex.load(self.catalog.folder)
         vectors = None
         if saved is not None:
@@ -381,7 +384,8 @@ class Index:
             del vectors["memory_mapped"]
         return {
             "index": str(self.catalog.folder),
-            "images": self.catalog.count(),
+            "images": self.catalog.count() - frames,
+            "videos": videos,
             "offline": self.catalog.offline_count(),
             "unused_vectors": self.catalog.unused_vectors(),
             "texts": self.catalog.text_count(),
@@ -443,6 +447,7 @@ class Index:
     ) -> list[Hit]:
         """Image -> similar images; an indexed query file is left out of its own results by default."""
         vector, self_path = self._image_vector(image)
+        self_path = split_frame_path(self_path)[0] if self_path else None  # a frame: its whole video
         hits = self._image_hits(vector, k + 1 if self_path and exclude_self else k, where)
         if self_path and exclude_self:
             hits = [h for h in hits if h.path != self_path][:k]
@@ -492,16 +497,32 @@ class Index:
         if k < 1:
             raise QueryError(f"k must be at least 1, not {k}")
         query = np.ascontiguousarray(vectors, dtype=np.float32)
-        if where is None or where.empty:
-            scores, ids = self.refresh().search(query, k)
-        else:
-            scores, ids = self._filtered_search(query, k, where)
-        records = self.catalog.files_by_ids(ids[0].tolist())
-        return [
-            Hit(from_catalog_path(records[i].path), float(s), i)
-            for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True)
-            if i in records  # a file removed since the vector index was built
-        ]
+        fetch = k
+        while True:
+            if where is None or where.empty:
+                scores, ids = self.refresh().search(query, fetch)
+            else:
+                scores, ids = self._filtered_search(query, fetch, where)
+            hits, folded = self._fold_videos(ids[0].tolist(), scores[0].tolist())
+            # a video is one result however many of its frames match: ask for more until k files
+            if len(hits) >= k or not folded or ids.shape[1] < fetch or fetch >= len(self.refresh()):
+                return hits[:k]
+            fetch *= 4
+
+    def _fold_videos(self, ids: list[int], scores: list[float]) -> tuple[list[Hit], bool]:
+        """Hits in rank order, a video's frames folded into its best one; whether any were folded."""
+        records = self.catalog.files_by_ids(ids)
+        hits, seen, folded = [], set(), False
+        for i, score in zip(ids, scores, strict=True):
+            if i not in records:  # a file removed since the vector index was built
+                continue
+            path, t = split_frame_path(from_catalog_path(records[i].path))
+            if path in seen:
+                folded = True
+                continue
+            seen.add(path)
+            hits.append(Hit(path, float(score), i, t))
+        return hits, folded
 
     def _filtered_search(self, query: np.ndarray, k: int, where: SearchFilter) -> tuple[np.ndarray, np.ndarray]:
         """The top `k` among the files `where` selects, as exact as the unfiltered search: few

@@ -31,7 +31,7 @@ class PhotoInfo:
     """Filterable facts about one file (`taken_from`: "exif" or "file")."""
 
     taken: str
-    taken_from: str
+    taken_from: str  # "exif", "video" (the container's creation time) or "file" (modification time)
     camera: str | None = None
     width: int | None = None
     height: int | None = None
@@ -69,6 +69,12 @@ def file_time(mtime_ns: int) -> str:
 def read_info(path: str | os.PathLike, mtime_ns: int) -> PhotoInfo:
     """The filterable facts of the image at `path`; the file's time when it has no readable EXIF."""
     import cnclip.model.transform  # noqa: F401  (registers the HEIC/HEIF opener; loaded by any scan already)
+    from cnclip.index.video import is_video, split_frame_path, video_facts
+
+    path = split_frame_path(os.fspath(path))[0]  # a video's frame: the video's facts
+    if is_video(path):
+        taken, width, height = video_facts(path)
+        return PhotoInfo(taken or file_time(mtime_ns), "video" if taken else "file", None, width, height, "video")
 
     try:
         with Image.open(path) as image:

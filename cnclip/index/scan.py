@@ -24,8 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from cnclip.errors import CNClipError
 from cnclip.index.catalog import Catalog, NewFile
+from cnclip.index.video import LIVE_PHOTO_VIDEOS, VIDEO_EXTENSIONS, frame_path, is_video, split_frame_path
 from cnclip.model.transform import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:  # the model's modules load torch; searching an index must not need them
@@ -55,9 +58,12 @@ class IndexSummary:
     # folders whose known files were kept, offline, because they could not be seen: path, reason, files
     offline: list[dict] = field(default_factory=list)
     shards: dict[str, int] | None = None  # with Ray: embedding shards computed now / read back
+    video_frames: int = 0  # frames of videos run through the model (each video counts once in `embedded`)
 
     def to_dict(self) -> dict:
         extra = {"shards": dict(self.shards)} if self.shards is not None else {}
+        if self.video_frames:
+            extra["video_frames"] = self.video_frames
         return extra | {
             "added": self.added,
             "updated": self.updated,
@@ -133,6 +139,7 @@ class Indexer:
         ray: RayOptions | None = None,
         on_shard: Callable[[str], None] | None = None,
         prune: bool = False,
+        videos: bool = True,
     ):
         self.model = model
         self.ray = ray
@@ -144,6 +151,7 @@ class Indexer:
         self.max_pixels = max_pixels
         self.draft = draft
         self.prune = prune  # remove what cannot be seen, instead of keeping it offline
+        self.videos = videos  # index videos' frames too (cnclip.index.video)
 
     def run(
         self,
@@ -172,6 +180,8 @@ class Indexer:
             record = self.catalog.lookup(to_catalog_path(found.path))
             if record is not None and record.size == found.size and record.mtime_ns == found.mtime_ns:
                 unchanged.append(to_catalog_path(found.path))
+                if is_video(found.path):  # its frames were seen too
+                    unchanged.extend(self.catalog.frame_paths(to_catalog_path(found.path)))
                 if len(unchanged) >= 4096:
                     self.catalog.touch(scan, unchanged)
                     unchanged.clear()
@@ -185,7 +195,7 @@ class Indexer:
         removed = self.catalog.finish_scan(scan, to_catalog_path(root))
         if outer is None or outer == root:
             self.catalog.record_root(to_catalog_path(root))
-        summary.removed = len(removed)
+        summary.removed = sum(split_frame_path(p)[1] is None for p in removed)  # a video counts once
         self._fill_info(root)
         return summary
 
@@ -199,8 +209,12 @@ class Indexer:
 
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="cnclip-info") as pool:
             while todo := self.catalog.files_without_info(to_catalog_path(root)):
-                infos = pool.map(lambda row: read_info(from_catalog_path(row[1]), row[2]), todo)
-                self.catalog.set_info([(row[0], info) for row, info in zip(todo, infos, strict=True)])
+                # a video's frames share its facts: read each file once
+                files = {split_frame_path(from_catalog_path(path))[0]: mtime for _, path, mtime in todo}
+                facts = dict(zip(files, pool.map(read_info, files, files.values()), strict=True))
+                self.catalog.set_info(
+                    [(file_id, facts[split_frame_path(from_catalog_path(path))[0]]) for file_id, path, _ in todo]
+                )
 
     def _guard(self, scan: int, root: str, walk: _Walk, summary: IndexSummary, outer: str | None = None) -> None:
         """Keep offline what this scan could not see, unless pruning: unreadable folders, an empty
@@ -252,6 +266,7 @@ class Indexer:
             if folder == root and not entries:
                 walk.root_empty = True
             subdirs = []
+            stills = {os.path.splitext(e.name)[0].lower() for e in entries if _extension(e.name) in IMAGE_EXTENSIONS}
             for entry in entries:
                 if entry.name.startswith(".") and not self.include_hidden:
                     continue
@@ -263,8 +278,11 @@ class Indexer:
                         # maybe a folder on a drive that is not mounted: what it held is not gone
                         walk.unreachable.append((entry.path, f"symlink target missing ({NOT_MOUNTED})"))
                         continue
-                    if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                    ext = _extension(entry.name)
+                    if ext not in IMAGE_EXTENSIONS and (ext not in VIDEO_EXTENSIONS or not self.videos):
                         continue
+                    if ext in LIVE_PHOTO_VIDEOS and os.path.splitext(entry.name)[0].lower() in stills:
+                        continue  # the moving half of a Live Photo: its still is indexed
                     st = entry.stat(follow_symlinks=True)
                 except OSError as e:
                     reason = "broken symlink" if entry.is_symlink() else _reason(e)
@@ -293,6 +311,18 @@ class Indexer:
             except OSError as e:
                 self._skip(summary, found.path, _reason(e))
                 continue
+            if is_video(found.path):
+                frames = self.catalog.frame_vectors(digest)
+                if frames:  # a renamed or copied video: its frames are in the index already
+                    reuse.extend(_video_rows(found, digest, [(t, None) for t in frames], frames, None))
+                    self._count(summary, known)
+                    summary.reused += 1
+                elif digest in first_of_hash:
+                    first_of_hash[digest][1].append((found, known))
+                else:
+                    first_of_hash[digest] = (found, [])
+                    to_embed.append((found, known, digest))
+                continue
             vector_id = self.catalog.vector_id_for_hash(digest)
             if vector_id is not None:
                 reuse.append(
@@ -312,6 +342,12 @@ class Indexer:
         return [(f, known, digest, first_of_hash[digest][1]) for f, known, digest in to_embed]
 
     def _embed(self, scan: int, items: list, summary: IndexSummary, progress) -> None:
+        videos = [item for item in items if is_video(item[0].path)]
+        if videos:
+            self._embed_videos(scan, videos, summary)
+            items = [item for item in items if not is_video(item[0].path)]
+            if not items:
+                return
         by_path = {found.path: (found, known, digest, copies) for found, known, digest, copies in items}
         paths = [found.path for found, *_ in items]
         done = 0
@@ -369,6 +405,44 @@ class Indexer:
             summary.embedded -= report.reused_files
             summary.reused += report.reused_files
 
+    def _embed_videos(self, scan: int, items: list, summary: IndexSummary) -> None:
+        """Sample each video's frames, embed them a batch at a time, and commit the video's rows together."""
+        from cnclip.index.video import VideoError, sample_frames
+
+        precision = self.model.image_precision
+        for found, known, digest, copies in items:
+            times: list[float] = []
+            vectors: list[np.ndarray] = []
+            batch: list = []
+            try:
+                for t, image in sample_frames(found.path):
+                    batch.append((t, image))
+                    if len(batch) == self.batch_size:
+                        times += [t for t, _ in batch]
+                        vectors.append(self.model.embed_images([im for _, im in batch]))
+                        batch.clear()
+                if batch:
+                    times += [t for t, _ in batch]
+                    vectors.append(self.model.embed_images([im for _, im in batch]))
+            except VideoError as e:
+                for f in (found, *(copy for copy, _ in copies)):
+                    self._skip(summary, f.path, str(e))
+                continue
+            if not times:
+                for f in (found, *(copy for copy, _ in copies)):
+                    self._skip(summary, f.path, "no frame could be decoded")
+                continue
+            matrix = np.concatenate(vectors)
+            frames = list(zip(times, matrix, strict=True))
+            rows = []
+            for f, f_known in ((found, known), *copies):
+                rows += _video_rows(f, digest, frames, None, precision)
+                self._count(summary, f_known)
+            self.catalog.put_files(scan, rows)
+            summary.embedded += 1
+            summary.reused += len(copies)
+            summary.video_frames += len(times)
+
     @staticmethod
     def _count(summary: IndexSummary, known: bool) -> None:
         if known:
@@ -391,3 +465,29 @@ def _strip_path(reason: str, path: str) -> str:
         if reason.startswith(prefix):
             return reason[len(prefix) :]
     return reason
+
+
+def _extension(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
+def _video_rows(
+    found: _Found,
+    digest: str,
+    frames: list[tuple[float, np.ndarray | None]],
+    known_ids: dict[float, int] | None,
+    precision: str | None,
+) -> list[NewFile]:
+    """The catalog rows of one video: its own (no vector: read, nothing to search) and one per
+    frame, `VIDEO#t=SECONDS`, with a new vector or, from `known_ids`, a stored one."""
+    path = to_catalog_path(found.path)
+    rows = [NewFile(path, found.size, found.mtime_ns, digest)]
+    for t, vector in frames:
+        frame_hash = frame_path(digest, t)
+        if known_ids is not None:
+            rows.append(NewFile(frame_path(path, t), found.size, found.mtime_ns, frame_hash, vector_id=known_ids[t]))
+        else:
+            rows.append(
+                NewFile(frame_path(path, t), found.size, found.mtime_ns, frame_hash, vector=vector, precision=precision)
+            )
+    return rows

@@ -35,6 +35,7 @@ from watchdog.events import (
 from cnclip.errors import CNClipError, IndexBusyError
 from cnclip.index.folder import Index
 from cnclip.index.scan import NOT_MOUNTED, Indexer, IndexSummary, Progress, to_catalog_path
+from cnclip.index.video import VIDEO_EXTENSIONS
 from cnclip.model.transform import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ class Watcher:
         hidden = any(part.startswith(".") for part in Path(os.path.relpath(path, root)).parts)
         if hidden and not self._include_hidden:
             return None
-        if not is_dir and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        if not is_dir and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
             return None
         return path if is_dir and gains else os.path.dirname(path)
 

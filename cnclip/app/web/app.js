@@ -75,7 +75,7 @@ function showResults(data, what, imageUrl) {
     score.textContent = hit.score.toFixed(3);
     const name = document.createElement("span");
     name.className = "name";
-    name.textContent = hit.name;
+    name.textContent = hit.t !== null && hit.t !== undefined ? `▶ ${clock(hit.t)} ${hit.name}` : hit.name;
     const like = document.createElement("button");
     like.type = "button";
     like.className = "like";
@@ -187,13 +187,30 @@ async function searchSimilar(id) {
   }
 }
 
+function clock(seconds) {
+  const s = Math.floor(seconds);
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
+
 function openLightbox(i) {
   const hit = state.hits[i];
   if (!hit) return;
   state.current = i;
-  $("lightbox-img").src = hit.image;
+  const video = $("lightbox-video");
+  const isVideo = hit.t !== null && hit.t !== undefined;
+  // a video plays from its best-matching moment (a media fragment: #t=SECONDS)
+  video.hidden = !isVideo;
+  $("lightbox-img").hidden = isVideo;
+  if (isVideo) {
+    video.src = `${hit.image}#t=${hit.t}`;
+    $("lightbox-img").removeAttribute("src");
+  } else {
+    video.pause();
+    video.removeAttribute("src");
+    $("lightbox-img").src = hit.image;
+  }
   $("lightbox-img").alt = hit.name;
-  $("lightbox-caption").textContent = `${hit.score.toFixed(3)}　${hit.path}`;
+  $("lightbox-caption").textContent = `${hit.score.toFixed(3)}　${hit.path}` + (isVideo ? `　${clock(hit.t)}` : "");
   $("lightbox-open").href = hit.image;
   $("lightbox").hidden = false;
   $("lightbox-close").focus();
@@ -202,6 +219,8 @@ function openLightbox(i) {
 function closeLightbox() {
   $("lightbox").hidden = true;
   $("lightbox-img").removeAttribute("src");
+  $("lightbox-video").pause();
+  $("lightbox-video").removeAttribute("src");
   state.current = -1;
 }
 
