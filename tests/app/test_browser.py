@@ -332,3 +332,54 @@ def test_filter_fields_limit_every_search_and_stay_in_the_address(browser, dupes
     assert browser.find_element(By.ID, "in").get_attribute("value") == "备份"
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors
+
+
+@pytest.fixture(scope="module")
+def video_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """`cnclip serve` on an index of one generated video (red, green, blue: 4 s each) and two photos."""
+    import torch
+    from conftest import write_video
+
+    base = tmp_path_factory.mktemp("browser-video")
+    photos = base / "视频"
+    photos.mkdir()
+    write_video(photos / "旅行.mp4", [(200, 30, 30), (30, 200, 30), (30, 30, 200)], seconds_each=4)
+    for i, image in enumerate(random_images(2, seed=25, size=(160, 120))):
+        image.save(photos / f"照片{i}.jpg", quality=90)
+    torch.manual_seed(3)
+    model = cnclip.create_model("tiny-vit").save_pretrained(base / "model")
+    with cnclip.Index.open(base / "idx", model=str(model), create=True) as index:
+        index.add_folder(photos)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CNCLIP_TOKEN="")
+    command = [sys.executable, "-m", "cnclip", "serve", "--index", str(base / "idx"), "--port", "0"]
+    proc = subprocess.Popen([*command, "--token", TOKEN], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        yield _wait_for_url(proc), photos
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_video_result_shows_its_moment_and_the_lightbox_plays_from_there(browser, video_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, photos = video_server
+    browser.get_log("browser")
+    browser.get(f"{url}?token={TOKEN}")
+    _wait(browser, lambda d: "索引共" in d.find_element(By.ID, "info").text, "the index summary")
+    browser.find_element(By.ID, "q").send_keys("视频", Keys.ENTER)
+    _wait(browser, lambda d: "找到 3 张图片" in d.find_element(By.ID, "status").text, "results: a video, two photos")
+    _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails, the video's from its frame")
+    names = [n.text for n in browser.find_elements(By.CSS_SELECTOR, "#results .name")]
+    video_at = next(i for i, name in enumerate(names) if name.endswith("旅行.mp4"))
+    assert re.fullmatch(r"▶ 0:0[048] 旅行\.mp4", names[video_at]), names
+    browser.find_elements(By.CSS_SELECTOR, "#results .hit > button")[video_at].click()
+    _wait(browser, lambda d: d.find_element(By.ID, "lightbox-video").is_displayed(), "the video in the lightbox")
+    src = browser.find_element(By.ID, "lightbox-video").get_attribute("src")
+    assert re.search(r"/api/image/\d+#t=[048](\.0)?$", src), src
+    assert not browser.find_element(By.ID, "lightbox-img").is_displayed()
+    _shot(browser, "12-video")
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    _wait(browser, lambda d: not d.find_element(By.ID, "lightbox").is_displayed(), "the lightbox to close")
+    assert browser.find_element(By.ID, "lightbox-video").get_attribute("src") in (None, "")
