@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pairs, _ = read_pairs(args.data)
     texts = [p.text for p in pairs]
-    traditional = [opencc.OpenCC("s2t").convert(t) for t in texts]
+    s2t = opencc.OpenCC("s2t")
+    traditional = [s2t.convert(t) for t in texts]
     back = to_simplified_all(traditional)
     model = cnclip.load_model(args.model)
 
