@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import indexed_vectors, random_images, run_cli
+from conftest import indexed_vectors, random_images, run_cli, write_video
 from PIL import Image
 
 import cnclip
@@ -126,14 +126,14 @@ def test_live_photo_pairs_index_the_still_once(tmp_path, model_dir):
     photos = _photos(tmp_path, "IMG_1234.HEIC", "IMG_1235.JPG", seed=8)
     (photos / "IMG_1234.MOV").write_bytes(FAKE_MOV)
     (photos / "IMG_1235.MOV").write_bytes(FAKE_MOV)
-    (photos / "IMG_1236.mov").write_bytes(FAKE_MOV)  # a video on its own: not indexed either (yet)
+    write_video(photos / "IMG_1236.mov", [(200, 30, 30)], seconds_each=2)  # a video on its own: a video
 
     summary, stderr = _index(photos, tmp_path / "idx", model_dir)
-    assert (summary["added"], summary["embedded"], summary["skipped"]) == (2, 2, [])
-    assert ".MOV" not in stderr and ".mov" not in stderr
-    assert _names(indexed_vectors(tmp_path / "idx")) == ["IMG_1234.HEIC", "IMG_1235.JPG"]
+    assert (summary["added"], summary["embedded"], summary["skipped"]) == (3, 3, [])
+    assert "IMG_1234.MOV" not in stderr and "IMG_1235.MOV" not in stderr
+    assert _names(indexed_vectors(tmp_path / "idx")) == ["IMG_1234.HEIC", "IMG_1235.JPG", "IMG_1236.mov#t=0.00"]
 
     again, _ = _index(photos, tmp_path / "idx", model_dir)
-    assert (again["added"], again["unchanged"], again["removed"]) == (0, 2, 0)
+    assert (again["added"], again["unchanged"], again["removed"]) == (0, 3, 0)
     out = run_cli("search", "海边", "--index", tmp_path / "idx", "-k", "10", "--json")
-    assert _names(h["path"] for h in json.loads(out.stdout)) == ["IMG_1234.HEIC", "IMG_1235.JPG"]
+    assert _names(h["path"] for h in json.loads(out.stdout)) == ["IMG_1234.HEIC", "IMG_1235.JPG", "IMG_1236.mov"]
