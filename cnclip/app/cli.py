@@ -262,6 +262,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         raise CNClipError("nothing to index; give a folder of images and/or --texts FILE")
     if args.watch and (args.folder is None or args.ray or args.address):
         raise CNClipError("--watch needs the FOLDER to watch, and embeds in this process: drop --ray")
+    if args.watch_poll and not args.watch:
+        raise CNClipError("--watch-poll sets how --watch looks for changes; add --watch")
     from cnclip.train.data import read_lines
 
     texts = read_lines(args.texts) if args.texts else None
@@ -646,6 +648,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ) from e
     from cnclip.index.folder import default_index_path
 
+    if args.watch_poll and not args.watch:
+        raise CNClipError("--watch-poll sets how --watch DIR looks for changes; add --watch DIR")
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_bind(args.host, token)
     sock = listen_socket(args.host, args.port)  # a busy port fails before the model loads

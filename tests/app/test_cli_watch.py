@@ -118,6 +118,8 @@ def test_index_watch_needs_a_folder_no_ray_and_a_positive_poll_interval(tmp_path
     assert out.returncode == 1 and "drop --ray" in out.stderr
     out = run_cli("index", tmp_path / "photos", "--watch", "--watch-poll", "0")
     assert out.returncode == 2 and "above 0" in out.stderr
+    out = run_cli("index", tmp_path / "photos", "--index", tmp_path / "idx", "--watch-poll", "5")
+    assert out.returncode == 1 and "add --watch" in out.stderr  # not silently ignored
 
 
 def test_serve_watch_keeps_the_served_index_current(tmp_path, model_dir):
