@@ -751,6 +751,7 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
         return {
             "status": "ok",
             "count": stats["images"],
+            "videos": stats["videos"],
             "texts": stats["texts"],
             "model": stats["model"],
             "vector_index": stats["vector_index"],

@@ -363,12 +363,18 @@ def video_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
 def test_a_video_result_shows_its_moment_and_the_lightbox_plays_from_there(browser, video_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 
     url, photos = video_server
     browser.get_log("browser")
     browser.get(f"{url}?token={TOKEN}")
-    _wait(browser, lambda d: "索引共" in d.find_element(By.ID, "info").text, "the index summary")
+    _wait(browser, lambda d: "索引共 2 张图片、1 个视频" in d.find_element(By.ID, "info").text, "the index summary")
+    Select(browser.find_element(By.ID, "kind")).select_by_value("video")  # the kind filter: videos only
     browser.find_element(By.ID, "q").send_keys("视频", Keys.ENTER)
+    _wait(browser, lambda d: "找到 1 张图片" in d.find_element(By.ID, "status").text, "the video alone")
+    assert "kind=video" in browser.current_url
+    Select(browser.find_element(By.ID, "kind")).select_by_value("")
+    browser.find_element(By.ID, "q").send_keys(Keys.ENTER)
     _wait(browser, lambda d: "找到 3 张图片" in d.find_element(By.ID, "status").text, "results: a video, two photos")
     _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails, the video's from its frame")
     names = [n.text for n in browser.find_elements(By.CSS_SELECTOR, "#results .name")]

@@ -97,7 +97,7 @@ function minusTexts() {
 }
 
 // Filters (拍摄时间, 文件夹): the same query parameters for every kind of search.
-const FILTERS = ["after", "before", "in"];
+const FILTERS = ["after", "before", "in", "kind", "camera"];
 
 function filterPairs() {
   return FILTERS.map((name) => [name, $(name).value.trim()]).filter(([, value]) => value);
@@ -230,7 +230,9 @@ async function showInfo() {
     const model = health.model ? health.model.name || health.model.digest.slice(0, 12) : "无";
     const updated = health.last_update ? new Date(health.last_update).toLocaleString("zh-CN") : "未知";
     $("info").textContent =
-      `索引共 ${health.count.toLocaleString("zh-CN")} 张图片 · 模型 ${model} · 更新于 ${updated} · ${health.runtime}`;
+      `索引共 ${health.count.toLocaleString("zh-CN")} 张图片` +
+      (health.videos ? `、${health.videos.toLocaleString("zh-CN")} 个视频` : "") +
+      ` · 模型 ${model} · 更新于 ${updated} · ${health.runtime}`;
     return true;
   } catch (error) {
     showError(error);
