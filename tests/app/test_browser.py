@@ -60,14 +60,20 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """`cnclip serve --port 0 --token ...` on a fresh index of 12 photos; yields (base URL, photo folder)."""
-    import torch
-
     base = tmp_path_factory.mktemp("browser")
     photos = base / "照片"
     photos.mkdir()
     for i, image in enumerate(random_images(12, seed=21, size=(160, 120))):
         image.save(photos / f"海边{i:02d}.jpg", quality=90)
-    torch.manual_seed(1)
+    yield from _serve(base, photos, seed=1)
+
+
+def _serve(base: Path, photos: Path, seed: int) -> Iterator[tuple[str, Path]]:
+    """Index `photos` with a tiny random model (seed `seed`) and run the real `cnclip serve` on it
+    with a token; yields (base URL, photos) and stops the server afterwards."""
+    import torch
+
+    torch.manual_seed(seed)
     model = cnclip.create_model("tiny-vit").save_pretrained(base / "model")
     with cnclip.Index.open(base / "idx", model=str(model), create=True) as index:
         index.add_folder(photos)
@@ -75,8 +81,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     command = [sys.executable, "-m", "cnclip", "serve", "--index", str(base / "idx"), "--port", "0"]
     proc = subprocess.Popen([*command, "--token", TOKEN], stderr=subprocess.PIPE, text=True, env=env)
     try:
-        url = _wait_for_url(proc)
-        yield url, photos
+        yield _wait_for_url(proc), photos
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -247,8 +252,6 @@ def test_minus_field_and_more_like_this_combine_with_the_text(browser, server):
 @pytest.fixture(scope="module")
 def dupes_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """`cnclip serve` on an index of 5 photos plus byte-identical copies of two of them (3 files and 2)."""
-    import torch
-
     base = tmp_path_factory.mktemp("browser-dupes")
     photos = base / "照片"
     (photos / "备份").mkdir(parents=True)
@@ -257,18 +260,7 @@ def dupes_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     for name in ("旅行1.jpg", "旅行3.jpg"):
         shutil.copyfile(photos / name, photos / "备份" / name)
     shutil.copyfile(photos / "旅行1.jpg", photos / "备份" / "旅行1 副本.jpg")
-    torch.manual_seed(2)
-    model = cnclip.create_model("tiny-vit").save_pretrained(base / "model")
-    with cnclip.Index.open(base / "idx", model=str(model), create=True) as index:
-        index.add_folder(photos)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CNCLIP_TOKEN="")
-    command = [sys.executable, "-m", "cnclip", "serve", "--index", str(base / "idx"), "--port", "0"]
-    proc = subprocess.Popen([*command, "--token", TOKEN], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        yield _wait_for_url(proc), photos
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    yield from _serve(base, photos, seed=2)
 
 
 def test_dupes_view_shows_groups_best_copy_first_and_opens_the_lightbox(browser, dupes_server):
@@ -337,7 +329,6 @@ def test_filter_fields_limit_every_search_and_stay_in_the_address(browser, dupes
 @pytest.fixture(scope="module")
 def video_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """`cnclip serve` on an index of one generated video (red, green, blue: 4 s each) and two photos."""
-    import torch
     from conftest import write_video
 
     base = tmp_path_factory.mktemp("browser-video")
@@ -346,18 +337,7 @@ def video_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     write_video(photos / "旅行.mp4", [(200, 30, 30), (30, 200, 30), (30, 30, 200)], seconds_each=4)
     for i, image in enumerate(random_images(2, seed=25, size=(160, 120))):
         image.save(photos / f"照片{i}.jpg", quality=90)
-    torch.manual_seed(3)
-    model = cnclip.create_model("tiny-vit").save_pretrained(base / "model")
-    with cnclip.Index.open(base / "idx", model=str(model), create=True) as index:
-        index.add_folder(photos)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CNCLIP_TOKEN="")
-    command = [sys.executable, "-m", "cnclip", "serve", "--index", str(base / "idx"), "--port", "0"]
-    proc = subprocess.Popen([*command, "--token", TOKEN], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        yield _wait_for_url(proc), photos
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    yield from _serve(base, photos, seed=3)
 
 
 def test_a_video_result_shows_its_moment_and_the_lightbox_plays_from_there(browser, video_server):
