@@ -514,6 +514,12 @@ class Catalog:
         *before* reading vectors: a write in between then makes the cache look stale, never fresh."""
         return self._meta_int(_META_GENERATION)
 
+    def change_token(self) -> tuple[int, int]:
+        """A value that differs after any committed write to the catalog, by this connection or
+        another process (SQLite's data_version and this connection's change count): what a cache
+        of query answers (e.g. the files a search filter selects) is keyed by."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0]), int(self._db.total_changes)
+
     def record_root(self, root: str) -> None:
         """Remember that the folder `root` (absolute, catalog form) was just scanned completely."""
         with self._write() as conn:

@@ -25,7 +25,7 @@ from cnclip.index.filters import SearchFilter, parse_date, parse_size
 from cnclip.index.lock import WriterLock
 from cnclip.index.query import Term, combine_terms
 from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
-from cnclip.index.vectors import ONDISK_KIND, VectorIndex
+from cnclip.index.vectors import ONDISK_KIND, Selection, VectorIndex
 from cnclip.index.video import split_frame_path
 from cnclip.model.chinese import t2s_default, to_simplified_all
 from cnclip.model.onnx_runtime import TextEncoder
@@ -44,7 +44,11 @@ DEFAULT_INDEX = Path("index") / "default"
 _SYNC_MIN_REBUILD = 10_000
 # Background rebuilds of every serving Index of the process, one at a time (each holds a whole index).
 _REBUILDER = ThreadPoolExecutor(1, thread_name_prefix="cnclip-rebuild")
-FILTER_SCAN_ROWS = 20_000  # a filter selecting at most this many files scans their vectors directly
+# The on-disk vector index holds no raw vectors: there a filter selecting at most this many
+# files scans their vectors from the catalog; a larger one over-fetches candidates. The other
+# kinds skip unselected ids inside faiss (`VectorIndex.search_within`).
+FILTER_SCAN_ROWS = 20_000
+FILTER_CACHE_SIZE = 16  # recent filters' selected file ids kept per open index, until the catalog changes
 QUERY_CACHE_SIZE = 1024  # recent query embeddings kept per open index (2 KB each at 512-d)
 PREPROCESSING = "squash-bicubic-clip-meanstd"
 VECTOR_KIND_META = "vector_kind"  # catalog meta: the vector index kind the user chose
@@ -118,6 +122,9 @@ class Index:
         # refreshes), and the text tower is most of a query's cost.
         self._query_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_encoder: TextEncoder | None = None
+        # The files recent filters selected: the page repeats one filter for every query typed,
+        # and reading the selection costs a pass over the catalog (~0.5 s per 10^6 files).
+        self._selected: OrderedDict[tuple, Selection] = OrderedDict()
 
     @classmethod
     def open(
@@ -525,18 +532,24 @@ class Index:
         return hits, folded
 
     def _filtered_search(self, query: np.ndarray, k: int, where: SearchFilter) -> tuple[np.ndarray, np.ndarray]:
-        """The top `k` among the files `where` selects, as exact as the unfiltered search: few
-        rows are scanned directly from their stored vectors; otherwise the vector index is asked
-        for more and more until `k` results pass (or every vector was returned)."""
-        allowed = self.catalog.searchable_ids_where(*where.sql())
-        if allowed.size == 0:
+        """The top `k` among the files `where` selects, as exact as the unfiltered search: faiss
+        skips the other ids as it scans. The on-disk index holds no raw vectors: there few rows are
+        scanned directly from their stored vectors; otherwise it is asked for more and more until
+        `k` results pass (or every vector was returned)."""
+        selection = self._selection(where)
+        if len(selection) == 0:
             return np.empty((1, 0), np.float32), np.empty((1, 0), np.int64)
+        index = self.refresh()
+        if index.ondisk is None:
+            scores, ids = index.search_within(query, k, selection)
+            found = ids[0] >= 0
+            return scores[:, found], ids[:, found]
+        allowed = selection.ids
         if allowed.size <= FILTER_SCAN_ROWS:
             vectors = self.catalog.vectors_for_ids(allowed)
             scores = vectors @ query[0]
             order = np.argsort(-scores, kind="stable")[:k]
             return scores[order][None, :], allowed[order][None, :]
-        index = self.refresh()
         total = max(len(index), 1)
         fetch = min(total, k * 2 * -(-total // allowed.size))
         while True:
@@ -545,6 +558,17 @@ class Index:
             if keep.sum() >= k or fetch >= total:
                 return scores[:, keep][:, :k], ids[:, keep][:, :k]
             fetch = min(total, fetch * 4)
+
+    def _selection(self, where: SearchFilter) -> Selection:
+        """The searchable files `where` selects, from a small cache valid until the catalog changes."""
+        key = (where, self.catalog.change_token())  # read first: a write after it makes the entry stale
+        found = self._selected.get(key)
+        if found is None:
+            found = Selection(self.catalog.searchable_ids_where(*where.sql()))
+            self._selected[key] = found
+            while len(self._selected) > FILTER_CACHE_SIZE:
+                self._selected.popitem(last=False)
+        return found
 
     def filter(
         self,
