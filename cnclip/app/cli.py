@@ -371,7 +371,7 @@ def _known_folder(args: argparse.Namespace) -> bool:
 
     try:
         with Catalog.open(args.index or default_index_path()) as catalog:
-            return catalog.files_under(os.path.abspath(os.path.expanduser(args.folder))) > 0
+            return catalog.has_files_under(os.path.abspath(os.path.expanduser(args.folder)))
     except CNClipError:
         return False
 

@@ -599,10 +599,7 @@ Upload = Annotated[UploadFile, File(description="an image: JPEG, PNG, WebP, GIF,
 Threshold = Annotated[float, Query(gt=0, le=1, description="cosine similarity from which two photos are copies")]
 DupeLimit = Annotated[int, Query(ge=1, le=MAX_DUPE_GROUPS, description="groups to return, largest first")]
 NotTexts = Annotated[list[str] | None, Query(alias="not", description="a text to subtract, e.g. 草地 (repeatable)")]
-LikeId = Annotated[
-    int | None, Query(ge=1, le=MAX_ID, description="a file id: more like this photo, added to the text")
-]
-
+LikeId = Annotated[int | None, Query(ge=1, le=MAX_ID, description="a file id: more like this photo, added to the text")]
 
 
 @dataclass(frozen=True)

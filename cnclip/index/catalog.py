@@ -764,6 +764,13 @@ class Catalog:
         """How many files (online or not) the catalog holds under the folder `root`."""
         return self.missing_under(0, root)[1]
 
+    def has_files_under(self, root: str) -> bool:
+        """Whether the catalog holds any file under the folder `root`: one index probe, where
+        counting them (`files_under`) reads every row below (a request's filter asks this)."""
+        lo, hi = _prefix_range(_absolute(root))
+        row = self._db.execute("SELECT 1 FROM files WHERE path >= ? AND path < ? LIMIT 1", (lo, hi)).fetchone()
+        return row is not None
+
     def offline_count(self) -> int:
         """How many files are offline (kept, but left out of searches)."""
         return int(self._db.execute("SELECT count(*) FROM files WHERE offline IS NOT NULL").fetchone()[0])

@@ -599,12 +599,12 @@ class Index:
         if it holds indexed files, else relative to the indexed folder that has it."""
         path = Path(folder).expanduser()
         here = to_catalog_path(os.path.abspath(path))
-        if self.catalog.files_under(here):
+        if self.catalog.has_files_under(here):
             return here
         if not path.is_absolute():
             for root in self.catalog.roots():
                 inside = to_catalog_path(os.path.join(from_catalog_path(root), path))
-                if self.catalog.files_under(inside):
+                if self.catalog.has_files_under(inside):
                     return inside
         roots = ", ".join(from_catalog_path(r) for r in self.catalog.roots()) or "none yet"
         raise QueryError(f"no indexed photos under {folder}; give a folder inside an indexed one ({roots})")

@@ -340,8 +340,9 @@ class Watcher:
             offline = index.catalog.offline_count()
             indexer = Indexer(index.model, index.catalog, **self.options)
             for folder, root in jobs:
-                if folder == root and not os.path.isdir(root) and not index.catalog.files_under(to_catalog_path(root)):
-                    continue  # a watched folder that is not there and holds nothing yet
+                if folder == root and not os.path.isdir(root):
+                    if not index.catalog.has_files_under(to_catalog_path(root)):
+                        continue  # a watched folder that is not there and holds nothing yet
                 _add(summary, indexer.run(folder, self._check_stop, within=root))
             online = max(0, offline - index.catalog.offline_count())
         except _Stopped:

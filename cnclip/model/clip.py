@@ -125,7 +125,7 @@ class CNClipModel(nn.Module):
 
     @property
     def image_precision(self) -> str:
-        """"fp32", "bf16" or "fp16": what image vectors are computed in (indexes record it per vector)."""
+        """ "fp32", "bf16" or "fp16": what image vectors are computed in (indexes record it per vector)."""
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         return names.get(self.image_dtype, str(self.image_dtype).removeprefix("torch."))
 

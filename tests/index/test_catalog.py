@@ -278,6 +278,16 @@ def test_root_prefix_edge_cases(cat, tmp_path):
         cat.finish_scan(s3, "")
 
 
+def test_whether_and_how_many_files_are_under_a_folder(cat, tmp_path):
+    base = str(tmp_path / "a")
+    cat.put_files(cat.begin_scan(), [new(p, i) for i, p in enumerate([f"{base}/p/x.jpg", f"{base}/p/s/y.jpg"])])
+    cat.put_files(cat.begin_scan(), [new(f"{base}/p2/z.jpg", 9)])
+    assert cat.files_under(f"{base}/p") == 2 and cat.has_files_under(f"{base}/p")
+    assert cat.files_under(f"{base}/p/s/") == 1 and cat.has_files_under(f"{base}/p/s/")
+    assert cat.files_under(f"{base}/q") == 0 and not cat.has_files_under(f"{base}/q")
+    assert not cat.has_files_under(f"{base}/p/x.jpg")  # a file is not a folder
+
+
 def test_like_wildcards_in_paths(cat, tmp_path):
     # With LIKE, "100%" would match "100x..." and "a_b" would match "aXb".
     pct, und = str(tmp_path / "100%"), str(tmp_path / "a_b")

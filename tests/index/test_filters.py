@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from vector_sets import clustered
 
+import cnclip.index.ondisk as ondisk
 from cnclip.errors import QueryError
 from cnclip.index.catalog import Catalog, ModelIdentity, NewFile
 from cnclip.index.filters import SearchFilter, parse_date, parse_size
-import cnclip.index.ondisk as ondisk
 from cnclip.index.folder import FILTER_SCAN_ROWS, Index
 from cnclip.index.metadata import PhotoInfo
 from cnclip.index.vectors import ONDISK_KIND
