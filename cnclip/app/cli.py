@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -1021,6 +1022,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cnclip.model.download import reporting
 
     bar = _DownloadBar(enabled=sys.stderr.isatty() and not getattr(args, "quiet", False))
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # a file name that is not UTF-8 (lone surrogates in Python) prints as its own bytes, as `ls` does,
+        # instead of a UnicodeEncodeError on terminals whose locale encoding is strict (zh_CN.UTF-8)
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         with reporting(bar):
             return args.func(args)

@@ -62,6 +62,7 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 100_000_000
 MAX_K = 200
 MAX_LABELS = 64  # each label is embedded with 8 prompt templates
+MAX_FOLDERS = 64  # `in` folders per search; each adds a condition, and SQLite nests at most 1000
 MAX_DUPE_GROUPS = 1000  # per /api/dupes answer; each lists at most cnclip.index.dupes.MAX_MEMBERS files
 MAX_ID = 2**63 - 1  # SQLite's integer range: larger ids cannot exist and would overflow the query
 THUMB_SIDE = 256
@@ -630,7 +631,12 @@ def _filters(
     after: Annotated[str | None, Query(description="taken from this date on: 2024, 2024-06 or 2024-06-15")] = None,
     before: Annotated[str | None, Query(description="taken before this date (2024-09: up to 31 August)")] = None,
     within: Annotated[
-        list[str] | None, Query(alias="in", description="under this folder, absolute or relative to an indexed one")
+        list[str] | None,
+        Query(
+            alias="in",
+            max_length=MAX_FOLDERS,
+            description=f"under this folder, absolute or relative to an indexed one (up to {MAX_FOLDERS})",
+        ),
     ] = None,
     kind: Annotated[Literal["photo", "video"] | None, Query(description="only photos or only videos")] = None,
     camera: Annotated[str | None, Query(max_length=200, description="camera model contains this")] = None,

@@ -18,6 +18,7 @@ from cnclip.index.metadata import KINDS
 _DATE = re.compile(r"\s*(\d{4})(?:\s*[-/.年]\s*(\d{1,2})(?:\s*[-/.月]\s*(\d{1,2})\s*日?)?\s*月?)?\s*年?\s*")
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+MAX_SIZE = 2**63 - 1  # bytes: SQLite's integer range, far beyond any file
 SHORT_PERIOD = dt.timedelta(days=183)  # a date filter this short or shorter reads through the date index
 
 
@@ -38,7 +39,10 @@ def parse_size(text: str) -> int:
     m = _SIZE.fullmatch(text)
     if m is None:
         raise QueryError(f"cannot read the size {text!r}; write it as 500K, 2M or 1.5G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if size > MAX_SIZE:
+        raise QueryError(f"the size {text!r} is larger than any file; write it as 500K, 2M or 1.5G")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class SearchFilter:
             raise QueryError(f"unknown kind {self.kind!r}; choose from {', '.join(KINDS)}")
         if self.after and self.before and self.after >= self.before:
             raise QueryError(f"nothing is taken after {self.after[:10]} and before {self.before[:10]}; swap them")
+        for size in (self.min_size, self.max_size):
+            if size is not None and not 0 <= size <= MAX_SIZE:
+                raise QueryError(f"a file size of {size} bytes cannot be; give 0 to {MAX_SIZE}")
         if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
             raise QueryError("the smallest size asked for is above the largest; swap them")
 

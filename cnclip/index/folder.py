@@ -468,7 +468,7 @@ class Index:
         Text terms go through `query_vector`; indexed images and file ids use their stored vectors
         and are left out of the results by default, as in `search_image`."""
         vector, own = combine_terms(terms, self.query_vector, self._image_vector, self._file_vector)
-        own = own if exclude_self else set()
+        own = {split_frame_path(p)[0] for p in own} if exclude_self else set()  # a video frame: its whole video
         hits = self._image_hits(vector, k + len(own) if k > 0 else k, where)  # k < 1 is refused there
         return [h for h in hits if h.path not in own][:k]
 

@@ -22,7 +22,10 @@ MAX_TERMS = 16  # each text or unindexed image term runs a tower once
 # An operator is a lone + or - with whitespace on both sides, so "Wi-Fi", "C++" or "-10度" stay text.
 # The lookahead leaves the space after it to the next operator: "猫 + - 狗" is caught as an empty term.
 _OPERATOR = re.compile(r"\s+([+-])(?=\s)")
-_WEIGHT = re.compile(r"^(.*?):\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*$", re.DOTALL)
+# inf and nan count as numbers here, so that "夜景:inf" is refused as a weight rather than read as text
+_WEIGHT = re.compile(
+    r"^(.*?):\s*([+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?|inf(?:inity)?|nan))\s*$", re.DOTALL | re.IGNORECASE
+)
 # A sum shorter than this share of its weights has cancelled out: its direction is rounding noise.
 _CANCELLED = 1e-4
 

@@ -5,6 +5,7 @@ Torch-free at import: the model is passed in, so query checks cost nothing.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from cnclip.model.clip import CNClipModel
 
 MAX_QUERY_CHARS = 1000  # the model reads 50 tokens; far longer input is a mistake, not a query
+# Characters cnclip.model.tokenizer drops (besides whitespace and U+FFFD): a query of only these is no text.
+_UNREAD_CATEGORIES = frozenset({"Cc", "Cf", "Mn"})
 # Chinese prompt templates for zero-shot labels, averaged per label (the official evaluation does the same)
 PROMPT_TEMPLATES = (
     "{}",
@@ -77,11 +80,20 @@ def label_embeddings(
 
 def check_query(query: str) -> str:
     """Reject queries that cannot mean anything, with a message saying what to do."""
-    if not isinstance(query, str) or not query.strip():
-        raise QueryError("the query is empty; type what you are looking for, e.g. 海边的日落")
+    if not isinstance(query, str) or not any(_is_read(ch) for ch in query):
+        raise QueryError(
+            "the query is empty (or only spaces, control or zero-width characters); type what you are looking "
+            "for, e.g. 海边的日落"
+        )
     if len(query) > MAX_QUERY_CHARS:
         raise QueryError(
             f"the query is {len(query):,} characters long; the model reads about 50 tokens, so keep it under "
             f"{MAX_QUERY_CHARS:,} characters"
         )
     return query.strip()
+
+
+def _is_read(ch: str) -> bool:
+    """Whether the tokenizer keeps `ch` (it drops whitespace, control and format characters, lone
+    combining marks and U+FFFD)."""
+    return not ch.isspace() and ch != "\ufffd" and unicodedata.category(ch) not in _UNREAD_CATEGORIES

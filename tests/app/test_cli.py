@@ -48,3 +48,28 @@ def test_convert_errors_are_one_line(tmp_path):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("cnclip: error:") and needle in lines[0], out.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_a_file_name_that_is_not_utf8_prints_as_its_own_bytes(tmp_path, tiny_vit, monkeypatch):
+    import io
+    import os
+    import shutil
+    import sys
+
+    from conftest import write_photos
+
+    from cnclip.app import cli
+
+    photo = write_photos(tmp_path / "photos", 1, seed=3)[0]
+    raw = os.fsencode(tmp_path / "photos") + b"/\xc3\xa8\xb9\xfe.png"  # a GBK name from an old archive
+    shutil.copyfile(photo, raw)  # and a copy under it: one group of dupes
+    model = str(tiny_vit.save_pretrained(tmp_path / "model"))
+    with cnclip.Index.open(tmp_path / "idx", model=model, create=True) as index:
+        index.add_folder(tmp_path / "photos")
+    for argv in (["search", "猫"], ["dupes", "--threshold", "1"]):
+        out = io.BytesIO()
+        # what a zh_CN.UTF-8 terminal gives: strict UTF-8, where a lone surrogate raised UnicodeEncodeError
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="utf-8", errors="strict"))
+        assert cli.main([*argv, "--index", str(tmp_path / "idx")]) == 0
+        sys.stdout.flush()
+        assert b"\t" + raw + b"\n" in out.getvalue(), out.getvalue()  # usable as a path: `cut -f2 | xargs ...`

@@ -340,6 +340,9 @@ def test_bad_uploads_are_4xx_json(client, name, data, status):
         ("get", "/api/search", {"params": {"q": ""}}),
         ("get", "/api/search", {"params": {"q": "   \t "}}),
         ("get", "/api/search", {"params": {"q": "猫" * 1001}}),
+        ("get", "/api/search", {"params": {"q": "\u200b"}}),  # zero-width: the model would read no text at all
+        ("get", "/api/search", {"params": {"q": "\ufeff\x00\u0301"}}),
+        ("get", "/api/search", {"params": {"q": "猫", "not": "\u200d"}}),
         ("get", "/api/search", {}),
         ("get", "/api/texts", {"params": {"image_id": "abc"}}),
         ("get", "/api/texts", {"params": {"image_id": 0}}),
@@ -353,6 +356,7 @@ def test_bad_uploads_are_4xx_json(client, name, data, status):
         ("post", "/api/tag", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"labels": " , \n"}}),
         ("post", "/api/tag", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"labels": "x" * 1001}}),
         ("post", "/api/tag", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"labels": MANY_LABELS}}),
+        ("post", "/api/tag", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"labels": "猫,\u200b"}}),
         ("post", "/api/search", {}),
         ("get", "/api/search/image", {}),
     ],
@@ -361,6 +365,12 @@ def test_malformed_parameters_are_4xx_json(client, method, url, kwargs):
     r = getattr(client, method)(url, **kwargs)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     _assert_json_error(r, r.status_code)
+
+
+def test_too_many_folders_is_4xx_json(client, built):
+    # each folder adds a condition: a thousand of them overflowed SQLite's expression depth (a 500)
+    r = client.get("/api/search", params=[("q", "猫")] + [("in", str(built[1]))] * 1000)
+    assert _assert_json_error(r, 422).startswith("in:")
 
 
 # -- safety ---------------------------------------------------------------------------------------

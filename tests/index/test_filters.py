@@ -46,6 +46,10 @@ def test_sizes():
     assert parse_size("1.5G") == int(1.5 * 1024**3)
     with pytest.raises(QueryError, match="500K, 2M"):
         parse_size("big")
+    with pytest.raises(QueryError, match="larger than any file"):
+        parse_size("9999999999999999999G")
+    with pytest.raises(QueryError, match="cannot be"):
+        SearchFilter(min_size=-1)
 
 
 def test_contradictions_are_refused():

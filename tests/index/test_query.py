@@ -76,6 +76,11 @@ def test_image_terms_from_the_command_line(tmp_path):
         (lambda: parse_query("猫 +   - 狗"), "empty term"),
         (lambda: parse_query("猫 + 狗:0"), "above 0"),
         (lambda: parse_query("猫 + 狗:-2"), "above 0"),
+        (lambda: parse_query("猫 + 狗:inf"), "above 0"),  # not the text "狗:inf"
+        (lambda: parse_query("猫 + 狗:NaN"), "above 0"),
+        (lambda: build_terms("猫", not_texts=["狗:-Infinity"]), "above 0"),
+        (lambda: build_terms("\u200b\ufeff"), "empty"),  # only invisible characters: no text to read
+        (lambda: build_terms("猫", not_texts=["\x00"]), "empty"),
         (lambda: parse_query("猫 + :2"), "empty"),
         (lambda: build_terms("猫", not_texts=["   "]), "empty"),
         (lambda: build_terms(None, not_images=["a.jpg"]), "only subtracts"),
