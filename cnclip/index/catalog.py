@@ -785,9 +785,10 @@ class Catalog:
         lo, hi = _prefix_range(_absolute(folder))
         now = time.time()
         with self._write() as conn:
-            # the path itself too: a dangling symlink may have pointed at one file
-            where = "(path = ? OR (path >= ? AND path < ?)) AND seen_scan < ?"
-            params = (folder, lo, hi, scan_id)
+            # the path itself too: a dangling symlink may have pointed at one file, and a video's
+            # frames (rows `VIDEO#t=SECONDS`) lie beside it, not under it
+            where = "(path = ? OR (path >= ? AND path < ?) OR (path >= ? AND path < ?)) AND seen_scan < ?"
+            params = (folder, lo, hi, folder + "#t=", folder + "#t>", scan_id)
             newly = conn.execute(f"SELECT count(*) FROM files WHERE {where} AND offline IS NULL", params).fetchone()[0]
             marked = conn.execute(
                 "UPDATE files SET offline = ?, offline_since = coalesce(offline_since, ?), seen_scan = ? "

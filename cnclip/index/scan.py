@@ -78,7 +78,8 @@ class IndexSummary:
 
 @dataclass(frozen=True)
 class Progress:
-    """Reported after each committed batch: `done` of `total` images needing the model."""
+    """Reported after each committed batch (and each video): `done` of `total` images and videos
+    needing the model."""
 
     done: int
     total: int
@@ -343,14 +344,17 @@ class Indexer:
 
     def _embed(self, scan: int, items: list, summary: IndexSummary, progress) -> None:
         videos = [item for item in items if is_video(item[0].path)]
-        if videos:
-            self._embed_videos(scan, videos, summary)
-            items = [item for item in items if not is_video(item[0].path)]
-            if not items:
-                return
+        items = [item for item in items if not is_video(item[0].path)]
+        total = len(videos) + len(items)  # a video counts once, reported when its rows are committed
+        for done, video in enumerate(videos, 1):
+            self._embed_video(scan, video, summary)
+            if progress is not None:
+                progress(Progress(done, total))
+        if not items:
+            return
         by_path = {found.path: (found, known, digest, copies) for found, known, digest, copies in items}
         paths = [found.path for found, *_ in items]
-        done = 0
+        done = len(videos)
         if self.ray is not None:
             from cnclip.index.ray import ShardReport, embed_with_ray
 
@@ -398,50 +402,49 @@ class Indexer:
                     self._skip(summary, copy.path, _strip_path(reason, path))
             done += len(batch.paths) + len(batch.failed)
             if progress is not None:
-                progress(Progress(done, len(paths)))
+                progress(Progress(done, total))
         if self.ray is not None:
             summary.shards = {"computed": report.computed, "reused": report.reused}
             # files of shards an earlier run wrote were not run through the model this time
             summary.embedded -= report.reused_files
             summary.reused += report.reused_files
 
-    def _embed_videos(self, scan: int, items: list, summary: IndexSummary) -> None:
-        """Sample each video's frames, embed them a batch at a time, and commit the video's rows together."""
+    def _embed_video(self, scan: int, item: tuple, summary: IndexSummary) -> None:
+        """Sample one video's frames, embed them a batch at a time, and commit the video's rows together."""
         from cnclip.index.video import VideoError, sample_frames
 
-        precision = self.model.image_precision
-        for found, known, digest, copies in items:
-            times: list[float] = []
-            vectors: list[np.ndarray] = []
-            batch: list = []
-            try:
-                for t, image in sample_frames(found.path):
-                    batch.append((t, image))
-                    if len(batch) == self.batch_size:
-                        times += [t for t, _ in batch]
-                        vectors.append(self.model.embed_images([im for _, im in batch]))
-                        batch.clear()
-                if batch:
+        found, known, digest, copies = item
+        times: list[float] = []
+        vectors: list[np.ndarray] = []
+        batch: list = []
+        try:
+            for t, image in sample_frames(found.path):
+                batch.append((t, image))
+                if len(batch) == self.batch_size:
                     times += [t for t, _ in batch]
                     vectors.append(self.model.embed_images([im for _, im in batch]))
-            except VideoError as e:
-                for f in (found, *(copy for copy, _ in copies)):
-                    self._skip(summary, f.path, str(e))
-                continue
-            if not times:
-                for f in (found, *(copy for copy, _ in copies)):
-                    self._skip(summary, f.path, "no frame could be decoded")
-                continue
-            matrix = np.concatenate(vectors)
-            frames = list(zip(times, matrix, strict=True))
-            rows = []
-            for f, f_known in ((found, known), *copies):
-                rows += _video_rows(f, digest, frames, None, precision)
-                self._count(summary, f_known)
-            self.catalog.put_files(scan, rows)
-            summary.embedded += 1
-            summary.reused += len(copies)
-            summary.video_frames += len(times)
+                    batch.clear()
+            if batch:
+                times += [t for t, _ in batch]
+                vectors.append(self.model.embed_images([im for _, im in batch]))
+        except VideoError as e:
+            for f in (found, *(copy for copy, _ in copies)):
+                self._skip(summary, f.path, str(e))
+            return
+        if not times:
+            for f in (found, *(copy for copy, _ in copies)):
+                self._skip(summary, f.path, "no frame could be decoded")
+            return
+        matrix = np.concatenate(vectors)
+        frames = list(zip(times, matrix, strict=True))
+        rows = []
+        for f, f_known in ((found, known), *copies):
+            rows += _video_rows(f, digest, frames, None, self.model.image_precision)
+            self._count(summary, f_known)
+        self.catalog.put_files(scan, rows)
+        summary.embedded += 1
+        summary.reused += len(copies)
+        summary.video_frames += len(times)
 
     @staticmethod
     def _count(summary: IndexSummary, known: bool) -> None:

@@ -32,6 +32,11 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
+try:  # watchdog 7 reports chmod and touch apart; before, as (file or folder) modified events
+    from watchdog.events import DirAttribEvent, FileAttribEvent
+except ImportError:  # pragma: no cover - watchdog < 7
+    DirAttribEvent, FileAttribEvent = DirCreatedEvent, FileModifiedEvent
+
 from cnclip.errors import CNClipError, IndexBusyError
 from cnclip.index.folder import Index
 from cnclip.index.scan import NOT_MOUNTED, Indexer, IndexSummary, Progress, to_catalog_path
@@ -54,10 +59,12 @@ ROOT_CHECK_S = 2.0  # how often each watched folder is checked for having gone o
 SAVE_EVERY_S = 60.0
 _LOCK_POLL_S = 0.5
 # Opened and closed-without-writing events (our own reads among them) and folder "modified" events
-# say nothing the scan needs.
+# say nothing the scan needs; a file's attributes do: a photo made readable, or its date set back.
 _EVENTS = [
     FileCreatedEvent,
     FileModifiedEvent,
+    FileAttribEvent,
+    DirAttribEvent,
     FileClosedEvent,
     FileDeletedEvent,
     FileMovedEvent,
@@ -272,7 +279,9 @@ class Watcher:
         if hidden and not self._include_hidden:
             return None
         if not is_dir and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
-            return None
+            if not (gains and os.path.isdir(path)):
+                return None
+            is_dir = True  # a new symlink to a folder (a file to the OS's events), which the scan follows
         return path if is_dir and gains else os.path.dirname(path)
 
     def _queue(self, root: str, folder: str, gains: bool) -> None:
@@ -340,6 +349,7 @@ class Watcher:
             offline = index.catalog.offline_count()
             indexer = Indexer(index.model, index.catalog, **self.options)
             for folder, root in jobs:
+                folder = _nearest_existing(folder, root)  # gone since the plan: an earlier job took long
                 if folder == root and not os.path.isdir(root):
                     if not index.catalog.has_files_under(to_catalog_path(root)):
                         continue  # a watched folder that is not there and holds nothing yet
@@ -421,8 +431,7 @@ def _plan(batch: dict[str, dict[str, bool]]) -> list[tuple[str, str]]:
     found: dict[str, tuple[str, bool]] = {}
     for root, folders in batch.items():
         for folder, gains in folders.items():
-            while folder != root and not os.path.isdir(folder):
-                folder = os.path.dirname(folder)
+            folder = _nearest_existing(folder, root)
             found[folder] = (root, found.get(folder, (root, False))[1] or gains)
     kept: dict[str, tuple[str, bool]] = {}
     for folder in sorted(found, key=len):  # parents before their children
@@ -433,6 +442,13 @@ def _plan(batch: dict[str, dict[str, bool]]) -> list[tuple[str, str]]:
             kept[outer] = (kept[outer][0], kept[outer][1] or found[folder][1])
     order = sorted(kept, key=lambda f: (not kept[f][1], f))
     return [(folder, kept[folder][0]) for folder in order]
+
+
+def _nearest_existing(folder: str, root: str) -> str:
+    """`folder`, or its nearest parent that still exists, stopping at its watched `root`."""
+    while folder != root and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return folder
 
 
 def _outermost(folders) -> list[str]:

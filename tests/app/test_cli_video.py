@@ -119,3 +119,20 @@ def test_api_results_carry_the_moment_thumbnails_and_the_video(tmp_path, folder,
         assert video.content == (folder / "旅行.mp4").read_bytes()
         photos = [h for h in r.json()["results"] if h["name"].endswith(".png")]
         assert photos and all(h["t"] is None for h in photos)
+
+
+def test_a_symlinked_video_on_a_drive_not_mounted_keeps_its_frames(tmp_path, folder, model_dir):
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    os.replace(folder / "旅行.mp4", drive / "trip.mp4")
+    os.symlink(drive / "trip.mp4", folder / "trip.mp4")
+    with cnclip.Index.open(tmp_path / "idx", model=model_dir, create=True) as index:
+        assert index.add_folder(folder).video_frames == 3
+        os.rename(drive, tmp_path / "unmounted")
+        away = index.add_folder(folder)
+        assert [item["path"] for item in away.offline] == [str(folder / "trip.mp4")] and away.removed == 0
+        assert index.catalog.frame_count() == (0, 0)  # out of searches while the drive is away
+        os.rename(tmp_path / "unmounted", drive)
+        back = index.add_folder(folder)
+        assert (back.unchanged, back.embedded) == (3, 0)
+        assert index.catalog.frame_count() == (1, 3)  # its frames are back, not lost

@@ -5,10 +5,11 @@ its files offline and comes back; stopping leaves no thread behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 
 import pytest
-from conftest import eventually, random_images, write_photos
+from conftest import eventually, random_images, write_photos, write_video
 
 from cnclip.errors import CNClipError
 from cnclip.index.folder import Index
@@ -197,3 +198,70 @@ def test_a_watcher_on_a_missing_index_says_so_and_ends(tmp_path, tiny_vit):
     assert errors == [watcher.error]
     with pytest.raises(CNClipError, match="nothing to watch"):
         Watcher(tmp_path / "no-index", [])
+
+
+def test_stopping_during_a_batch_of_videos_ends_after_the_video_in_flight(library, tiny_vit, monkeypatch):
+    index, photos, idx = library
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        write_video(photos / f"v{i}.mp4", [color], seconds_each=2)
+    watcher = Watcher(idx, [photos], model=tiny_vit)  # its first pass finds the three new videos
+    embedded, real = [], tiny_vit.embed_images
+
+    def embed_images(images, **kw):
+        embedded.append(len(images))
+        assert watcher._stopping.wait(WITHIN_S)  # Ctrl+C while the first video is embedded
+        return real(images, **kw)
+
+    monkeypatch.setattr(tiny_vit, "embed_images", embed_images)
+    watcher.start()
+    _eventually(lambda: embedded, "the first video is embedded")
+    watcher.stop(WITHIN_S)
+    assert watcher.wait(0) and watcher.error is None
+    assert len(embedded) == 1  # the two other videos are left for the next run
+    index.refresh()
+    assert index.catalog.frame_count() == (1, 1) and len(_found(index)) == 4  # committed work is kept
+
+
+def test_a_folder_gone_during_a_batch_does_not_drop_the_rest_of_it(library, tiny_vit):
+    index, photos, idx = library
+    gone = write_photos(photos / "b" / "inner", 1, seed=20, prefix="b")  # deleted while "a" is scanned
+    later = write_photos(photos / "c", 1, seed=21, prefix="c")
+    write_photos(photos / "a", 1, seed=22, prefix="a")
+    errors: list[Exception] = []
+    watcher = Watcher(idx, [photos], model=tiny_vit, on_error=errors.append)
+    watcher._check_stop = lambda _: shutil.rmtree(photos / "b" / "inner", ignore_errors=True)
+    batch = {str(photos): {str(photos / name): True for name in ("a", "b/inner", "c")}}
+    with Index.open(idx, model=tiny_vit) as writer:
+        watcher._apply(writer, batch)
+    assert errors == []
+    index.refresh()
+    assert str(later[0]) in _found(index) and str(gone[0]) not in _found(index)
+
+
+def test_a_symlink_to_a_folder_made_while_watching_is_indexed(watching, tmp_path):
+    index, photos, _, _ = watching
+    album = write_photos(tmp_path / "nas" / "2023", 2, seed=23, prefix="n")
+    os.symlink(tmp_path / "nas" / "2023", photos / "nas2023")  # the scan follows it, as `cnclip index` does
+    linked = {str(photos / "nas2023" / p.name) for p in album}
+    _eventually(lambda: linked <= _found(index), "the photos of the linked folder")
+
+
+def test_a_change_of_permissions_or_dates_alone_is_applied(watching):
+    # watchdog 7 reports chmod and touch apart from writes: a photo made readable, or given its date back
+    index, photos, batches, _ = watching
+    path = photos / "p1.png"
+    when = 1_560_000_000 * 10**9  # 2019-06-08: the date a PNG without EXIF is filtered by
+    os.utime(path, ns=(when, when))
+    _eventually(lambda: index.catalog.lookup(str(path)).mtime_ns == when, "the new date is in the index")
+    assert _total(batches, "embedded") == 0 and len(_found(index)) == 3
+
+
+def test_a_folder_whose_permissions_change_is_rescanned(watching):
+    # e.g. `chmod +rx album` on a folder that could not be read (kept offline): only an attribute changes
+    index, photos, batches, _ = watching
+    album = photos / "album"
+    write_photos(album, 1, seed=24, prefix="a")
+    _eventually(lambda: any(str(album) in b.folders for b in batches), "the new album")
+    seen = len(batches)
+    os.chmod(album, 0o750)
+    _eventually(lambda: any(str(album) in b.folders for b in batches[seen:]), "the album rescanned")
