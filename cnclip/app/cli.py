@@ -237,9 +237,10 @@ def _add_runtime_options(p: argparse.ArgumentParser, backend: str | None) -> Non
     )
     g.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=("auto", "fp32", "bf16", "fp16", "int8"),
         help="auto: fp16 on GPUs; on CPUs with AMX or AVX-512 BF16 the fastest of fp32 and bf16 per tower, measured "
-        "once per model (bf16 only where it ranks as fp32 does); fp32 on other CPUs",
+        "once per model (bf16 only where it ranks as fp32 does); fp32 on other CPUs. int8: images through a "
+        "quantized image tower in ONNX Runtime (CPU only; embeddings close to fp32, not equal), text in fp32",
     )
 
 

@@ -103,9 +103,10 @@ class CNClipModel(nn.Module):
         self.preprocess = ImageTransform(config.vision.image_size)
         self.source: str | None = None  # what load_model was given (set there), so indexes can reload it
         self.runtime: Runtime | None = None  # how it runs, once `Runtime.apply` made it so
-        # Set by `use_onnx`: towers embed_* runs through ONNX Runtime (export folder per tower), and
-        # their sessions, opened on first use.
+        # Set by `use_onnx`: towers embed_* runs through ONNX Runtime (export folder per tower), the
+        # ones of them quantized to int8, and their sessions, opened on first use.
         self._onnx_towers: dict[str, str | os.PathLike | None] = {}
+        self._int8_towers: frozenset[str] = frozenset()
         self._runners: dict[str, Callable[[torch.Tensor], np.ndarray]] = {}
 
     # -- properties -------------------------------------------------------------------------------
@@ -125,7 +126,9 @@ class CNClipModel(nn.Module):
 
     @property
     def image_precision(self) -> str:
-        """ "fp32", "bf16" or "fp16": what image vectors are computed in (indexes record it per vector)."""
+        """ "fp32", "bf16", "fp16" or "int8": what image vectors are computed in (indexes record it per vector)."""
+        if "image" in self._int8_towers:
+            return "int8"
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         return names.get(self.image_dtype, str(self.image_dtype).removeprefix("torch."))
 
@@ -178,19 +181,25 @@ class CNClipModel(nn.Module):
 
     # -- Python objects in, numpy out -------------------------------------------------------------
 
-    def use_onnx(self, towers: Sequence[str] = ("text",), folder: str | os.PathLike | None = None) -> None:
+    def use_onnx(
+        self, towers: Sequence[str] = ("text",), folder: str | os.PathLike | None = None, int8: Sequence[str] = ()
+    ) -> None:
         """Run `embed_texts` (and/or `embed_images`) through ONNX Runtime on the CPU.
 
         Each tower is exported once per model (cached by weights digest, see `cnclip.model.onnx_export`) and its
         session opened when the tower is first used, so a tower that is never used costs nothing.
-        The output equals the torch towers' to float32 rounding. `towers=()` goes back to torch.
+        The output equals the torch towers' to float32 rounding; the towers also named in `int8`
+        run quantized (faster on CPUs, close but not equal). `towers=()` goes back to torch.
         """
-        unknown = set(towers) - {"image", "text"}
+        unknown = (set(towers) | set(int8)) - {"image", "text"}
         if unknown:
             raise CNClipError(f"unknown tower(s) {', '.join(sorted(unknown))}; choose from image, text")
+        if set(int8) - set(towers):
+            raise CNClipError("int8 runs in ONNX Runtime: name the tower in `towers` too")
         if towers and self.device.type != "cpu":
             raise CNClipError(f"ONNX Runtime runs here on the CPU; the model is on {self.device}")
         self._onnx_towers = {tower: folder for tower in towers}
+        self._int8_towers = frozenset(int8)
         self._runners = {}
 
     @property
@@ -205,7 +214,8 @@ class CNClipModel(nn.Module):
         if tower not in self._runners:
             from cnclip.model.onnx_export import cached_tower
 
-            self._runners[tower] = cached_tower(self, tower, towers[tower])
+            precision = "int8" if tower in self._int8_towers else "fp32"
+            self._runners[tower] = cached_tower(self, tower, towers[tower], precision)
         return self._runners[tower]
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,16 @@ from cnclip.model.onnx_runtime import (
 if TYPE_CHECKING:
     from cnclip.model.clip import CNClipModel
 
-__all__ = ["CACHE_ENV", "IMAGE_ROWS_PER_RUN", "OnnxTower", "cache_dir", "cached_tower", "export_cached", "export_onnx"]
+__all__ = [
+    "CACHE_ENV",
+    "IMAGE_ROWS_PER_RUN",
+    "OnnxTower",
+    "cache_dir",
+    "cached_tower",
+    "export_cached",
+    "export_onnx",
+    "quantized_cached",
+]
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +191,40 @@ def export_cached(model: CNClipModel, tower: str, folder: str | os.PathLike | No
     return path
 
 
-def cached_tower(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> OnnxTower:
-    """An ONNX Runtime session for `model`'s `tower`, exported on first use (see `export_cached`)."""
-    path = export_cached(model, tower, folder)
+def quantized_cached(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> Path:
+    """The path of `model`'s `tower` in int8, made once per model from its fp32 export.
+
+    ONNX Runtime's dynamic quantization: matrix weights stored as 8-bit integers, activations
+    quantized per run from their own range, so nothing is calibrated on sample data. Signed
+    weights in 7 bits (`reduce_range`): on AVX2 without VNNI the u8 x s8 products saturate at
+    full 8 bits (a random ViT-B-16 image tower's lowest cosine to fp32 fell to 0.991), and with
+    7 bits it was 0.99963 at 1.55x fp32's speed (unsigned weights: 0.99987 but 1.3x).
+    """
+    source = export_cached(model, tower, folder)
+    path = source.with_name(f"{tower}.int8.onnx")
+    if not path.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        log.info("quantizing the %s tower to %s (once per model)", tower, path)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer advises pre-processing through the root logger
+        try:
+            with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
+                out = Path(tmp) / path.name
+                quantize_dynamic(source, out, weight_type=QuantType.QInt8, reduce_range=True)
+                _move_model(out, path)
+        finally:
+            root.setLevel(level)
+    return path
+
+
+def cached_tower(
+    model: CNClipModel, tower: str, folder: str | os.PathLike | None = None, precision: str = "fp32"
+) -> OnnxTower:
+    """An ONNX Runtime session for `model`'s `tower` in `precision` ("fp32" or "int8"), exported
+    (and quantized) on first use (see `export_cached`, `quantized_cached`)."""
+    if precision not in ("fp32", "int8"):
+        raise CNClipError(f"ONNX Runtime runs fp32 or int8 here, not {precision}")
+    path = quantized_cached(model, tower, folder) if precision == "int8" else export_cached(model, tower, folder)
     return OnnxTower(path, rows_per_run=IMAGE_ROWS_PER_RUN if tower == "image" else None)

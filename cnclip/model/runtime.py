@@ -29,7 +29,7 @@ from cnclip.errors import CNClipError
 from cnclip.model.cpu import cpu_has_fast_bf16, onnxruntime_available
 
 BACKENDS = ("auto", "torch", "onnx")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DEVICE_ENV = "CNCLIP_DEVICE"
 BACKEND_ENV = "CNCLIP_BACKEND"
 _OTHER_DEVICES = re.compile(r"(mps|xpu|xla|hpu|ipu|mtia|meta|privateuseone)(:\d+)?")
@@ -104,11 +104,19 @@ class Runtime:
             precision = "fp16" if kind == "cuda" else "fp32"
         if precision == "fp16" and kind == "cpu":
             raise CNClipError("fp16 inference needs a GPU; on the CPU use --precision fp32 or bf16")
-        if backend == "onnx" and (kind != "cpu" or precision != "fp32"):
-            raise CNClipError("--backend onnx runs fp32 on the CPU; use --backend torch for a GPU or bf16")
-        if backend == "onnx" and not onnxruntime_available():
-            raise CNClipError("--backend onnx needs onnxruntime; pip install onnxruntime, or use --backend torch")
+        if precision == "int8" and (kind != "cpu" or backend == "torch"):
+            raise CNClipError("int8 runs on the CPU in ONNX Runtime; use --device cpu and --backend auto or onnx")
+        if backend == "onnx" and (kind != "cpu" or precision not in ("fp32", "int8")):
+            raise CNClipError("--backend onnx runs fp32 or int8 on the CPU; use --backend torch for a GPU or bf16")
+        if (backend == "onnx" or precision == "int8") and not onnxruntime_available():
+            raise CNClipError(
+                f"--{'precision int8' if precision == 'int8' else 'backend onnx'} needs onnxruntime; "
+                "pip install onnxruntime, or use --backend torch"
+            )
         auto_cpu = kind == "cpu" and asked == "auto" and backend == "auto"
+        if precision == "int8":  # the image tower only: queries stay exact, and are fast already
+            reason = "int8 images, fp32 text, both in ONNX Runtime, as asked for"
+            return cls(device, "int8", ("image", "text"), text_precision="fp32", reason=reason)
         if backend == "onnx":
             towers: tuple[str, ...] = ("image", "text")
         elif backend == "auto" and kind == "cpu" and precision == "fp32" and onnxruntime_available():
@@ -165,6 +173,7 @@ class Runtime:
 
         chosen = self.for_model(model)
         dtypes = {name: getattr(torch, dtype) for name, dtype in DTYPES.items()}
+        dtypes["int8"] = torch.float32  # PyTorch keeps the fp32 weights; the int8 tower runs in ONNX Runtime
         precisions = chosen.precisions
         if precisions["text"] == precisions["image"]:
             model.to(device=chosen.device, dtype=dtypes[precisions["image"]])
@@ -173,7 +182,7 @@ class Runtime:
             model.visual.to(dtype=dtypes[precisions["image"]])
             model.bert.to(dtype=dtypes[precisions["text"]])
             model.text_projection.data = model.text_projection.data.to(dtypes[precisions["text"]])
-        model.use_onnx(chosen.onnx_towers)
+        model.use_onnx(chosen.onnx_towers, int8=[t for t in chosen.onnx_towers if precisions[t] == "int8"])
         model.runtime = chosen
         return model
 

@@ -182,7 +182,8 @@ def compare_precisions(
     from cnclip.model.runtime import Runtime
 
     image32, text32, owners, _ = embed_pairs(model, pairs, batch_size)
-    other = Runtime(str(model.device), precision).apply(copy.deepcopy(model))
+    # resolved, not built: int8 runs the image tower in ONNX Runtime (and the text tower in fp32)
+    other = Runtime.resolve(str(model.device), precision=precision).apply(copy.deepcopy(model))
     image_lo, text_lo, _, _ = embed_pairs(other, pairs, batch_size)
     combos = {
         "fp32": (image32, text32),

@@ -160,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         runner = ours._runner("image")
         onnx_rate = rate(lambda: runner(our_pixels), args.batch, args.repeats)
         rows.append(("cnclip, ONNX Runtime fp32", onnx_rate, cosine_min(runner(our_pixels), ref_vecs)))
+        ours.use_onnx(("image",), folder=work / "onnx", int8=("image",))
+        runner = ours._runner("image")
+        int8_rate = rate(lambda: runner(our_pixels), args.batch, args.repeats)
+        rows.append(
+            ("cnclip, ONNX Runtime int8 (`--precision int8`)", int8_rate, cosine_min(runner(our_pixels), ref_vecs))
+        )
         ours.use_onnx(())
         rows += bf16_rows(ours, our_pixels, ref_vecs, args)
 
@@ -226,7 +232,7 @@ def index_rows(work: Path, reference, official_preprocess, to_rgb, ours, args) -
                 reference.encode_image(torch.stack(batch))
 
     # Interleaved rounds, best of each: on a shared 2-core VM one run's timing moves by +-15 %.
-    best = {"official": 0.0, "torch": 0.0, "onnxruntime": 0.0}
+    best = {"official": 0.0, "torch": 0.0, "onnxruntime": 0.0, "onnxruntime int8": 0.0}
     for _ in range(args.repeats):
         for runtime in best:
             if runtime == "official":
@@ -234,7 +240,8 @@ def index_rows(work: Path, reference, official_preprocess, to_rgb, ours, args) -
                 official_loop()
                 best[runtime] = max(best[runtime], len(paths) / (time.perf_counter() - t))
                 continue
-            ours.use_onnx(("image",), folder=work / "onnx") if runtime == "onnxruntime" else ours.use_onnx(())
+            towers = () if runtime == "torch" else ("image",)
+            ours.use_onnx(towers, folder=work / "onnx", int8=("image",) if runtime.endswith("int8") else ())
             ours._runner("image")  # open the session outside the timing, as the torch model is loaded outside it
             shutil.rmtree(work / "index", ignore_errors=True)
             with cnclip.Index.open(work / "index", model=ours, create=True) as index:

@@ -8,7 +8,9 @@ fine when recall moves by less than 0.5 point and the top-10 overlap is >= 0.95.
 
     nice .venv/bin/python scripts/bench/precision.py --model runs/flickr8k/best
 
-On a CPU without AMX or AVX-512 BF16, bf16 is emulated (slow, same numbers). The data
+On a CPU without AMX or AVX-512 BF16, bf16 is emulated (slow, same numbers). `--precision int8`
+checks the quantized image tower of `--precision int8` (its text tower stays fp32, so the rows
+with int8 text repeat the fp32 ones). The data
 (research-only licence) is read from ../shared and never copied.
 """
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="model to evaluate (fine-tuned on Flickr8k-CN)")
     ap.add_argument("--data", type=Path, default=DATA / "val.jsonl", help="pairs file (default: Flickr8k-CN val)")
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16"))
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "int8"))
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
     if not args.data.is_file():

@@ -46,7 +46,8 @@ def test_auto_on_a_cpu_runs_both_towers_in_onnx_runtime(monkeypatch):
         ({"backend": "tensorrt"}, "unknown backend 'tensorrt'"),
         ({"precision": "int4"}, "unknown precision 'int4'"),
         ({"device": "cpu", "precision": "fp16"}, "fp16 inference needs a GPU"),
-        ({"device": "cpu", "backend": "onnx", "precision": "bf16"}, "runs fp32 on the CPU"),
+        ({"device": "cpu", "backend": "onnx", "precision": "bf16"}, "runs fp32 or int8 on the CPU"),
+        ({"device": "cpu", "backend": "torch", "precision": "int8"}, "int8 runs on the CPU in ONNX Runtime"),
         ({"device": "toaster"}, "unknown device 'toaster'"),
     ],
 )
