@@ -95,14 +95,15 @@ def big(library):
     index.close()
 
 
-@pytest.fixture(params=["ivf-flat", ONDISK_KIND])
-def approximate(request, library, monkeypatch):
-    """The library behind an approximate vector index (each kind built once, then reused)."""
-    monkeypatch.setattr(ondisk, "_OPQ_ITER", 2)  # OPQ trained briefly: the kind's search path is the point
-    monkeypatch.setattr(ondisk, "_OPQ_FIRST_ITER", 2)
+@pytest.fixture(scope="module", params=["ivf-flat", ONDISK_KIND])
+def approximate(request, library):
+    """The library behind an approximate vector index, built once per kind."""
     folder, ids, vectors, days = library
-    index = Index.open(folder, vector_kind=request.param)
-    index.refresh()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ondisk, "_OPQ_ITER", 2)  # OPQ trained briefly: the kind's search path is the point
+        patch.setattr(ondisk, "_OPQ_FIRST_ITER", 2)
+        index = Index.open(folder, vector_kind=request.param)
+        index.refresh()
     yield index, ids, vectors, days
     index.close()
     Index.open(folder, vector_kind="exact").close()  # the other fixtures' kind again
