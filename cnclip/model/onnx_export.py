@@ -207,16 +207,20 @@ def quantized_cached(model: CNClipModel, tower: str, folder: str | os.PathLike |
 
         log.info("quantizing the %s tower to %s (once per model)", tower, path)
         root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # the quantizer advises pre-processing through the root logger
+        root.addFilter(_quiet_quantizer)  # it advises "pre-processing" on the user's stderr through the root logger
         try:
             with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
                 out = Path(tmp) / path.name
                 quantize_dynamic(source, out, weight_type=QuantType.QInt8, reduce_range=True)
                 _move_model(out, path)
         finally:
-            root.setLevel(level)
+            root.removeFilter(_quiet_quantizer)
     return path
+
+
+def _quiet_quantizer(record: logging.LogRecord) -> bool:
+    """Drop ONNX Runtime's quantizer advice, and only that, from the root logger."""
+    return "pre-processing before quantization" not in record.getMessage()
 
 
 def cached_tower(
