@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cnclip import faults
+
 __all__ = [
     "fsync_dir",
     "fsync_file",
@@ -86,11 +88,13 @@ def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp
         fsync_file(tmp)
+        faults.point("atomic.before_rename")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    faults.point("atomic.after_rename")
     fsync_dir(path.parent)
 
 
@@ -105,7 +109,11 @@ def publish(finished: str | os.PathLike, path: str | os.PathLike) -> None:
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Publish `data` as `path`."""
     with replacing(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+        half = len(data) // 2
+        f.write(data[:half])
+        f.flush()
+        faults.point("atomic.mid_write")
+        f.write(data[half:])
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -26,6 +26,10 @@ class ImageError(CNClipError, ValueError):
     """An image file that cannot be decoded (corrupt, truncated, too large, not an image)."""
 
 
+class PathError(CNClipError, ValueError):
+    """A path as the user gave it that cannot be used, e.g. `~user/photos` of no such user."""
+
+
 class IndexNotFoundError(CNClipError, LookupError):
     """An index path that holds no cnclip index."""
 

@@ -3,12 +3,16 @@
 The system releases such a lock when its process ends, however it ends (kill -9 included), so a
 lock left by a dead process is simply free again: there are no stale locks to detect or break.
 Used by the index's writer lock (cnclip.index.lock) and by weight downloads (cnclip.model.download).
+Also here: this host's name and whether a process is alive, for what such locks cannot cover (a
+lock that other hosts do not see, a temporary folder that a killed process left).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +45,26 @@ else:
 
     def _unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def this_host() -> str:
+    """This machine's host name, made safe for file names and one-line records (no spaces or slashes)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "localhost"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (or may: True where the system cannot tell)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # pragma: no cover - os.kill would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class FileLock:

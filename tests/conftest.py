@@ -42,6 +42,16 @@ def write_photos(folder, n: int, seed: int, prefix: str = "p") -> list:
     return paths
 
 
+def solid_photo(path, rgb, size=(48, 40)):
+    """A photo of one colour with a lattice of its complement (images then differ in more than
+    their mean), saved at `path` (folders made); returns `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.full((size[1], size[0], 3), rgb, np.uint8)
+    arr[::7, ::5] = (255 - np.array(rgb)).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
 def eventually(condition, what: str, timeout: float):
     """Poll `condition` until it returns something true (returned), failing after `timeout` seconds:
     for what happens on another thread or process, without a sleep of fixed length."""
@@ -101,6 +111,15 @@ def tiny_rn():
 
     torch.manual_seed(0)
     return cnclip.create_model("tiny-rn")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    """tiny-vit (seed 3) saved as a model folder, for the real CLI's `--model`."""
+    import cnclip
+
+    torch.manual_seed(3)
+    return cnclip.create_model("tiny-vit").save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from cnclip import atomic
@@ -39,6 +42,90 @@ def test_replacing_folder_swaps_whole_and_restores_on_failure(tmp_path):
         (tmp / "b").write_text("3")
     assert sorted(p.name for p in folder.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary, no old copy left
+
+
+def test_a_swap_that_fails_after_moving_the_old_folder_aside_puts_it_back(tmp_path, monkeypatch):
+    folder = tmp_path / "last"
+    with atomic.replacing_folder(folder) as tmp:
+        (tmp / "a").write_text("1")
+    real_replace, renames = os.replace, []
+
+    def swap_fails(src, dst):
+        renames.append((os.fspath(src), os.fspath(dst)))
+        if len(renames) == 2:  # the new folder into place, after the old one was moved aside
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", swap_fails)
+    with pytest.raises(OSError, match="Input/output"), atomic.replacing_folder(folder) as tmp:
+        (tmp / "a").write_text("2")
+    monkeypatch.undo()
+    old_copy = str(atomic.previous_folder(folder))
+    assert renames[0] == (str(folder), old_copy) and renames[1][1] == str(folder)  # the fault came after the move
+    assert (folder / "a").read_text() == "1" and sorted(p.name for p in folder.iterdir()) == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary, no old copy left
+
+
+class _DiskFillsUp:
+    """A file whose writes stop half-way with ENOSPC, as on a full disk."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def write(self, data):
+        self._file.write(data[: len(data) // 2])
+        self._file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+WRITERS = [  # a writer, what it is given, what it writes
+    (atomic.write_bytes, b"new content " * 1000, b"new content " * 1000),
+    (atomic.write_text, "新的内容" * 1000, "新的内容".encode() * 1000),
+    (atomic.write_json, {"新": [1, 2]}, '{\n  "新": [\n    1,\n    2\n  ]\n}\n'.encode()),
+]
+
+
+@pytest.mark.parametrize("fault", ["write", "fsync"])
+@pytest.mark.parametrize(("write", "content", "written"), WRITERS, ids=["bytes", "text", "json"])
+def test_a_write_that_fails_midway_keeps_the_old_file_whole(tmp_path, monkeypatch, write, content, written, fault):
+    path = tmp_path / "vectors.json"
+    old = b'{"old": "content"}\n' * 100
+    path.write_bytes(old)
+    real_open = open
+    if fault == "write":
+        monkeypatch.setattr(atomic, "open", lambda *a, **k: _DiskFillsUp(real_open(*a, **k)), raising=False)
+    else:  # delayed allocation: the write "succeeds", flushing it to disk does not
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+    with real_open(path, "rb") as reader:
+        with pytest.raises(OSError, match="No space left"):
+            write(path, content)
+        monkeypatch.undo()
+        assert reader.read() == old
+    assert path.read_bytes() == old and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize(("write", "content", "written"), WRITERS, ids=["bytes", "text", "json"])
+def test_a_reader_of_the_old_file_keeps_its_bytes_after_a_write(tmp_path, write, content, written):
+    path = tmp_path / "vectors.json"
+    old = b'{"old": "content"}\n' * 100
+    path.write_bytes(old)
+    with open(path, "rb") as reader:
+        write(path, content)
+        assert reader.read() == old  # the new content is a new file, renamed over the old name
+    assert path.read_bytes() == written and list(tmp_path.iterdir()) == [path]
 
 
 def test_publish_and_stale_temporaries(tmp_path):

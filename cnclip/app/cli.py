@@ -13,7 +13,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cnclip import faults
 from cnclip.errors import CNClipError
+from cnclip.userpath import expand_user
 
 MODEL_HELP = (
     "zoo name (ViT-B-16, ...), official .pt, safetensors file, model folder or Hugging Face id "
@@ -258,7 +260,7 @@ def _runtime(args: argparse.Namespace):
 def _cmd_index(args: argparse.Namespace) -> int:
     from cnclip.index.folder import Index
 
-    if args.folder is not None and not os.path.isdir(os.path.expanduser(args.folder)) and not _known_folder(args):
+    if args.folder is not None and not expand_user(args.folder).is_dir() and not _known_folder(args):
         raise CNClipError(f"{args.folder} is not a folder; give the folder of images to index")
     if args.folder is None and not args.texts:
         raise CNClipError("nothing to index; give a folder of images and/or --texts FILE")
@@ -373,7 +375,7 @@ def _known_folder(args: argparse.Namespace) -> bool:
 
     try:
         with Catalog.open(args.index or default_index_path()) as catalog:
-            return catalog.has_files_under(os.path.abspath(os.path.expanduser(args.folder)))
+            return catalog.has_files_under(os.path.abspath(expand_user(args.folder)))
     except CNClipError:
         return False
 
@@ -387,10 +389,17 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     with Catalog.open(folder) as catalog, WriterLock(folder).hold(args.wait):
         removed = catalog.collect_garbage(args.older_than * 86400)
         left = catalog.unused_vectors()
+        offline = catalog.offline_count()  # their vectors are in use: gc never touches them
     if args.json:
-        print(_json({"vectors_removed": removed, "unused_vectors_left": left}))
-    else:
-        print(f"removed {removed} unused vectors from {folder} ({left} younger ones kept)", file=sys.stderr)
+        print(_json({"vectors_removed": removed, "unused_vectors_left": left, "offline_files_kept": offline}))
+        return 0
+    print(f"removed {removed} unused vectors from {folder} ({left} younger ones kept)", file=sys.stderr)
+    if offline:
+        print(
+            f"kept the vectors of {offline} offline files (a drive or folder that could not be seen); "
+            "they return when it is back, or go with `cnclip index DIR --prune`",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -658,8 +667,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     index = args.index or default_index_path()
     runtime = _runtime(args)
     print(f"loading {index} ({runtime.describe()}) ...", file=sys.stderr)
-    watching = {"watch": args.watch or (), "watch_poll": args.watch_poll, "on_watch": _print_watch_batch}
-    app = create_app(index, token=token, runtime=runtime, host=args.host, t2s=args.t2s, **watching)
+    options = {"watch": args.watch or (), "watch_poll": args.watch_poll, "on_watch": _print_watch_batch}
+    if args.upload_memory is not None:
+        options["upload_memory"] = args.upload_memory * 2**20
+    app = create_app(index, token=token, runtime=runtime, host=args.host, t2s=args.t2s, **options)
     if args.watch:
         print(f"watching {', '.join(args.watch)} for changes", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -710,7 +721,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.labels and args.zero_shot is None:
         raise CNClipError("--labels names the classes of --zero-shot FOLDER; add --zero-shot FOLDER")
-    if args.zero_shot is not None and not os.path.isdir(os.path.expanduser(args.zero_shot)):
+    if args.zero_shot is not None and not expand_user(args.zero_shot).is_dir():
         raise CNClipError(f"{args.zero_shot} is not a folder; give a folder with one sub-folder of images per class")
     pairs = _read_pairs(args.data) if args.data is not None else None  # data problems show before the model loads
     if pairs is not None and args.t2s:
@@ -958,6 +969,13 @@ def build_parser() -> argparse.ArgumentParser:
         "within seconds (repeatable)",
     )
     p.add_argument("--watch-poll", type=_interval, metavar="SECONDS", help=WATCH_POLL_HELP)
+    p.add_argument(
+        "--upload-memory",
+        type=_positive_int,
+        metavar="MB",
+        help="memory that uploaded images may take decoded at once (default: room for two of 100 megapixels); "
+        "an upload that finds it in use waits a few seconds, then gets 503",
+    )
     _add_no_t2s(p)
     _add_runtime_options(p, None)
     p.set_defaults(func=_cmd_serve)
@@ -1028,6 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # instead of a UnicodeEncodeError on terminals whose locale encoding is strict (zh_CN.UTF-8)
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
+        faults.check()
         with reporting(bar):
             return args.func(args)
     except CNClipError as e:

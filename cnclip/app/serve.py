@@ -24,9 +24,9 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
@@ -60,6 +60,10 @@ TOKEN_ENV = "CNCLIP_TOKEN"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # A 100 MP photo passes; a small file that claims a gigapixel canvas is refused before decoding.
 MAX_UPLOAD_PIXELS = 100_000_000
+# Memory of decoded uploads held at once by a server: two of the largest (8 bytes a pixel: the
+# decoded image and its RGB copy). A request that finds it in use waits up to UPLOAD_WAIT_S, then gets 503.
+UPLOAD_MEMORY_BYTES = 1600 * 2**20
+UPLOAD_WAIT_S = 10.0
 MAX_K = 200
 MAX_LABELS = 64  # each label is embedded with 8 prompt templates
 MAX_FOLDERS = 64  # `in` folders per search; each adds a condition, and SQLite nests at most 1000
@@ -240,21 +244,86 @@ def make_thumbnail(path: str, side: int = THUMB_SIDE, t: float | None = None) ->
 # -- uploads --------------------------------------------------------------------------------------
 
 
-def read_upload(upload: UploadFile, draft_size: int | None = None) -> Image.Image:
-    """Decode an uploaded image, refusing oversized (413) and non-image (415) uploads before decoding."""
-    from cnclip.model.transform import load_image
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    """The memory that decoding a `mode` image of width x height pixels to RGB holds at its peak, as
+    Pillow stores pixels (1, 2 or 4 bytes each): the decoded image plus one RGB copy (the
+    conversion, or an EXIF rotation)."""
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    return width * height * (stored + 4)
 
+
+class DecodeBudget:
+    """Bytes of decoded uploads that the request threads of one app may hold at once.
+
+    A request reserves what its image takes decoded (`decoded_bytes`, from the header) before
+    decoding and gives it back when its answer is made; while the budget is in use it waits, and
+    after `wait_s` it gets a 503. Without it, forty uploads of a 300 KB PNG of 10000x10000 pixels
+    (800 MB each decoded) were decoded at once, and the server ran out of memory."""
+
+    def __init__(self, limit: int, wait_s: float = UPLOAD_WAIT_S):
+        if limit <= 0:
+            raise ValueError(f"the upload memory budget must be positive, not {limit}")
+        self.limit, self.wait_s = limit, wait_s
+        self.used = 0
+        self.peak = 0  # the most ever reserved at once
+        self._turn = threading.Condition()
+
+    @contextmanager
+    def reserve(self, size: int, name: str) -> Iterator[None]:
+        """Hold `size` bytes of the budget for the with-block (HTTP 413 if it exceeds all of it, 503 after waiting)."""
+        if size > self.limit:
+            raise HTTPException(
+                413, f"{name} takes {size // 2**20} MB to decode; this server decodes at most {self.limit // 2**20} MB"
+            )
+        with self._turn:
+            if not self._turn.wait_for(lambda: self.used + size <= self.limit, timeout=self.wait_s):
+                raise HTTPException(
+                    503,
+                    f"busy decoding other large images; send {name} again in a few seconds",
+                    headers={"Retry-After": str(max(1, round(self.wait_s)))},
+                )
+            self.used += size
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._turn:
+                self.used -= size
+                self._turn.notify_all()
+
+
+@contextmanager
+def decoded_upload(upload: UploadFile, budget: DecodeBudget, draft_size: int | None = None) -> Iterator[Image.Image]:
+    """An uploaded image, decoded while its memory is reserved in `budget` (until the with-block ends).
+
+    Oversized (413) and non-image (415) uploads are refused from the header, before decoding.
+    `draft_size`: JPEGs decode at a reduced scale whose sides stay >= it (and reserve that much)."""
+    data, name = _upload_bytes(upload)
+    mode, width, height = _upload_header(data, name, draft_size)
+    with budget.reserve(decoded_bytes(mode, width, height), name):
+        yield _decode_upload(data, name, draft_size)
+
+
+def _upload_bytes(upload: UploadFile) -> tuple[bytes, str]:
     data = upload.file.read(MAX_UPLOAD_BYTES + 1)
     name = upload.filename or "the upload"
     if len(data) > MAX_UPLOAD_BYTES:
         raise HTTPException(413, f"{name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
     if not data:
         raise HTTPException(400, f"{name} is empty")
+    return data, name
+
+
+def _upload_header(data: bytes, name: str, draft_size: int | None) -> tuple[str, int, int]:
+    """(mode, width, height) the image will decode to, read from its header."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as probe:  # the header only
                 width, height = probe.size
+                if draft_size is not None and width * height <= MAX_UPLOAD_PIXELS:
+                    probe.draft("RGB", (draft_size, draft_size))  # as load_image will: JPEG's reduced scale
+                mode, decoded = probe.mode, probe.size
     except UnidentifiedImageError as e:
         raise HTTPException(415, f"{name} is not an image (JPEG, PNG, WebP, GIF, BMP or TIFF)") from e
     except Image.DecompressionBombError as e:
@@ -263,6 +332,12 @@ def read_upload(upload: UploadFile, draft_size: int | None = None) -> Image.Imag
         raise ImageError(f"{name}: unreadable image header") from e
     if width * height > MAX_UPLOAD_PIXELS:
         raise HTTPException(413, f"{name} is {width}x{height} pixels; at most {MAX_UPLOAD_PIXELS:,} are accepted")
+    return mode, *decoded
+
+
+def _decode_upload(data: bytes, name: str, draft_size: int | None) -> Image.Image:
+    from cnclip.model.transform import load_image
+
     # load_image reads a file: that keeps one decoder (EXIF rotation, modes, caps) for every image
     suffix = os.path.splitext(name)[1][:10] if re.fullmatch(r"[\w.\-]*", os.path.splitext(name)[1]) else ""
     with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
@@ -537,6 +612,7 @@ def create_app(
     watch: Sequence[str | os.PathLike] = (),
     watch_poll: float | None = None,
     on_watch: Callable[[WatchBatch], None] | None = None,
+    upload_memory: int = UPLOAD_MEMORY_BYTES,
 ) -> FastAPI:
     """The FastAPI app serving the index at `index_path`: the API under /api/, the page at /.
 
@@ -547,6 +623,7 @@ def create_app(
     Traditional Chinese are read as Simplified (default: `$CNCLIP_T2S`, else on). `watch`: folders
     kept current while serving (a `Watcher`, polling every `watch_poll` seconds if given, with its
     own writer `Index` and model; `on_watch` gets each batch), started and stopped with the app.
+    `upload_memory`: bytes that uploads decoding at once may take (`DecodeBudget`, `app.state.upload_memory`).
     """
     watcher = None
     if watch:
@@ -583,10 +660,11 @@ def create_app(
         openapi_url="/openapi.json",
     )
     app.state.index = worker
+    app.state.upload_memory = uploads = DecodeBudget(upload_memory)
     hosts = _LOOPBACK_NAMES | {host.lower().strip("[]")}
     app.add_middleware(_Guard, token=token or None, hosts=hosts, max_body=MAX_UPLOAD_BYTES + 64 * 1024)
     _add_error_handlers(app)
-    app.include_router(_api(worker, runtime, image_size, _ThumbCache(thumb_cache_bytes)), prefix="/api")
+    app.include_router(_api(worker, runtime, image_size, _ThumbCache(thumb_cache_bytes), uploads), prefix="/api")
     _add_page(app, token or None)
     return app
 
@@ -659,7 +737,9 @@ Filters = Annotated[_Filters, Depends(_filters)]
 NO_FILTERS = _Filters()
 
 
-def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, thumbs: _ThumbCache) -> APIRouter:
+def _api(
+    worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, thumbs: _ThumbCache, uploads: DecodeBudget
+) -> APIRouter:
     api = APIRouter()
     stats_cache: dict = {}
 
@@ -688,8 +768,8 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
     def search_image(file: Upload, filters: Filters, k: FormK = 20):
         """Image -> similar images, best first (filter parameters in the query string)."""
         started = time.perf_counter()
-        image = read_upload(file, image_size)
-        found = worker.run(lambda index: index.search_image(image, k, where=filters.where(index)))
+        with decoded_upload(file, uploads, image_size) as image:
+            found = worker.run(lambda index: index.search_image(image, k, where=filters.where(index)))
         return _image_results(found, started)
 
     @api.get("/similar", response_model=SearchResponse)
@@ -707,8 +787,8 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
         """Zero-shot labels: the probability of each label for the image, best first."""
         started = time.perf_counter()
         names = split_labels(labels)
-        image = read_upload(file, image_size)
-        hits = worker.run(lambda index: zero_shot(index.model, image, names, t2s=index.t2s))[:k]
+        with decoded_upload(file, uploads, image_size) as image:
+            hits = worker.run(lambda index: zero_shot(index.model, image, names, t2s=index.t2s))[:k]
         found = [LabelResult(label=h.text, score=round(h.score, 6)) for h in hits]
         return TagResponse(labels=found, count=len(found), took_ms=_since(started))
 
@@ -762,6 +842,7 @@ def _api(worker: _IndexWorker, runtime: Runtime | None, image_size: int | None, 
             "runtime": (runtime or Runtime()).describe(),
             "runtime_choice": stats["runtime"],
             "t2s": worker.index.t2s,
+            "rebuild": worker.run(_rebuild_status),
         }
 
     dupes_cache = _DupesCache(worker.index.catalog.folder)
@@ -837,6 +918,12 @@ def _stats(index: Index, cache: dict) -> tuple[dict, dict[str, float]]:
         index.refresh()  # so the saved vector index it reports is the current one
         cache.update(generation=generation, stats=index.stats())
     return cache["stats"], index.catalog.roots()
+
+
+def _rebuild_status(index: Index) -> dict:
+    """`Index.rebuild_status()` once a background rebuild that has finished is taken in (or its failure counted)."""
+    index.refresh()
+    return index.rebuild_status()
 
 
 def _indexed_path(index: Index, file_id: int) -> str:

@@ -25,6 +25,7 @@ import logging
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from types import TracebackType
 
 import numpy as np
 
+from cnclip import faults
 from cnclip.errors import CNClipError, IndexNotFoundError, ModelMismatchError
+from cnclip.index.filesystem import network_mode
 from cnclip.index.metadata import INFO_VERSION, PhotoInfo
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Catalog",
     "FileRecord",
+    "FolderRecord",
     "ModelIdentity",
     "NewFile",
 ]
@@ -67,7 +71,8 @@ _META_MODEL = "model"
 _META_GENERATION = "generation"
 _META_SCAN = "last_scan"
 _META_JOURNAL_PRUNED = "journal_pruned"  # the change journal holds no entry at or below this position
-_RESERVED_META = frozenset({_META_MODEL, _META_GENERATION, _META_SCAN, _META_JOURNAL_PRUNED})
+_META_ID = "catalog_id"  # random, made with the catalog: what derived files record to know their catalog
+_RESERVED_META = frozenset({_META_MODEL, _META_GENERATION, _META_SCAN, _META_JOURNAL_PRUNED, _META_ID})
 # One key per scanned folder, "root:" + its catalog path -> unix time its last scan finished;
 # `cnclip serve` serves files only from inside these folders.
 _META_ROOT = "root:"
@@ -159,11 +164,28 @@ def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX files_taken ON files (taken)")
 
 
+def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
+    """The catalog's identity, and the device of every scanned folder.
+
+    The identity is a random id made once: every derived file records it, so a vector file is
+    never used with a catalog it was not built from (one moved away, or restored from a backup).
+    A folder's device (st_dev) and whether it was a mount point tell an unmounted drive (an empty
+    mount point) or another disk mounted in its place from photos that were deleted."""
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING", (_META_ID, uuid.uuid4().hex)
+    )
+    conn.execute(
+        "CREATE TABLE folders (path TEXT PRIMARY KEY, dev INTEGER NOT NULL, mount INTEGER NOT NULL, "
+        "seen_scan INTEGER NOT NULL) WITHOUT ROWID"
+    )
+
+
 _MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migrate_0_to_1,
     _migrate_1_to_2,
     _migrate_2_to_3,
     _migrate_3_to_4,
+    _migrate_4_to_5,
 ]
 SCHEMA_VERSION: int = len(_MIGRATIONS)
 
@@ -234,6 +256,14 @@ class FileRecord:
     size: int
     mtime_ns: int
     hash: str
+
+
+@dataclass(frozen=True)
+class FolderRecord:
+    """A scanned folder as its last complete scan saw it: its device and whether it was a mount point."""
+
+    dev: int
+    mount: bool
 
 
 # eq=False: a generated __eq__ would compare numpy arrays element-wise and fail on truth-testing.
@@ -318,9 +348,12 @@ class Catalog:
 
     @classmethod
     def open(cls, folder: str | Path, create: bool = False) -> Catalog:
-        """Open the index at `folder`; with `create`, make the folder and an empty catalog if missing."""
+        """Open the index at `folder`; with `create`, make the folder and an empty catalog if missing.
+
+        A folder on a network file system is refused unless $CNCLIP_NETWORK_INDEX=1 (cnclip.index.filesystem)."""
         folder = Path(folder)
         path = folder / CATALOG_FILE
+        network = network_mode(folder)
         if not path.is_file():
             if not create:
                 raise IndexNotFoundError(
@@ -339,7 +372,7 @@ class Catalog:
         except sqlite3.Error as e:
             raise CNClipError(f"cannot open index catalog {path}: {e}; check the path and its permissions") from e
         try:
-            cls._configure(conn)
+            cls._configure(conn, network)
             cls._migrate(conn, path)
         except sqlite3.OperationalError as e:
             conn.close()
@@ -354,20 +387,32 @@ class Catalog:
         return cls(folder, conn)
 
     @staticmethod
-    def _configure(conn: sqlite3.Connection) -> None:
+    def _configure(conn: sqlite3.Connection, network: bool = False) -> None:
         # Reading user_version first makes a non-database file fail here with SQLITE_NOTADB.
         conn.execute("PRAGMA user_version").fetchone()
         # Only takes effect on a new, empty file (and must come before WAL fixes it). A 2-4 KiB
         # vector row fits once in a default 4 KiB page, wasting half the file for 512-d models;
         # 32 KiB pages hold 7-15 rows and keep the overhead near 10 % for 512- to 1024-d vectors.
         conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
-        # WAL lets readers run during a write; it is persistent, so this only switches once.
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            log.warning("catalog journal mode is %s, not wal; concurrent search during indexing may block", mode)
-        # NORMAL in WAL mode can lose the last commits on power loss but never corrupts the file;
-        # a lost batch is simply re-embedded by the next scan.
-        conn.execute("PRAGMA synchronous=NORMAL")
+        if network:
+            # WAL's shared-memory index cannot be shared between hosts; a rollback journal relies on
+            # the file system's byte-range locks instead (readers then wait while a batch commits).
+            mode = conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+            if str(mode).lower() != "delete":
+                raise CNClipError(
+                    f"index catalog {conn.execute('PRAGMA database_list').fetchone()[2]} stays in {mode} mode, "
+                    "which is unsafe on a network drive; stop the other cnclip processes using it and run again"
+                )
+            # Without WAL, NORMAL could corrupt the file on power loss; FULL syncs at every commit.
+            conn.execute("PRAGMA synchronous=FULL")
+        else:
+            # WAL lets readers run during a write; it is persistent, so this only switches once.
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("catalog journal mode is %s, not wal; concurrent search during indexing may block", mode)
+            # NORMAL in WAL mode can lose the last commits on power loss but never corrupts the file;
+            # a lost batch is simply re-embedded by the next scan.
+            conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         conn.execute("PRAGMA foreign_keys=ON")
         # A big sweep grows the WAL to hundreds of MB; without a limit it keeps that size on disk forever.
@@ -448,6 +493,7 @@ class Catalog:
             raise CNClipError(f"cannot write index catalog {self.path}: {e}; check permissions and free space") from e
         try:
             yield conn
+            faults.point("catalog.before_commit")
             conn.execute("COMMIT")
         except BaseException as e:
             # SQLite rolls back by itself after some errors (disk full, I/O); a second ROLLBACK would fail.
@@ -458,6 +504,7 @@ class Catalog:
                     f"cannot write index catalog {self.path}: {e}; check free disk space, then run again"
                 ) from e
             raise
+        faults.point("catalog.after_commit")
 
     @contextmanager
     def snapshot(self) -> Iterator[Catalog]:
@@ -469,7 +516,9 @@ class Catalog:
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("BEGIN")  # WAL: the snapshot is taken at the first read and held until COMMIT
+            # The snapshot is taken at the first read and held until COMMIT; with a rollback journal
+            # (a network index) it also holds off other processes' commits until then.
+            conn.execute("BEGIN")
         except sqlite3.Error as e:
             raise CNClipError(f"cannot read index catalog {self.path}: {e}; check the path and its permissions") from e
         view = Catalog(self.folder, conn)
@@ -519,6 +568,15 @@ class Catalog:
         another process (SQLite's data_version and this connection's change count): what a cache
         of query answers (e.g. the files a search filter selects) is keyed by."""
         return int(self._db.execute("PRAGMA data_version").fetchone()[0]), int(self._db.total_changes)
+
+    def catalog_id(self) -> str:
+        """This catalog's identity: a random id made with it, kept for life (and by its backups)."""
+        value = self.get_meta(_META_ID)
+        if value is None:  # only a catalog opened read-only before its migration could lack it
+            raise CNClipError(
+                f"index catalog {self.path} has no identity; open it once with cnclip index to upgrade it"
+            )
+        return value
 
     def record_root(self, root: str) -> None:
         """Remember that the folder `root` (absolute, catalog form) was just scanned completely."""
@@ -801,6 +859,34 @@ class Catalog:
             log.info("scan %d: %d files under %s offline (%s)", scan_id, marked, folder, reason)
         return marked
 
+    def folders_under(self, root: str) -> dict[str, FolderRecord]:
+        """Catalog path -> record of every scanned folder at or under the folder `root`."""
+        lo, hi = _prefix_range(_absolute(root))
+        rows = self._db.execute(
+            "SELECT path, dev, mount FROM folders WHERE path = ? OR (path >= ? AND path < ?)", (root, lo, hi)
+        )
+        return {path: FolderRecord(int(dev), bool(mount)) for path, dev, mount in rows}
+
+    def record_folders(self, scan_id: int, root: str, folders: Sequence[tuple[str, int, bool]]) -> None:
+        """Record the (catalog path, device, mount point) of the folders scan `scan_id` walked under
+        `root`, and forget folders under it that it did not walk and that hold no file any more."""
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO folders (path, dev, mount, seen_scan) VALUES (?, ?, ?, ?) ON CONFLICT(path) "
+                "DO UPDATE SET dev = excluded.dev, mount = excluded.mount, seen_scan = excluded.seen_scan",
+                ((path, int(dev), int(mount), scan_id) for path, dev, mount in folders),
+            )
+            lo, hi = _prefix_range(_absolute(root))
+            stale = conn.execute(
+                "SELECT path FROM folders WHERE (path = ? OR (path >= ? AND path < ?)) AND seen_scan < ?",
+                (root, lo, hi, scan_id),
+            ).fetchall()
+            for (path,) in stale:
+                f_lo, f_hi = _prefix_range(_absolute(path))
+                if conn.execute("SELECT 1 FROM files WHERE path >= ? AND path < ? LIMIT 1", (f_lo, f_hi)).fetchone():
+                    continue  # an unreachable folder: its record must outlive the outage
+                conn.execute("DELETE FROM folders WHERE path = ?", (path,))
+
     def offline_files(self) -> list[tuple[str, str, float]]:
         """(path, reason, since when (unix time)) of every offline file, by path."""
         rows = self._db.execute(
@@ -838,11 +924,25 @@ class Catalog:
         """The position of the newest entry of the change journal (0 when empty)."""
         return int(self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
 
+    def journal_mark(self, seq: int) -> str | None:
+        """What the change journal holds at position `seq` ("seq:file_id:op"; "0" for the empty
+        start), or None when that entry does not exist (yet, or any more). A derived file records
+        the mark it was built up to: another mark at the same position means another history."""
+        if seq <= 0:
+            return "0"
+        row = self._db.execute("SELECT file_id, op FROM changes WHERE seq = ?", (int(seq),)).fetchone()
+        return None if row is None else f"{int(seq)}:{int(row[0])}:{int(row[1])}"
+
+    def journal_pruned(self) -> int:
+        """The journal holds no entry at or below this position (older ones were dropped)."""
+        return self._meta_int(_META_JOURNAL_PRUNED)
+
     def changes_since(self, seq: int) -> tuple[np.ndarray, np.ndarray, int] | None:
         """(file ids that became searchable, file ids that stopped being searchable, new position)
-        since journal position `seq`; None when the journal no longer reaches back that far."""
-        if seq < self._meta_int(_META_JOURNAL_PRUNED):
-            return None
+        since journal position `seq`; None when the journal no longer reaches back that far, or `seq`
+        lies past its newest entry (a catalog restored from a backup)."""
+        if seq < self._meta_int(_META_JOURNAL_PRUNED) or seq > self.change_seq():
+            return None  # too far behind, or past the newest entry: another history, not "nothing new"
         net: dict[int, int] = {}
         last = seq
         for row_seq, file_id, op in self._db.execute(

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +34,7 @@ from cnclip.model.onnx_runtime import TextEncoder
 from cnclip.model.runtime import Runtime
 from cnclip.model.transform import load_image
 from cnclip.model.zeroshot import TextHit, check_query
+from cnclip.userpath import expand_user
 
 if TYPE_CHECKING:  # the model's modules load torch, open_clip and transformers (~7 s): only when needed
     from cnclip.model.clip import CNClipModel
@@ -42,8 +45,12 @@ INDEX_ENV = "CNCLIP_INDEX"
 DEFAULT_INDEX = Path("index") / "default"
 # Below this many changed files `refresh` always updates the saved vector index in place.
 _SYNC_MIN_REBUILD = 10_000
-# Background rebuilds of every serving Index of the process, one at a time (each holds a whole index).
-_REBUILDER = ThreadPoolExecutor(1, thread_name_prefix="cnclip-rebuild")
+# Background rebuilds of every serving Index of the process take turns (each holds a whole index).
+_REBUILD_TURN = threading.Lock()
+# After a background rebuild fails (out of memory, a full disk) the next waits this long, doubled
+# per failure in a row up to the maximum: a failure that repeats must not rebuild back to back.
+REBUILD_RETRY_S = 5.0
+REBUILD_RETRY_MAX_S = 300.0
 # The on-disk vector index holds no raw vectors: there a filter selecting at most this many
 # files scans their vectors from the catalog; a larger one over-fetches candidates. The other
 # kinds skip unselected ids inside faiss (`VectorIndex.search_within`).
@@ -89,6 +96,26 @@ def model_identity(model: CNClipModel, source: str) -> ModelIdentity:
     )
 
 
+def _in_background(build: Callable[[], VectorIndex]) -> Future[VectorIndex]:
+    """`build()` on a daemon thread once the rebuilds started before it are done; its result as a Future.
+
+    Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so Ctrl+C on a server
+    waited out a rebuild of minutes whose result (a serving rebuild writes nothing) was thrown away."""
+    job: Future[VectorIndex] = Future()
+
+    def run() -> None:
+        with _REBUILD_TURN:
+            if not job.set_running_or_notify_cancel():
+                return
+            try:
+                job.set_result(build())
+            except BaseException as e:  # noqa: BLE001 - handed to whoever reads the result
+                job.set_exception(e)
+
+    threading.Thread(target=run, name="cnclip-rebuild", daemon=True).start()
+    return job
+
+
 class Index:
     """An index folder: a SQLite catalog (the record) plus a derived FAISS file."""
 
@@ -118,6 +145,9 @@ class Index:
         self._images: VectorIndex | None = None
         self._images_generation: int | None = None
         self._rebuilding: Future[VectorIndex] | None = None
+        self._rebuild_failures = 0  # in a row, since the last background rebuild that succeeded
+        self._rebuild_error: str | None = None
+        self._rebuild_retry_at = 0.0  # time.monotonic() before which no background rebuild starts
         # Recent query embeddings: a server sees the same queries again and again (paging,
         # refreshes), and the text tower is most of a query's cost.
         self._query_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -211,6 +241,7 @@ class Index:
 
         Holds the index's writer lock, waiting up to `wait` seconds for another writer
         (IndexBusyError after that), and saves the vector index at the end."""
+        expand_user(folder)  # `~user` of no such user: one line here, not a RuntimeError from the scan
         with self.lock.hold(wait):
             atomic.remove_stale_temps(self.catalog.folder)  # a killed writer's, now that no other writes
             summary = Indexer(self.model, self.catalog, **options).run(folder, progress)
@@ -269,10 +300,12 @@ class Index:
         """Start (or keep) a rebuild on another thread; False for the on-disk kind, which is built
         in the folder under the writer lock and so stays in the caller's thread."""
         if self._rebuilding is None:
+            if time.monotonic() < self._rebuild_retry_at:
+                return True  # backing off after a failure: the old index keeps answering meanwhile
             kind = self._wanted_kind(self._images)
             if VectorIndex.resolve_kind(kind, self.catalog.count()) == ONDISK_KIND:
                 return False
-            self._rebuilding = _REBUILDER.submit(self._rebuild)
+            self._rebuilding = _in_background(self._rebuild)
             log.info("rebuilding the vector index of %s in the background", self.catalog.folder)
         return True
 
@@ -284,11 +317,33 @@ class Index:
         self._rebuilding = None
         try:
             index = job.result()
-        except Exception as e:  # noqa: BLE001 - the old index stays in use; the next refresh tries again
-            log.warning("rebuilding the vector index of %s failed: %s", self.catalog.folder, e)
+        except Exception as e:  # noqa: BLE001 - the old index stays in use; a refresh after the back-off tries again
+            self._rebuild_failures += 1
+            wait = min(REBUILD_RETRY_S * 2 ** min(self._rebuild_failures - 1, 20), REBUILD_RETRY_MAX_S)
+            self._rebuild_retry_at = time.monotonic() + wait
+            self._rebuild_error = " ".join(str(e).split()) or type(e).__name__  # MemoryError() says nothing
+            log.warning(
+                "rebuilding the vector index of %s failed (%d in a row): %s; trying again in %.0f s",
+                self.catalog.folder,
+                self._rebuild_failures,
+                self._rebuild_error,
+                wait,
+            )
             return None
+        self._rebuild_failures, self._rebuild_error, self._rebuild_retry_at = 0, None, 0.0
         self._images, self._images_generation = index, int(index.meta["generation"])
         return index
+
+    def rebuild_status(self) -> dict:
+        """The background rebuild of a serving index: whether one is running, how many failed in a
+        row since the last success, the last failure's message and the seconds until the next try."""
+        job = self._rebuilding
+        return {
+            "running": job is not None and not job.done(),
+            "failures": self._rebuild_failures,
+            "last_error": self._rebuild_error,
+            "retry_in_s": round(max(0.0, self._rebuild_retry_at - time.monotonic()), 1),
+        }
 
     def _wanted_kind(self, saved: VectorIndex | None) -> str:
         if self.vector_kind == "auto" and saved is not None and saved.kind == ONDISK_KIND:
@@ -310,7 +365,30 @@ class Index:
         identity = self.catalog.identity
         if identity is not None and saved.dim != identity.dim:
             return None
+        if not self._built_from_this_catalog(saved):
+            log.info(
+                "the saved vector index of %s was built from another catalog or history: rebuilding",
+                self.catalog.folder,
+            )
+            return None
         return saved if saved.meta.get("generation") == generation else self._sync(saved)
+
+    def _built_from_this_catalog(self, index: VectorIndex) -> bool:
+        """Whether `index` was built from this catalog and up to a point of its own history: the
+        catalog's identity, and the change-journal entry at the position it was brought up to.
+
+        A vector file next to a catalog moved in from elsewhere, or next to one restored from a
+        backup (an older journal, or one that has since gone its own way), says so here and is
+        rebuilt; a generation counter alone can match by chance."""
+        if index.meta.get("catalog_id") != self.catalog.catalog_id():
+            return False
+        seq = index.meta.get("changes_seq")
+        if not isinstance(seq, int) or seq > self.catalog.change_seq():
+            return False  # a position past the newest entry: stale, not "nothing new"
+        mark = self.catalog.journal_mark(seq)
+        if mark is None:  # dropped from the journal since: nothing to compare, the ids are diffed
+            return seq <= self.catalog.journal_pruned()
+        return mark == index.meta.get("changes_mark")
 
     def _rebuild(self) -> VectorIndex:
         """A new vector index from one snapshot of the catalog (its generation in `meta`).
@@ -333,7 +411,9 @@ class Index:
             snap.file_vectors, total=total, dim=dim, kind=kind, folder=self.catalog.folder
         )
         index.meta["generation"] = snap.generation()
-        index.meta["changes_seq"] = snap.change_seq()
+        index.meta["catalog_id"] = snap.catalog_id()
+        index.meta["changes_seq"] = seq = snap.change_seq()
+        index.meta["changes_mark"] = snap.journal_mark(seq)
         if self.lock.held:
             self._save(index)
         elif not self.serving and self.lock.try_acquire():
@@ -352,6 +432,8 @@ class Index:
     def _sync(self, index: VectorIndex) -> VectorIndex | None:
         """Apply the catalog's changes since `index` was built or synced, in place; None when a
         rebuild is better. Reads the catalog's change journal: the cost follows the change."""
+        if not self._built_from_this_catalog(index):
+            return None
         seq = index.meta.get("changes_seq")
         changes = self.catalog.changes_since(int(seq)) if seq is not None else None
         if changes is None:  # built before the journal existed, or too far behind it
@@ -369,6 +451,7 @@ class Index:
             present = ~np.isnan(vectors[:, 0])  # NaN: removed again since
             index.add(added[present], vectors[present])
         index.meta["changes_seq"] = int(seq)
+        index.meta["changes_mark"] = self.catalog.journal_mark(int(seq))
         log.debug("vector index synced: %d added, %d removed", added.size, removed.size)
         return index
 
@@ -382,11 +465,8 @@ class Index:
         if saved is not None:
             vectors = saved.info()
             # the change journal follows the set of searchable images only (texts do not touch it)
-            seq = saved.meta.get("changes_seq")
             vectors["current"] = (
-                seq == self.catalog.change_seq()
-                if seq is not None
-                else saved.meta.get("generation") == self.catalog.generation()
+                self._built_from_this_catalog(saved) and saved.meta["changes_seq"] == self.catalog.change_seq()
             )
             del vectors["memory_mapped"]
         return {
@@ -487,7 +567,7 @@ class Index:
     def _image_vector(self, image) -> tuple[np.ndarray, str | None]:
         if isinstance(image, Image.Image):
             return self.model.embed_images([image]), None
-        path = os.path.abspath(Path(image).expanduser())
+        path = os.path.abspath(expand_user(image))
         stored = self.catalog.vector_for_path(to_catalog_path(path))
         if stored is not None:  # already indexed: no need to decode and embed it again
             return stored[None, :].astype(np.float32), path
@@ -597,7 +677,7 @@ class Index:
     def _folder(self, folder: str | os.PathLike) -> str:
         """A folder to filter by, as a catalog path: absolute (or relative to the current folder)
         if it holds indexed files, else relative to the indexed folder that has it."""
-        path = Path(folder).expanduser()
+        path = expand_user(folder)
         here = to_catalog_path(os.path.abspath(path))
         if self.catalog.has_files_under(here):
             return here

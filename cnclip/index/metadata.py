@@ -30,7 +30,7 @@ _EXIF_DATE = re.compile(r"\s*(\d{4})[:\-](\d{2})[:\-](\d{2})[ T](\d{2}):(\d{2}):
 class PhotoInfo:
     """Filterable facts about one file (`taken_from`: "exif" or "file")."""
 
-    taken: str
+    taken: str | None  # None: no date at all (no EXIF date and a file time outside the calendar)
     taken_from: str  # "exif", "video" (the container's creation time) or "file" (modification time)
     camera: str | None = None
     width: int | None = None
@@ -62,8 +62,13 @@ def camera_name(make: object, model: object) -> str | None:
     return model
 
 
-def file_time(mtime_ns: int) -> str:
-    return dt.datetime.fromtimestamp(mtime_ns / 1e9).replace(microsecond=0).isoformat()
+def file_time(mtime_ns: int) -> str | None:
+    """The file's modification time as a local ISO date; None outside the calendar (years 1 to 9999):
+    such a clock is wrong, and no date is better than an error that stops the scan."""
+    try:
+        return dt.datetime.fromtimestamp(mtime_ns / 1e9).replace(microsecond=0).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def read_info(path: str | os.PathLike, mtime_ns: int) -> PhotoInfo:

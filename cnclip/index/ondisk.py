@@ -46,8 +46,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from cnclip import atomic
+from cnclip import atomic, faults
 from cnclip.errors import CNClipError, IndexNotFoundError
+from cnclip.index.spool import default_spool_dir
 from cnclip.index.vector_common import (
     _KMEANS_ITER,
     _MIN_NPROBE,
@@ -58,7 +59,6 @@ from cnclip.index.vector_common import (
     TARGET_RECALL,
     _as_ids,
     _as_vectors,
-    _default_spool_dir,
     _omp_threads,
     _recall,
     write_faiss,
@@ -656,7 +656,7 @@ class OnDiskIndex:
         options.update(dim=dim, shard_rows=shard_rows, seed=seed)
         _Plan.resolve(total, **options)  # bad options fail before anything is read or written
         owned = folder is None
-        folder = Path(tempfile.mkdtemp(prefix="cnclip-ondisk-", dir=_default_spool_dir()) if owned else folder)
+        folder = Path(tempfile.mkdtemp(prefix="cnclip-ondisk-", dir=default_spool_dir()) if owned else folder)
         try:
             result = cls._build_into(folder, source, total, options, target_recall, rerank_factor)
         except BaseException:
@@ -857,6 +857,7 @@ class OnDiskIndex:
             text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
         except (TypeError, ValueError) as exc:
             raise CNClipError(f"index meta is not JSON-serialisable: {exc}") from exc
+        faults.point("ondisk.before_meta")
         atomic.write_text(folder / META_FILE, text)
         self._doc = doc
         self.folder = folder

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnclip import faults
 from cnclip.errors import CNClipError
-from cnclip.index.catalog import Catalog, NewFile
+from cnclip.index.catalog import Catalog, FolderRecord, NewFile
 from cnclip.index.video import LIVE_PHOTO_VIDEOS, VIDEO_EXTENSIONS, frame_path, is_video, split_frame_path
 from cnclip.model.transform import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
@@ -42,6 +43,10 @@ _HASH_CHUNK = 1 << 20
 # --max-delete, for the day a drive is half there): deleting most of a library is never a side effect.
 MAX_REMOVE_FRACTION = 0.5
 NOT_MOUNTED = "a drive not mounted?"
+
+
+class ScanStopped(CNClipError):
+    """Raised once `Indexer(should_stop=...)` says so: what was committed stays, and nothing is swept."""
 
 
 @dataclass
@@ -97,6 +102,8 @@ class _Walk:
     """What a walk could not see."""
 
     unreachable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    moved: list[tuple[str, str]] = field(default_factory=list)  # folders now on another device: (path, reason)
+    folders: list[tuple[str, int, bool]] = field(default_factory=list)  # walked: (catalog path, st_dev, mount point)
     root_empty: bool = False
 
 
@@ -141,6 +148,7 @@ class Indexer:
         on_shard: Callable[[str], None] | None = None,
         prune: bool = False,
         videos: bool = True,
+        should_stop: Callable[[], bool] | None = None,
     ):
         self.model = model
         self.ray = ray
@@ -153,6 +161,7 @@ class Indexer:
         self.draft = draft
         self.prune = prune  # remove what cannot be seen, instead of keeping it offline
         self.videos = videos  # index videos' frames too (cnclip.index.video)
+        self.should_stop = should_stop  # asked between folders walked and files hashed (a watcher's stop)
 
     def run(
         self,
@@ -169,10 +178,18 @@ class Indexer:
         outer = None if within is None else os.path.abspath(Path(within).expanduser())
         summary = IndexSummary()
         scan = self.catalog.begin_scan()
-        if not os.path.isdir(root):
+        try:
+            is_folder, unreachable = stat.S_ISDIR(os.stat(root).st_mode), None
+        except (FileNotFoundError, NotADirectoryError):
+            is_folder, unreachable = False, f"folder not found ({NOT_MOUNTED})"
+        except OSError as e:  # a network mount that dropped, a failing disk: there, but not reachable
+            is_folder, unreachable = False, f"{_reason(e)} ({NOT_MOUNTED})"
+        if not is_folder:
             if not self.catalog.missing_under(scan, to_catalog_path(root))[1]:
+                if unreachable and not unreachable.startswith("folder not found"):
+                    raise CNClipError(f"cannot read {folder}: {unreachable.split(' (')[0]}; check the drive or mount")
                 raise CNClipError(f"{folder} is not a folder; give the folder of images to index")
-            self._keep_offline(scan, root, f"folder not found ({NOT_MOUNTED})", summary)
+            self._keep_offline(scan, root, unreachable or "not a folder any more", summary)
             summary.removed = len(self.catalog.finish_scan(scan, to_catalog_path(root)))
             return summary
         walk = _Walk()
@@ -193,7 +210,9 @@ class Indexer:
         to_embed = self._reuse_known(scan, todo, summary)
         self._embed(scan, to_embed, summary, progress)
         self._guard(scan, root, walk, summary, outer)
+        faults.point("scan.before_sweep")
         removed = self.catalog.finish_scan(scan, to_catalog_path(root))
+        self.catalog.record_folders(scan, to_catalog_path(root), walk.folders)
         if outer is None or outer == root:
             self.catalog.record_root(to_catalog_path(root))
         summary.removed = sum(split_frame_path(p)[1] is None for p in removed)  # a video counts once
@@ -222,6 +241,12 @@ class Indexer:
         root, or more than MAX_REMOVE_FRACTION of the root (of `outer`, when given) at once."""
         for path, reason in walk.unreachable:
             self._keep_offline(scan, path, reason, summary)
+        for path, reason in walk.moved:
+            if self.catalog.missing_under(scan, to_catalog_path(path))[0]:
+                self._keep_offline(scan, path, reason, summary)
+                if not self.prune:  # keep the old device on record until the old disk is back or pruned
+                    kept = to_catalog_path(path)
+                    walk.folders = [f for f in walk.folders if not _is_at_or_under(f[0], kept)]
         if self.prune:
             return  # what is gone from the root is meant to go
         missing, total = self.catalog.missing_under(scan, to_catalog_path(root))
@@ -249,11 +274,19 @@ class Indexer:
 
     def _walk(self, root: str, summary: IndexSummary, walk: _Walk) -> Iterator[_Found]:
         """Image files under root, following symlinks once (loops and repeats are cut by inode).
-        Folders that cannot be read, and symlinks whose target is missing, go to `walk.unreachable`."""
+
+        Whatever cannot be reached goes to `walk.unreachable`, whatever the error: a folder that
+        cannot be read, a symlink whose target is missing or fails (a dropped network mount answers
+        EIO, ENOTCONN, ESTALE or EACCES), a file that cannot be stat'ed. Each folder's device is
+        compared with the last scan's: a mount point found empty is unreachable, and a folder now
+        on another device goes to `walk.moved`, so that what it no longer shows is kept offline."""
+        known = self.catalog.folders_under(to_catalog_path(root))
         seen_dirs: set[tuple[int, int]] = set()
-        stack = [root]
+        # (folder, its parent's device (None: unknown), whether a folder above it changed device)
+        stack: list[tuple[str, int | None, bool]] = [(root, _parent_device(root), False)]
         while stack:
-            folder = stack.pop()
+            self._stop_if_asked()
+            folder, parent_dev, above_moved = stack.pop()
             try:
                 st = os.stat(folder)
                 key = (st.st_dev, st.st_ino)
@@ -264,6 +297,13 @@ class Indexer:
             except OSError as e:
                 walk.unreachable.append((folder, _reason(e)))
                 continue
+            mount = parent_dev is not None and st.st_dev != parent_dev
+            moved = above_moved or self._check_device(
+                folder, st.st_dev, bool(entries), known.get(to_catalog_path(folder)), walk
+            )
+            if moved is None:
+                continue  # an empty mount point: unreachable
+            walk.folders.append((to_catalog_path(folder), st.st_dev, mount))
             if folder == root and not entries:
                 walk.root_empty = True
             subdirs = []
@@ -273,7 +313,7 @@ class Indexer:
                     continue
                 try:
                     if entry.is_dir(follow_symlinks=True):
-                        subdirs.append(entry.path)
+                        subdirs.append((entry.path, st.st_dev, moved))
                         continue
                     if entry.is_symlink() and not os.path.exists(entry.path):
                         # maybe a folder on a drive that is not mounted: what it held is not gone
@@ -284,14 +324,36 @@ class Indexer:
                         continue
                     if ext in LIVE_PHOTO_VIDEOS and os.path.splitext(entry.name)[0].lower() in stills:
                         continue  # the moving half of a Live Photo: its still is indexed
-                    st = entry.stat(follow_symlinks=True)
+                    entry_st = entry.stat(follow_symlinks=True)
+                except FileNotFoundError:
+                    continue  # deleted while we looked: gone, and the sweep says so
                 except OSError as e:
-                    reason = "broken symlink" if entry.is_symlink() else _reason(e)
-                    self._skip(summary, entry.path, reason)
+                    # not "not found": something is there that cannot be reached right now (a mount
+                    # behind a symlink that dropped, a loop, a failing disk): what it held is kept
+                    walk.unreachable.append((entry.path, _reason(e)))
                     continue
-                if stat.S_ISREG(st.st_mode):
-                    yield _Found(entry.path, st.st_size, st.st_mtime_ns)
+                if stat.S_ISREG(entry_st.st_mode):
+                    yield _Found(entry.path, entry_st.st_size, _storable_mtime(entry.path, entry_st.st_mtime_ns))
             stack.extend(reversed(subdirs))
+
+    def _check_device(
+        self, folder: str, dev: int, has_entries: bool, before: FolderRecord | None, walk: _Walk
+    ) -> bool | None:
+        """Compare a folder with its record: None when it was a mount point and is now empty
+        (unreachable), True when it is now on another device (moved), else False."""
+        if before is None:
+            return False
+        if before.mount and not has_entries and self.catalog.has_files_under(to_catalog_path(folder)):
+            walk.unreachable.append((folder, f"mount point is empty ({NOT_MOUNTED})"))
+            return None
+        if before.dev != dev:
+            walk.moved.append((folder, f"now on another device than when indexed ({NOT_MOUNTED} another disk?)"))
+            return True
+        return False
+
+    def _stop_if_asked(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise ScanStopped("the scan was stopped; the next run picks up the rest")
 
     @staticmethod
     def _skip(summary: IndexSummary, path: str, reason: str) -> None:
@@ -304,6 +366,9 @@ class Indexer:
         """Hash new/changed files; commit those whose content is already embedded; return the rest."""
         to_embed, reuse, first_of_hash = [], [], {}
         for found, known in todo:
+            if self.should_stop is not None and self.should_stop():
+                self.catalog.put_files(scan, reuse)  # what was hashed is kept: no file is hashed twice
+                self._stop_if_asked()
             if found.size == 0:
                 self._skip(summary, found.path, "empty file (0 bytes)")
                 continue
@@ -452,6 +517,36 @@ class Indexer:
             summary.updated += 1
         else:
             summary.added += 1
+
+
+# SQLite integers are signed 64-bit: nanoseconds since 1970 reach only 1677..2262
+_NS_MIN, _NS_MAX = -(2**63), 2**63 - 1
+
+
+def _storable_mtime(path: str, mtime_ns: int) -> int:
+    """`mtime_ns` clamped to what the catalog can store (a tar archive or a camera with a bad clock
+    can set years like 1601 or 2500); the same file clamps to the same value, so it stays unchanged."""
+    if _NS_MIN <= mtime_ns <= _NS_MAX:
+        return mtime_ns
+    log.warning(
+        "%s: modification time out of range (%d s since 1970); stored as the nearest it can hold",
+        path,
+        mtime_ns // 10**9,
+    )
+    return min(max(mtime_ns, _NS_MIN), _NS_MAX)
+
+
+def _is_at_or_under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _parent_device(folder: str) -> int | None:
+    """The device of the folder that holds `folder` (None if it cannot be read): a folder on
+    another device than its parent is a mount point."""
+    try:
+        return os.stat(os.path.dirname(folder.rstrip(os.sep)) or os.sep).st_dev
+    except OSError:
+        return None
 
 
 def _reason(e: OSError) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,12 +77,6 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     per_query = np.array([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)])
     mean = float(per_query.mean())
     return mean, mean - 2.0 * float(per_query.std()) / math.sqrt(len(per_query))
-
-
-def _default_spool_dir() -> str | None:
-    if os.environ.get("TMPDIR") or os.name != "posix":
-        return None  # tempfile's own choice
-    return "/var/tmp" if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) else None
 
 
 def write_faiss(index: faiss.Index, path: Path) -> None:

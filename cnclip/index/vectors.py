@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
-from cnclip import atomic
+from cnclip import atomic, faults
 from cnclip.errors import CNClipError
+from cnclip.index.spool import spool_root, spooling
 from cnclip.index.vector_common import (
     _KMEANS_ITER,
     _MIN_NPROBE,
@@ -52,7 +52,6 @@ from cnclip.index.vector_common import (
     TARGET_RECALL,
     _as_ids,
     _as_vectors,
-    _default_spool_dir,
     _omp_threads,
     _recall,
     write_faiss,
@@ -72,6 +71,7 @@ __all__ = [
     "TARGET_RECALL",
     "Selection",
     "VectorIndex",
+    "filtered_nprobe",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,13 @@ def _nlist_for(n: int) -> int:
     # 6 ms) for ~1.7x the train+add time; callers can pass `nlist` to make that trade.
     nlist = 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(n)))))
     return max(1, min(nlist, n // _MIN_TRAIN_PER_LIST))
+
+
+def filtered_nprobe(nprobe: int, share: float, nlist: int) -> int:
+    """The IVF cells a filtered search visits when `share` (0..1) of the vectors are selected:
+    `nprobe` / `share`, up to all `nlist`, so it meets about as many selected vectors as an
+    unfiltered search meets vectors, and keeps its recall."""
+    return min(nlist, math.ceil(nprobe / max(share, 1e-9)))
 
 
 class Selection:
@@ -302,9 +309,10 @@ class VectorIndex:
         sample before anything is added, and a catalog streams rows in insertion (folder)
         order, so the first chunks would be a biased sample; instead the chunks are spooled
         to a temporary file under `spool_dir` and read back from it, so only the index itself
-        occupies RAM. The default is $TMPDIR if set, else /var/tmp (where /tmp may be a RAM
-        disk, as on Fedora and Arch), else the system temp folder. The result equals `build` on the same
-        rows with the same seed.
+        occupies RAM. The default is `folder`'s `tmp` folder, else $TMPDIR if set, else /var/tmp
+        (where /tmp may be a RAM disk, as on Fedora and Arch), else the system temp folder; a
+        spool that a killed build left there is removed by the next build (cnclip.index.spool).
+        The result equals `build` on the same rows with the same seed.
         """
         if total < 0:
             raise CNClipError(f"total must be >= 0, got {total}")
@@ -341,9 +349,7 @@ class VectorIndex:
             index.build_seconds = time.perf_counter() - start
             return index
 
-        if spool_dir is None:
-            spool_dir = _default_spool_dir()
-        with tempfile.TemporaryDirectory(prefix="cnclip-spool-", dir=spool_dir) as tmp:
+        with spooling(spool_root(folder) if spool_dir is None else spool_dir) as tmp:
             spool = np.lib.format.open_memmap(
                 os.path.join(tmp, "vectors.npy"), mode="w+", dtype=np.float32, shape=(max(total, 1), dim)
             )
@@ -565,8 +571,7 @@ class VectorIndex:
         with _omp_threads(threads):
             if not isinstance(index, faiss.IndexIVF):
                 return index.search(queries, kk, params=faiss.SearchParameters(sel=selector))
-            share = len(selection) / max(1, self.ntotal)
-            nprobe = min(index.nlist, math.ceil(index.nprobe / max(share, 1e-9)))
+            nprobe = filtered_nprobe(index.nprobe, len(selection) / max(1, self.ntotal), index.nlist)
             scores, ids = index.search(queries, kk, params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))
             short = np.flatnonzero((ids < 0).any(axis=1))
             if short.size and nprobe < index.nlist:
@@ -701,6 +706,7 @@ class VectorIndex:
 
         index_path = folder / INDEX_FILE
         write_faiss(self._index, index_path)
+        faults.point("vectors.between_files")
         st = index_path.stat()
         doc["index_bytes"] = st.st_size
         doc["index_mtime_ns"] = st.st_mtime_ns

@@ -4,14 +4,19 @@ A `Watcher` observes folders (watchdog: inotify, FSEvents or ReadDirectoryChange
 network drives), lets a burst of changes settle, and rescans only the folders the changes touched,
 holding the index's writer lock and going through the same `Indexer` as `cnclip index`: unchanged
 files are skipped by size and mtime, moved ones reuse their vectors by content hash, a killed
-watcher loses at most the embedding batch in flight, and a folder that cannot be seen (a drive
-unmounted) keeps its files offline and is watched again when it comes back.
+watcher loses at most the embedding batch in flight, a batch that failed is tried again with
+back-off, and a folder that cannot be seen (a drive unmounted) keeps its files offline and is
+watched again when it comes back.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
+import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,13 +44,15 @@ except ImportError:  # pragma: no cover - watchdog < 7
 
 from cnclip.errors import CNClipError, IndexBusyError
 from cnclip.index.folder import Index
-from cnclip.index.scan import NOT_MOUNTED, Indexer, IndexSummary, Progress, to_catalog_path
+from cnclip.index.scan import NOT_MOUNTED, Indexer, IndexSummary, Progress, ScanStopped, to_catalog_path
 from cnclip.index.video import VIDEO_EXTENSIONS
 from cnclip.model.transform import IMAGE_EXTENSIONS
+from cnclip.userpath import expand_user
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver
 
+    from cnclip.index.catalog import Catalog
     from cnclip.model.clip import CNClipModel
     from cnclip.model.runtime import Runtime
 
@@ -53,7 +60,9 @@ log = logging.getLogger(__name__)
 
 SETTLE_S = 1.0  # a batch is applied once no change has arrived for this long ...
 MAX_DELAY_S = 5.0  # ... or this long after its first change, while a long copy goes on
-ROOT_CHECK_S = 2.0  # how often each watched folder is checked for having gone or come back
+ROOT_CHECK_S = 2.0  # how often each watched folder, and drive mounted in one, is checked for having gone or come back
+RETRY_FIRST_S = 1.0  # a batch that failed (a read error, the catalog not writable) is tried again after this long,
+RETRY_MAX_S = 60.0  # doubling at each failure up to this, without waiting for another change
 # The saved vector file is brought up to date at most this often (and on stop): readers follow the
 # catalog's change journal, so a whole-file write per batch would buy them nothing.
 SAVE_EVERY_S = 60.0
@@ -100,17 +109,14 @@ class WatchBatch:
         return {"folders": list(self.folders), "online": self.online} | self.summary.to_dict()
 
 
-class _Stopped(Exception):
-    """Raised between embedding batches once `stop` is called: the scan ends as if killed, deleting nothing."""
-
-
 class Watcher:
     """Keeps the index at `index_path` current with `folders` until `stop`.
 
     `start` begins observing at once; a worker thread opens its own writer `Index` (with `model`, or
     the index's model loaded with `runtime` at the first batch), rescans the folders first when
     `scan_first`, then applies each batch of changes and reports it to `on_batch`. Errors in a batch
-    go to `on_error` and the watcher keeps going. `poll` (seconds) polls the folders instead of
+    go to `on_error` and the batch is tried again after a back-off (RETRY_FIRST_S doubling up to
+    RETRY_MAX_S). `poll` (seconds) polls the folders instead of
     using OS events: for network drives, where events do not arrive. Other keyword `options` are
     `Indexer`'s (batch_size, include_hidden, max_pixels, draft, prune, ...). Callbacks run on the
     worker thread.
@@ -138,7 +144,7 @@ class Watcher:
         if poll is not None and not poll > 0:
             raise CNClipError(f"the polling interval must be above 0 seconds, not {poll}")
         self.index_path = Path(index_path)
-        self.roots = _outermost(os.path.abspath(Path(f).expanduser()) for f in folders)
+        self.roots = _outermost(os.path.abspath(expand_user(f)) for f in folders)
         self.poll = poll
         self.scan_first = scan_first
         self.settle, self.max_delay = settle, max_delay
@@ -146,14 +152,17 @@ class Watcher:
         self.options = options
         self.error: BaseException | None = None  # what ended the worker, if anything did
         self._model, self._runtime = model, runtime
-        self._index_folder = os.path.abspath(self.index_path.expanduser())
+        self._index_folder = os.path.abspath(expand_user(self.index_path))
         self._include_hidden = bool(options.get("include_hidden", False))
         self._stopping = threading.Event()
         self._cond = threading.Condition()
         self._pending: dict[str, dict[str, bool]] = {}  # root -> folder -> whether files may have arrived
         self._first_change = self._last_change = 0.0
         self._observers: dict[str, BaseObserver] = {}
-        self._seen: dict[str, tuple[int, int] | None] = {}  # root -> (device, inode) when last checked
+        self._seen: dict[str, tuple | None] = {}  # root -> its `_identity` when last checked
+        self._mounts: dict[str, dict[str, tuple | None]] = {}  # root -> mount point inside it -> its `_identity`
+        self._failed: dict[str, dict[str, bool]] = {}  # a failed batch, tried again at `_retry_at`
+        self._retry_at, self._retry_delay = float("inf"), RETRY_FIRST_S
         self._observers_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="cnclip-watch", daemon=True)
         self._saved_generation: int | None = None  # the catalog's generation when the vector file was saved
@@ -166,8 +175,9 @@ class Watcher:
         if self._thread.ident is not None:
             raise CNClipError("this watcher was started already; make a new one")
         try:
+            mounts = _mount_points()
             for root in self.roots:
-                self._seen[root] = _identity(root)
+                self._seen[root], self._mounts[root] = _identity(root), self._mounts_inside(root, mounts)
                 if self._seen[root] is None:
                     self._report_error(CNClipError(f"{root} is not there ({NOT_MOUNTED}); watching for it"))
                 else:
@@ -182,8 +192,9 @@ class Watcher:
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop observing and end the worker, which leaves a scan in flight between embedding
-        batches (committed work is kept, nothing is deleted) and saves the vector file."""
+        """Stop observing and end the worker, which leaves a scan in flight between two folders
+        walked, files hashed or embedding batches (committed work is kept, nothing is deleted) and
+        saves the vector file."""
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
@@ -240,20 +251,34 @@ class Watcher:
             _halt(observer)
 
     def _check_roots(self) -> None:
-        """A watched folder that went away or came back (or is now another folder: a drive mounted
-        over its mount point) is observed anew and rescanned as a whole: gone, its files are kept
-        offline; back, they return to searches without being embedded again."""
+        """A watched folder, or a drive mounted inside one, that went away, came back or is now
+        another (a drive mounted over it, or unmounted and mounted again between two checks, which
+        no event tells and which leaves the old watches dead) is observed anew and rescanned: gone,
+        its files are kept offline; back, they return to searches without being embedded again."""
+        table = _mount_points()
         for root in self.roots:
-            now = _identity(root)
-            if now == self._seen.get(root):
+            now, mounts, before = _identity(root), self._mounts_inside(root, table), self._mounts.get(root, {})
+            if now != self._seen.get(root):
+                log.info("watched folder %s %s", root, "is gone" if now is None else "is back or another")
+                changed = [root]
+            else:
+                changed = sorted(m for m in mounts.keys() | before.keys() if mounts.get(m) != before.get(m))
+                for mount in changed:
+                    log.info("watch: the drive at %s was mounted, unmounted or mounted again", mount)
+            self._seen[root], self._mounts[root] = now, mounts
+            if not changed:
                 continue
-            log.info("watched folder %s %s", root, "is back" if now is not None else "is gone")
-            self._seen[root] = now
             try:
                 self._observe(root)
             except CNClipError as e:
                 self._report_error(e)
-            self._queue(root, root, gains=True)
+            for folder in changed:
+                self._queue(root, folder, gains=True)
+
+    def _mounts_inside(self, root: str, mount_points: list[str]) -> dict[str, tuple | None]:
+        """Mount point -> `_identity`, for those of `mount_points` inside `root` that a scan would walk."""
+        inside = (m for m in mount_points if m != root and _inside(m, root))
+        return {m: _identity(m) for m in inside if self._folder_to_scan(root, m, True, True) == m}
 
     def _note(self, root: str, event: FileSystemEvent) -> None:
         """Queue the folders an event touched (called on the observer's thread)."""
@@ -279,9 +304,11 @@ class Watcher:
         if hidden and not self._include_hidden:
             return None
         if not is_dir and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
-            if not (gains and os.path.isdir(path)):
+            if not gains:  # maybe a symlink to a folder (a file to the OS's events): `_apply` asks the catalog
+                return path
+            if not os.path.isdir(path):
                 return None
-            is_dir = True  # a new symlink to a folder (a file to the OS's events), which the scan follows
+            is_dir = True  # a new symlink to a folder, which the scan follows
         return path if is_dir and gains else os.path.dirname(path)
 
     def _queue(self, root: str, folder: str, gains: bool) -> None:
@@ -323,14 +350,18 @@ class Watcher:
             self._saved_generation = index.catalog.generation()
             next_check = time.monotonic() + ROOT_CHECK_S
             while not self._stopping.is_set():
-                batch = self._take_batch(max(0.0, next_check - time.monotonic()))
+                batch = self._take_batch(max(0.0, min(next_check, self._retry_at) - time.monotonic()))
                 if time.monotonic() >= next_check:
                     self._check_roots()
                     if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
                         self._save(index)
                     next_check = time.monotonic() + ROOT_CHECK_S
-                if batch and not self._stopping.is_set():
-                    self._apply(index, batch)
+                retrying = bool(self._failed) and time.monotonic() >= self._retry_at
+                if retrying:
+                    batch = _merged(batch, self._failed)
+                    self._failed, self._retry_at = {}, float("inf")
+                if batch and not self._stopping.is_set() and self._apply(index, batch) and retrying:
+                    self._retry_delay = RETRY_FIRST_S
             self._save(index)
         except BaseException as e:  # noqa: BLE001 - a bug: reported instead of dying silently
             self.error = e
@@ -339,15 +370,18 @@ class Watcher:
         finally:
             index.close()
 
-    def _apply(self, index: Index, batch: dict[str, dict[str, bool]]) -> None:
-        """Rescan the folders of one batch under the writer lock, then report what changed."""
-        jobs = _plan(batch)
+    def _apply(self, index: Index, batch: dict[str, dict[str, bool]]) -> bool:
+        """Rescan the folders of one batch under the writer lock, then report what changed; False
+        when it failed, and is tried again later."""
         if not self._lock(index):
-            return  # stopping
+            return True  # stopping
         summary = IndexSummary()
         try:
+            jobs = _plan(_with_something_to_rescan(batch, index.catalog))
+            if not jobs:
+                return True
             offline = index.catalog.offline_count()
-            indexer = Indexer(index.model, index.catalog, **self.options)
+            indexer = Indexer(index.model, index.catalog, should_stop=self._stopping.is_set, **self.options)
             for folder, root in jobs:
                 folder = _nearest_existing(folder, root)  # gone since the plan: an earlier job took long
                 if folder == root and not os.path.isdir(root):
@@ -355,13 +389,13 @@ class Watcher:
                         continue  # a watched folder that is not there and holds nothing yet
                 _add(summary, indexer.run(folder, self._check_stop, within=root))
             online = max(0, offline - index.catalog.offline_count())
-        except _Stopped:
-            return
-        except Exception as e:  # noqa: BLE001 - reported; the next change tries again
+        except ScanStopped:
+            return True
+        except Exception as e:  # noqa: BLE001 - reported, and tried again
             if not isinstance(e, CNClipError | OSError):
                 log.exception("watch: a batch failed")
-            self._report_error(e)
-            return
+            self._retry_later(batch, e)
+            return False
         finally:
             index.lock.release()
         report = WatchBatch([folder for folder, _ in jobs], summary, online)
@@ -372,6 +406,16 @@ class Watcher:
                 self.on_batch(report)
             except Exception:  # noqa: BLE001 - a failing callback must not stop the watching
                 log.exception("the watch callback failed")
+        return True
+
+    def _retry_later(self, batch: dict[str, dict[str, bool]], error: Exception) -> None:
+        """Keep a failed batch to apply again after the back-off, which doubles at each failure."""
+        self._failed = _merged(self._failed, batch)
+        delay, self._retry_delay = self._retry_delay, min(2 * self._retry_delay, RETRY_MAX_S)
+        self._retry_at = time.monotonic() + delay
+        reported = CNClipError(f"{error}; trying again in {delay:g} s")
+        reported.__cause__ = error
+        self._report_error(reported)
 
     def _lock(self, index: Index) -> bool:
         """Take the writer lock, waiting for another writer (a `cnclip index` run) as long as it takes."""
@@ -403,7 +447,7 @@ class Watcher:
 
     def _check_stop(self, _: Progress) -> None:
         if self._stopping.is_set():
-            raise _Stopped
+            raise ScanStopped("the watcher was stopped")
 
     def _report_error(self, error: BaseException) -> None:
         if self.on_error is None or not isinstance(error, Exception):
@@ -444,6 +488,30 @@ def _plan(batch: dict[str, dict[str, bool]]) -> list[tuple[str, str]]:
     return [(folder, kept[folder][0]) for folder in order]
 
 
+def _with_something_to_rescan(batch: dict[str, dict[str, bool]], catalog: Catalog) -> dict[str, dict[str, bool]]:
+    """The batch without the paths that lost files, are gone and held nothing indexed: a removed
+    file that was not a photo, rather than a symlink to a folder of them (which needs a rescan)."""
+    return {
+        root: {
+            folder: gains
+            for folder, gains in folders.items()
+            if gains or folder == root or os.path.isdir(folder) or catalog.has_files_under(to_catalog_path(folder))
+        }
+        for root, folders in batch.items()
+    }
+
+
+def _merged(*batches: dict[str, dict[str, bool]]) -> dict[str, dict[str, bool]]:
+    """One batch with the folders of all; a folder gains files if it does in any."""
+    merged: dict[str, dict[str, bool]] = {}
+    for batch in batches:
+        for root, folders in batch.items():
+            into = merged.setdefault(root, {})
+            for folder, gains in folders.items():
+                into[folder] = into.get(folder, False) or gains
+    return merged
+
+
 def _nearest_existing(folder: str, root: str) -> str:
     """`folder`, or its nearest parent that still exists, stopping at its watched `root`."""
     while folder != root and not os.path.isdir(folder):
@@ -464,13 +532,59 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
 
 
-def _identity(folder: str) -> tuple[int, int] | None:
-    """(device, inode) of a folder, None when it is not there: another value means another folder."""
+def _identity(folder: str) -> tuple[int, int, int | None] | None:
+    """(device, inode, mount id) of a folder, None when it is not there: another value means another
+    folder. The same drive unmounted and mounted again has the same device and inode; only the mount
+    id (where the system gives one) tells them apart."""
     try:
         st = os.stat(folder)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino) if os.path.isdir(folder) else None
+    return (st.st_dev, st.st_ino, _mount_id(folder)) if os.path.isdir(folder) else None
+
+
+_AT_FDCWD = -100
+_STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8+: a mount id that is never reused (the older one is)
+_STATX_MNT_ID_AT = 0x90  # the offset of stx_mnt_id in struct statx
+_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")  # a space in a mount point is written \040
+
+
+@functools.cache
+def _statx() -> Callable | None:
+    """libc's statx(2) (Linux with glibc 2.28+ or musl 1.2.5+), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        statx = ctypes.CDLL(None, use_errno=True).statx
+    except (OSError, AttributeError):
+        return None
+    statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    statx.restype = ctypes.c_int
+    return statx
+
+
+def _mount_id(path: str) -> int | None:
+    """The unique id of the mount that `path` lies on; None where the system does not give it."""
+    statx = _statx()
+    if statx is None:
+        return None
+    buffer = ctypes.create_string_buffer(256)  # struct statx
+    if statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_MNT_ID_UNIQUE, buffer) != 0:
+        return None
+    if not int.from_bytes(buffer.raw[:4], sys.byteorder) & _STATX_MNT_ID_UNIQUE:  # stx_mask
+        return None
+    return int.from_bytes(buffer.raw[_STATX_MNT_ID_AT : _STATX_MNT_ID_AT + 8], sys.byteorder)
+
+
+def _mount_points() -> list[str]:
+    """The mount points of this process's mount table (Linux); empty where there is none to read."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    fields = (line.split(b" ") for line in lines)
+    return [os.fsdecode(_MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), f[4])) for f in fields if len(f) > 4]
 
 
 def _halt(observer: BaseObserver) -> None:

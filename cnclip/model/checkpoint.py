@@ -21,6 +21,7 @@ from cnclip.model.clip import CNClipModel
 from cnclip.model.config import ModelConfig, TextConfig, VisionConfig, get_model_config, match_zoo
 from cnclip.model.hf_format import _IGNORED, CNCLIP_CONFIG, WEIGHTS_FILE, _count, hf_to_native
 from cnclip.model.tokenizer import Tokenizer
+from cnclip.userpath import expand_user
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,13 @@ def load_model(
     source = str(name_or_path)
     model = _load(source, expected, device)
     # what to reload this model from later (an index records it): local paths absolutely
-    local = Path(source).expanduser()
+    local = expand_user(source)
     model.source = str(local.resolve()) if local.exists() else source
     return model
 
 
 def _load(source: str, expected: ModelConfig | None, device) -> CNClipModel:
-    path = Path(source).expanduser()
+    path = expand_user(source)
     if path.is_dir():
         return _load_folder(path, expected, device)
     if path.is_file():

@@ -4,8 +4,10 @@ A zoo name's official `.pt` file is used from the cache when it is there (no net
 Otherwise it comes from the first source that answers: the Hugging Face hub (`HF_ENDPOINT` points
 it at a mirror such as https://hf-mirror.com), ModelScope (`MODELSCOPE_ENDPOINT`), a URL template
 or a folder. The bytes stream into `<cache>/weights/<file>.part`, which a later attempt resumes with
-an HTTP Range request; the finished file is checked (size, SHA-256 when known, the caller's check)
-and only then renamed to its final name, so a wrong or cut-off file never looks like a good one.
+an HTTP Range request only from the same URL and the same version of the file (`If-Range` with the
+ETag or Last-Modified recorded in `<file>.part.json`), so a part never joins two sources' bytes;
+the finished file is checked (size, SHA-256 when known, the caller's check) and only then renamed
+to its final name, so a wrong or cut-off file never looks like a good one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -26,10 +29,11 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, quote_plus
 
-from cnclip import atomic
+from cnclip import atomic, faults
 from cnclip.errors import CheckpointError, CNClipError, ModelNotFoundError
 from cnclip.model.config import ModelConfig
 from cnclip.oslock import FileLock
+from cnclip.userpath import expand_user
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +112,7 @@ def _parse_one(item: str) -> Source:
         return Source("modelscope", _modelscope_endpoint())
     if "://" in item:
         return Source("url", item if "{file}" in item else item.rstrip("/") + "/{file}")
-    folder = Path(item).expanduser()
+    folder = expand_user(item)
     if item.startswith((".", "~", "/")) or os.sep in item or folder.is_dir():
         return Source("folder", str(folder))
     raise ModelNotFoundError(f"unknown weights source {item!r}; give a {SOURCE_HELP}")
@@ -250,22 +254,32 @@ class _Answer:
     start: int  # where its first byte belongs: the offset asked for, or 0 when the source ignored Range
     total: int | None  # the whole file's size, when the source says
     sha256: str | None = None  # the file's digest, when the source says (the hub's X-Linked-Etag)
+    version: str | None = None  # what a resume sends as If-Range: a strong ETag, else Last-Modified
 
 
 def _download(source: Source, where: str, target: Path, config: ModelConfig, progress, check, answered) -> None:
     part = target.with_name(target.name + ".part")
-    digest = _receive(source, where, part, progress, answered)
-    _verify(part, config, digest, check)
+    try:
+        digest = _receive(source, where, part, config.size, progress, answered)
+        _verify(part, config, digest, check)
+    except _Refused as e:
+        if e.bad_file:
+            part.unlink(missing_ok=True)
+            _record_of(part).unlink(missing_ok=True)
+        raise
     atomic.publish(part, target)
+    _record_of(part).unlink(missing_ok=True)
 
 
-def _receive(source: Source, where: str, part: Path, progress, answered) -> str | None:
-    """Stream the file into `part`, resuming it after dropped connections; the digest the source gave."""
-    stalled, digest, first = 0, None, True
+def _receive(source: Source, where: str, part: Path, size: int | None, progress, answered) -> str | None:
+    """Stream the file into `part`, resuming it after dropped connections; the digest the source gave.
+
+    `size`: the pinned size, when known; a source announcing another is refused before any byte is kept."""
+    stalled, longest, first = 0, 0, True
     while True:
-        offset = part.stat().st_size if part.exists() else 0
+        offset, version, digest = _resumable(part, where)
         try:
-            answer = _open(source, where, offset)
+            answer = _open(source, where, offset, version)
         except _Unreachable:
             if first or stalled >= RETRIES:  # a source that never answered fails over at once
                 raise
@@ -275,28 +289,64 @@ def _receive(source: Source, where: str, part: Path, progress, answered) -> str 
         if first:
             answered()
             first = False
+        if size is not None and answer.total is not None and answer.total != size:
+            answer.stream.close()
+            announced = f"the source announces {answer.total} bytes, not the expected {size}"
+            raise _Refused(f"bad file, {announced}", bad_file=True)
+        if answer.start == 0:
+            digest = None
+            _begin(part, where, answer)
         digest = answer.sha256 or digest
-        added, dropped = _copy(answer, part, progress)
-        size = part.stat().st_size
+        dropped = _copy(answer, part, progress)
+        done = part.stat().st_size
         if answer.total is None and not dropped:
             if progress:
-                progress(size, size)
+                progress(done, done)
             return digest
-        if size == answer.total:
+        if done == answer.total:
             return digest
-        if answer.total is not None and size > answer.total:
-            part.unlink()
-            raise _Refused(f"bad file, {size} bytes where {answer.total} were announced", bad_file=True)
-        stalled = 0 if added else stalled + 1
+        if answer.total is not None and done > answer.total:
+            raise _Refused(f"bad file, {done} bytes where {answer.total} were announced", bad_file=True)
+        # progress is a part longer than ever before: a source that restarts and drops at one place never gets there
+        stalled = 0 if done > longest else stalled + 1
+        longest = max(longest, done)
         if stalled > RETRIES:
-            raise _Unreachable(f"connection dropped at byte {size} of {answer.total or 'unknown'}")
+            raise _Unreachable(f"connection dropped at byte {done} of {answer.total or 'unknown'}")
         time.sleep(stalled)  # at once after a drop that brought bytes; slower while nothing comes
 
 
-def _copy(answer: _Answer, part: Path, progress) -> tuple[int, bool]:
+def _record_of(part: Path) -> Path:
+    """Where a part's source and version are noted, beside it."""
+    return part.with_name(part.name + ".json")
+
+
+def _resumable(part: Path, where: str) -> tuple[int, str | None, str | None]:
+    """(offset, version, sha256) to resume `part` from `where` with: offset 0 (start over) unless the
+    part's record says its bytes came from `where` and names their version."""
+    try:
+        record = json.loads(_record_of(part).read_text(encoding="utf-8"))
+        offset = part.stat().st_size
+    except (OSError, ValueError):  # no part, no record (a part left by an older cnclip), a torn record
+        return 0, None, None
+    if not isinstance(record, dict) or record.get("url") != where or not record.get("version"):
+        return 0, None, None
+    return offset, record["version"], record.get("sha256")
+
+
+def _begin(part: Path, where: str, answer: _Answer) -> None:
+    """Empty `part`, then record where its bytes will come from: in this order a crash in between leaves an
+    empty part, never old bytes under the new source's name."""
+    try:
+        part.write_bytes(b"")
+        atomic.write_json(_record_of(part), {"url": where, "version": answer.version, "sha256": answer.sha256})
+    except OSError as e:
+        raise _cannot_write(part, e) from e
+
+
+def _copy(answer: _Answer, part: Path, progress) -> bool:
     """Append what `answer` sends to `part` (rewriting it when the source restarted from byte 0).
 
-    Returns (bytes added, whether the connection broke)."""
+    Returns whether the connection broke."""
     import http.client  # already loaded by urllib.request when the answer is an HTTP response
 
     done, dropped = answer.start, False
@@ -315,54 +365,63 @@ def _copy(answer: _Answer, part: Path, progress) -> tuple[int, bool]:
                 if not chunk:
                     break
                 out.write(chunk)
+                out.flush()  # what a kill here leaves is exactly what was written
+                faults.point("download.mid")
                 done += len(chunk)
                 if progress:
                     progress(done, answer.total)
     except OSError as e:  # reads are caught above: this is the cache's disk
-        raise ModelNotFoundError(
-            f"cannot write {part} ({_why(e)}); free some space or set CNCLIP_CACHE to another folder"
-        ) from e
-    return done - answer.start, dropped
+        raise _cannot_write(part, e) from e
+    return dropped
 
 
-def _open(source: Source, where: str, offset: int) -> _Answer:
-    """Ask `source` for the file from byte `offset` on."""
+def _cannot_write(part: Path, e: OSError) -> ModelNotFoundError:
+    return ModelNotFoundError(f"cannot write {part} ({_why(e)}); free some space or set CNCLIP_CACHE to another folder")
+
+
+def _open(source: Source, where: str, offset: int, version: str | None = None) -> _Answer:
+    """Ask `source` for the file from byte `offset` on, if it is still `version`; from byte 0 otherwise."""
     if source.kind == "folder":
-        return _open_file(Path(where), offset)
+        return _open_file(Path(where), offset, version)
     import http.client
     import urllib.request
     from urllib.error import HTTPError, URLError
 
+    offset = offset if version else 0  # bytes of an unknown version are never resumed
     request = urllib.request.Request(where, headers={"User-Agent": "cnclip"})
-    if offset:
+    if version and offset:  # urllib passes both on through redirects, to the hub's CDN that knows the version
         request.add_header("Range", f"bytes={offset}-")
+        request.add_header("If-Range", version)
     request.seen = {}  # filled by _KeepDigest while redirects are followed
     try:
         response = _opener().open(request, timeout=TIMEOUT)
     except HTTPError as e:
         e.close()
         if e.code == 416 and offset:  # the part is complete already, or longer than the file: start over
-            if _range_total(e.headers.get("Content-Range")) == offset:
-                return _Answer(io.BytesIO(), offset, offset)
+            if _range_total(e.headers.get("Content-Range")) == offset and _version(e.headers) in (None, version):
+                return _Answer(io.BytesIO(), offset, offset, version=version)
             return _open(source, where, 0)
         if e.code in (408, 429) or e.code >= 500:  # busy or a broken gateway: as good as unreachable
             raise _Unreachable(f"HTTP {e.code}") from e
         raise _Refused(f"HTTP {e.code}") from e
     except (URLError, OSError, http.client.HTTPException) as e:
         raise _Unreachable(_why(e)) from e
-    digest = _sha256_hint(request.seen.get("etag") or response.headers.get("X-Linked-Etag"))
+    headers = response.headers
+    hints = (request.seen.get("sha256"), headers.get("X-Linked-Etag"), headers.get("ETag"))
+    digest = next(filter(None, map(_sha256_hint, hints)), None)
     if offset and response.status == 206:
-        match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
-        if match and int(match[1]) == offset:
-            return _Answer(response, offset, int(match[2]) if match[2] != "*" else None, digest)
+        # a server that ignores If-Range shows another version by its ETag, or answers from another offset
+        match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("Content-Range", "").strip())
+        if match and int(match[1]) == offset and _version(headers) in (None, version):
+            return _Answer(response, offset, int(match[2]) if match[2] != "*" else None, digest, version)
         response.close()
         return _open(source, where, 0)
-    # a 200 to a Range request: the server ignored it and sends the whole file, so start the part over
-    length = response.headers.get("Content-Length", "")
-    return _Answer(response, 0, int(length) if length.isdigit() else None, digest)
+    # a 200 to a Range request: another version (If-Range) or a server that ignores Range; start over
+    length = headers.get("Content-Length", "")
+    return _Answer(response, 0, int(length) if length.isdigit() else None, digest, _version(headers))
 
 
-def _open_file(path: Path, offset: int) -> _Answer:
+def _open_file(path: Path, offset: int, version: str | None) -> _Answer:
     if not path.parent.is_dir():  # an unmounted share: as good as unreachable
         raise _Unreachable(f"no folder {path.parent}")
     try:
@@ -371,10 +430,11 @@ def _open_file(path: Path, offset: int) -> _Answer:
         raise _Refused(f"no {path.name} there") from e
     except OSError as e:
         raise _Unreachable(_why(e)) from e
-    total = os.fstat(stream.fileno()).st_size
-    start = offset if offset <= total else 0
+    stat = os.fstat(stream.fileno())
+    now = f"{stat.st_size}-{stat.st_mtime_ns}"  # a folder's file is another version once its size or time changes
+    start = offset if offset <= stat.st_size and version == now else 0
     stream.seek(start)
-    return _Answer(stream, start, total)
+    return _Answer(stream, start, stat.st_size, version=now)
 
 
 @functools.cache
@@ -382,14 +442,14 @@ def _opener():
     import urllib.request
 
     class _KeepDigest(urllib.request.HTTPRedirectHandler):
-        """Follows redirects, keeping the hub's X-Linked-Etag (an LFS file's SHA-256): only the first answer,
-        the redirect to the CDN, carries it."""
+        """Follows redirects, keeping the hub's X-Linked-Etag or ETag when it is an LFS file's SHA-256: only
+        the first answer, the redirect to the CDN, carries it."""
 
         def redirect_request(self, req, fp, code, msg, headers, newurl):
             new = super().redirect_request(req, fp, code, msg, headers, newurl)
             seen = getattr(req, "seen", {})
-            if headers.get("X-Linked-Etag") and not seen.get("etag"):
-                seen["etag"] = headers["X-Linked-Etag"]
+            if not seen.get("sha256"):
+                seen["sha256"] = _sha256_hint(headers.get("X-Linked-Etag")) or _sha256_hint(headers.get("ETag"))
             if new is not None:
                 new.seen = seen
             return new
@@ -398,7 +458,7 @@ def _opener():
 
 
 def _verify(part: Path, config: ModelConfig, digest: str | None, check) -> None:
-    """Refuse (and delete) a finished part that is not the file: wrong size, wrong digest, or `check` says so."""
+    """Refuse a finished part that is not the file: wrong size, wrong digest, or `check` says so."""
     size = part.stat().st_size
     problem = None
     if size == 0:
@@ -416,7 +476,6 @@ def _verify(part: Path, config: ModelConfig, digest: str | None, check) -> None:
         except CNClipError as e:
             problem = str(e).replace(str(part), part.stem)  # the .part is gone by the time this is read
     if problem is not None:
-        part.unlink(missing_ok=True)
         raise _Refused(f"bad file, {problem}", bad_file=True)
 
 
@@ -451,6 +510,12 @@ def _offline() -> bool:
 def _range_total(content_range: str | None) -> int | None:
     match = re.search(r"/(\d+)\s*$", content_range or "")
     return int(match[1]) if match else None
+
+
+def _version(headers) -> str | None:
+    """What names this version of the file in If-Range: a strong ETag, else Last-Modified (RFC 9110 13.1.5)."""
+    etag = (headers.get("ETag") or "").strip()
+    return etag if etag and not etag.startswith("W/") else headers.get("Last-Modified") or None
 
 
 def _sha256_hint(etag: str | None) -> str | None:

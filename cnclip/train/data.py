@@ -31,6 +31,7 @@ from cnclip import atomic
 from cnclip.errors import CNClipError, ImageError
 from cnclip.model.tokenizer import Tokenizer, normalize_text
 from cnclip.model.transform import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image, preprocess
+from cnclip.userpath import expand_user
 
 __all__ = [
     "DataReport",
@@ -759,7 +760,7 @@ def read_official_lmdb(lmdb_dir: str | os.PathLike, out_dir: str | os.PathLike) 
 def read_lines(path: str | os.PathLike) -> list[str]:
     """The non-empty lines of a UTF-8 text file (labels, texts to index), stripped."""
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8-sig")
+        text = expand_user(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError as e:
         raise CNClipError(f"{path}: no such file") from e
     except UnicodeDecodeError as e:

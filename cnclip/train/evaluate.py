@@ -19,6 +19,7 @@ from cnclip.model.embed import embed_files
 from cnclip.model.transform import IMAGE_EXTENSIONS
 from cnclip.model.zeroshot import PROMPT_TEMPLATES, label_embeddings
 from cnclip.train.data import read_lines
+from cnclip.userpath import expand_user
 
 if TYPE_CHECKING:
     from cnclip.model.clip import CNClipModel
@@ -218,7 +219,7 @@ def zero_shot_accuracy(
     label's prompts are averaged as `cnclip.zero_shot` does. Unreadable images are skipped,
     counted in "failed" and passed to `on_skip` as "path: reason". Ties count against the hit.
     """
-    root = Path(folder).expanduser()
+    root = expand_user(folder)
     classes = class_folders(root)
     names = class_labels(classes, labels)
     paths, truth = [], []
@@ -242,7 +243,7 @@ def zero_shot_accuracy(
 
 def class_folders(folder: str | os.PathLike) -> list[str]:
     """The class folder names under `folder`, sorted (hidden ones left out)."""
-    root = Path(folder).expanduser()
+    root = expand_user(folder)
     if not root.is_dir():
         raise EvaluationError(f"{folder} is not a folder; give a folder with one sub-folder of images per class")
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))

@@ -12,13 +12,13 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from cnclip.errors import CNClipError
 from cnclip.model.tokenizer import Tokenizer, normalize_text
+from cnclip.userpath import expand_user
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Block:
 
 def read_corpus(path: str | os.PathLike) -> Iterator[str]:
     """Non-empty lines of a text file, or of every .txt file under a folder (sorted), stripped."""
-    path = Path(path).expanduser()
+    path = expand_user(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
@@ -61,7 +61,7 @@ def load_user_dict(path: str | os.PathLike | None) -> None:
     """Add a jieba user dictionary (one word per line, optional frequency and tag) before segmenting."""
     if path is None:
         return
-    path = Path(path).expanduser()
+    path = expand_user(path)
     if not path.is_file():
         raise CNClipError(f"no jieba user dictionary at {path}; give a text file with one word per line")
     import jieba

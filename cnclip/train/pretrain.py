@@ -35,6 +35,7 @@ from cnclip.train.loop import (
     write_checkpoint,
 )
 from cnclip.train.mlm import IGNORE, Block, Masker, batch_rng, load_user_dict, mask_batch, pack_blocks, read_corpus
+from cnclip.userpath import expand_user
 
 HEAD_FILE = "mlm_head.safetensors"  # saved beside the model, so a later run continues with the same head
 VAL_SEED = 1234  # held-out masks are the same before and after training, so the figures compare
@@ -161,7 +162,7 @@ def _read_head_file(path: Path) -> dict[str, torch.Tensor]:
 
 def _head_source(opts: PretrainOptions) -> Path | None:
     if opts.mlm_head:
-        path = Path(opts.mlm_head).expanduser()
+        path = expand_user(opts.mlm_head)
         if path.is_dir():
             found = [path / n for n in (HEAD_FILE, "model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
             if not found:
@@ -170,8 +171,8 @@ def _head_source(opts: PretrainOptions) -> Path | None:
         if not path.is_file():
             raise CNClipError(f"no MLM head checkpoint at {opts.mlm_head}; give a BERT checkpoint file or folder")
         return path
-    if opts.model and (Path(opts.model).expanduser() / HEAD_FILE).is_file():  # saved by an earlier run
-        return Path(opts.model).expanduser() / HEAD_FILE
+    if opts.model and (expand_user(opts.model) / HEAD_FILE).is_file():  # saved by an earlier run
+        return expand_user(opts.model) / HEAD_FILE
     return None
 
 
@@ -257,7 +258,7 @@ def pretrain_text(opts: PretrainOptions, report: Callable[[str], None] = lambda 
 
     `report` receives one-line progress messages (the CLI prints them).
     """
-    out = Path(opts.out).expanduser()
+    out = expand_user(opts.out)
     if opts.batch_size < 1 or opts.accum < 1 or opts.epochs < 1:
         raise CNClipError("--batch-size, --accum and --epochs must be positive")
     torch.manual_seed(opts.seed)  # a fresh head's (or --from-scratch model's) initial weights

@@ -118,3 +118,29 @@ def test_api_filters(built):
         assert sorted(h["name"] for h in r.json()["results"]) == ["beach.jpg", "lake.jpg"]
         r = client.get("/api/search", params={"q": "海边", "after": "soon"})
         assert r.status_code == 400 and "cannot read the date 'soon'" in r.text
+
+
+NO_USER = "~nosuchuser-cnclip"  # `~user` of a user this machine does not have
+
+
+@pytest.mark.parametrize("options", [("--in", f"{NO_USER}/x"), ("--image", f"{NO_USER}/x.jpg")])
+def test_a_path_of_an_unknown_user_is_one_line(built, options):
+    import pwd
+
+    with pytest.raises(KeyError):
+        pwd.getpwnam(NO_USER[1:])
+    out = run_cli("search", "海边", "--index", built / "idx", *options)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert f"cannot expand {NO_USER}: no such user; give the full path" in lines[0]
+
+
+def test_a_path_of_an_unknown_user_is_a_4xx(built):
+    from cnclip.app.serve import create_app
+
+    with TestClient(create_app(built / "idx"), base_url="http://127.0.0.1") as client:
+        r = client.get("/api/search", params={"q": "海边", "in": f"{NO_USER}/x"})
+        assert r.status_code == 400 and f"cannot expand {NO_USER}" in r.json()["error"], r.text
+        some_id = client.get("/api/search", params={"q": "海边"}).json()["results"][0]["id"]
+        r = client.get("/api/similar", params={"id": some_id, "in": f"{NO_USER}/x"})
+        assert r.status_code == 400 and f"cannot expand {NO_USER}" in r.json()["error"], r.text

@@ -144,3 +144,31 @@ def test_serve_watch_keeps_the_served_index_current(tmp_path, model_dir):
     assert sum(b.summary.added for b in batches) == 1 and sum(b.summary.removed for b in batches) == 1
     left = [t for t in threading.enumerate() if t not in before and t.is_alive() and t.name != "cnclip-rebuild_0"]
     assert not left, f"threads left running: {left}"
+
+
+def test_index_watch_follows_a_removed_symlink_to_a_folder(tmp_path, model_dir):
+    # to the OS's events the link is a file without an image extension; its photos must leave all the same
+    photos, nas, idx = tmp_path / "photos", tmp_path / "nas", tmp_path / "idx"
+    write_photos(photos, 3, seed=5)
+    linked = write_photos(nas / "2023", 2, seed=6, prefix="n")
+    os.symlink(nas / "2023", photos / "nas2023")
+    command = [sys.executable, "-m", "cnclip", "index", str(photos), "--index", str(idx), "--model", str(model_dir)]
+    proc = subprocess.Popen([*command, "--watch", "-q"], stderr=subprocess.PIPE, text=True)
+    try:
+        err = _Lines(proc.stderr)
+        err.wait_for("watching", START_S)
+        write_photos(photos, 1, seed=7, prefix="new")
+        err.wait_for("watch: 1 added", WITHIN_S)  # the watcher's own first pass is over: it sees no link gone
+        with cnclip.Index.open(idx) as reader:
+            assert {str(photos / "nas2023" / p.name) for p in linked} <= _found(reader)
+            (photos / "nas2023").unlink()
+            assert err.wait_for("watch: ", WITHIN_S) == "watch: 2 removed (0 embedded, 0 reused)"
+            _eventually(lambda: _found(reader) == {str(p) for p in photos.glob("*.png")}, "the linked photos leave")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+    assert code == 0, "\n".join(err.rest())

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import random_images, run_cli
+from conftest import eventually, random_images, run_cli
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -537,3 +537,184 @@ def test_raw_dot_dot_paths_over_http_serve_nothing(built):
                     reply += chunk
             assert reply.startswith(b"HTTP/1.1 404"), (path, reply[:200])
             assert b"root:" not in reply and b"create_app" not in reply
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+
+def _index_of_photos(base: Path, model_dir: Path, n: int) -> Path:
+    _write_photos(base / "photos", n, seed=21)
+    with cnclip.Index.open(base / "idx", model=str(model_dir), create=True) as index:
+        index.add_folder(base / "photos")
+    return base / "idx"
+
+
+def _add_photos(index_path: Path, photos: Path, n: int) -> None:
+    """`n` new photos indexed by another writer: more than half the index changes, so servers rebuild."""
+    _write_photos(photos, n, seed=22, prefix="new")
+    with cnclip.Index.open(index_path) as writer:
+        writer.add_folder(photos)
+
+
+def test_health_reports_a_failing_rebuild_and_its_back_off(tmp_path, model_dir, monkeypatch):
+    from cnclip.index import folder
+    from cnclip.index.vectors import VectorIndex
+
+    index_path = _index_of_photos(tmp_path, model_dir, 2)
+    with TestClient(create_app(index_path), base_url=LOCAL) as client:
+        quiet = {"running": False, "failures": 0, "last_error": None, "retry_in_s": 0.0}
+        assert client.get("/api/health").json()["rebuild"] == quiet
+        _add_photos(index_path, tmp_path / "photos", 4)
+
+        def out_of_memory(cls, *args, **kwargs):
+            raise MemoryError
+
+        monkeypatch.setattr(folder, "_SYNC_MIN_REBUILD", 0)
+        monkeypatch.setattr(VectorIndex, "build_streaming", classmethod(out_of_memory))
+
+        def failed() -> dict | None:
+            assert client.get("/api/search", params={"q": "猫"}).status_code == 200  # the old index answers
+            rebuild = client.get("/api/health").json()["rebuild"]
+            return rebuild if rebuild["failures"] else None
+
+        rebuild = eventually(failed, "health reports the failed rebuild", timeout=30)
+        assert rebuild["failures"] == 1 and rebuild["last_error"] == "MemoryError" and rebuild["running"] is False
+        assert 0 < rebuild["retry_in_s"] <= 5
+
+
+WITH_A_SLOW_REBUILD = """
+import sys, time
+from cnclip.app.cli import main
+from cnclip.index import folder
+from cnclip.index.vectors import VectorIndex
+
+def slow(cls, *args, **kwargs):
+    time.sleep(300)  # a rebuild of a large index
+
+folder._SYNC_MIN_REBUILD = 0  # every change is past half of the index: a rebuild
+VectorIndex.build_streaming = classmethod(slow)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_serve_at_once_while_a_rebuild_runs(tmp_path, model_dir):
+    import signal
+    import subprocess
+    import sys
+
+    index_path = _index_of_photos(tmp_path, model_dir, 2)
+    script = tmp_path / "serve_slowly.py"
+    script.write_text(WITH_A_SLOW_REBUILD, encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, str(script), "serve", "--index", str(index_path), "--port", "0", "--upload-memory", "64"]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True).start()
+    try:
+        url = eventually(lambda: next((line.split()[3] for line in lines if line.startswith("serving")), None),
+                         "the server prints its address", timeout=120)  # fmt: skip
+        _add_photos(index_path, tmp_path / "photos", 4)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/api/search", params={"q": "猫"}).status_code == 200  # starts the rebuild
+            eventually(lambda: http.get("/api/health").json()["rebuild"]["running"], "a rebuild runs", timeout=30)
+        started = time.monotonic()
+        server.send_signal(signal.SIGINT)
+        code = server.wait(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        server.kill()
+        server.wait()
+    assert code == 130 and took < 10, (code, took, "".join(lines))
+
+
+# -- memory under load ----------------------------------------------------------------------------
+
+
+def _flat_png(width: int, height: int) -> bytes:
+    """A valid width x height RGB PNG of one colour: a small file that decodes to a large image."""
+    deflate = zlib.compressobj(9)
+    row = b"\0" + b"\x60\x80\xa0" * width  # filter byte, then the pixels
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_concurrent_large_uploads_decode_within_the_memory_budget(built, monkeypatch):
+    from cnclip.model import transform
+
+    png = _flat_png(1500, 1500)  # 2.25 MP: 18 MB to decode (the image and its RGB copy) from 20 KB
+    assert len(png) < 50_000
+    budget = 40 * 2**20  # room for two at once
+    decoding, most, lock = [0], [0], threading.Lock()
+    real_load = transform.load_image
+
+    def counted_load(*args, **kwargs):
+        with lock:
+            decoding[0] += 1
+            most[0] = max(most[0], decoding[0])
+        try:
+            time.sleep(0.2)  # as long as a large PNG takes: long enough for the others to overlap
+            return real_load(*args, **kwargs)
+        finally:
+            with lock:
+                decoding[0] -= 1
+
+    monkeypatch.setattr(transform, "load_image", counted_load)
+    app = create_app(built[0], upload_memory=budget)
+
+    def upload(n: int) -> httpx.Response:
+        with httpx.Client(base_url=base, timeout=120) as http:
+            return http.post("/api/search/image", files={"file": (f"big{n}.png", png, "image/png")}, data={"k": 2})
+
+    with serve_in_thread(app) as base, ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(upload, range(12)))
+    assert [r.status_code for r in replies] == [200] * 12, [r.text for r in replies if r.status_code != 200]
+    assert most[0] <= 2  # never more than two decoded at once
+    assert 0 < app.state.upload_memory.peak <= budget and app.state.upload_memory.used == 0
+
+
+def test_the_decode_budget_waits_then_answers_503_and_refuses_more_than_all_of_it():
+    from fastapi import HTTPException
+
+    from cnclip.app.serve import DecodeBudget
+
+    budget = DecodeBudget(100, wait_s=0.05)
+    with budget.reserve(60, "a.png"):
+        with pytest.raises(HTTPException) as busy, budget.reserve(60, "b.png"):
+            pass
+        with budget.reserve(40, "c.png"):  # what is left still serves
+            assert budget.used == 100
+    assert busy.value.status_code == 503 and "b.png" in busy.value.detail and busy.value.headers["Retry-After"]
+    with pytest.raises(HTTPException) as too_big, budget.reserve(101, "d.png"):
+        pass
+    assert too_big.value.status_code == 413 and "d.png" in too_big.value.detail
+    assert budget.used == 0 and budget.peak == 100
+
+    patient = DecodeBudget(100, wait_s=60)
+    held = threading.Event()
+
+    def hold_briefly() -> None:
+        with patient.reserve(100, "first.png"):
+            held.set()
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=hold_briefly)
+    thread.start()
+    held.wait(10)
+    with patient.reserve(100, "second.png"):  # waits for the first, then has it all
+        assert patient.used == 100
+    thread.join()
+
+
+def test_a_jpeg_reserves_its_reduced_decode_a_png_all_of_it(built):
+    out = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (90, 120, 150)).save(out, "JPEG")
+    with TestClient(create_app(built[0], upload_memory=8 * 2**20), base_url=LOCAL) as client:
+        r = client.post("/api/search/image", files={"file": ("big.jpg", out.getvalue(), "image/jpeg")})
+        assert r.status_code == 200, r.text  # decoded at 1/8 scale: 250x250
+        r = client.post("/api/search/image", files={"file": ("big.png", _flat_png(2000, 2000), "image/png")})
+        assert "takes 30 MB to decode" in _assert_json_error(r, 413)

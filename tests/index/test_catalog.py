@@ -70,7 +70,7 @@ def test_create_makes_folder_and_records_schema(tmp_path):
     folder = tmp_path / "deep" / "er" / "idx"
     with Catalog.open(folder, create=True) as c:
         assert c.folder == folder and c.path == folder / CATALOG_FILE
-        assert c.schema_version == SCHEMA_VERSION == 4
+        assert c.schema_version == SCHEMA_VERSION == 5
         assert c.identity is None and c.count() == 0 and c.generation() == 0
         assert c._db.execute("PRAGMA page_size").fetchone()[0] == 32768
     conn = sqlite3.connect(folder / CATALOG_FILE)
@@ -155,6 +155,25 @@ def test_a_version_1_catalog_is_upgraded_with_its_files_and_vectors(tmp_path, mo
         np.testing.assert_array_equal(c.vector_for_path(f"{root}/a.jpg"), vec(1))
         assert c.offline_files() == [] and c.unused_vectors() == 0
         assert c.precision_counts() == {"unrecorded": 1}  # computed before precisions were kept
+
+
+def test_every_catalog_has_its_own_identity_for_life(tmp_path):
+    with Catalog.open(tmp_path / "a", create=True) as a, Catalog.open(tmp_path / "b", create=True) as b:
+        first = a.catalog_id()
+        assert len(first) == 32 and first != b.catalog_id()
+        with pytest.raises(ValueError, match="reserved"):
+            a.set_meta("catalog_id", "forged")
+    with Catalog.open(tmp_path / "a") as a:
+        assert a.catalog_id() == first
+
+
+def test_the_journal_mark_names_the_entry_at_a_position(cat, root):
+    assert cat.journal_mark(0) == "0" and cat.journal_mark(1) is None
+    scan = cat.begin_scan()
+    cat.put_files(scan, [NewFile(f"{root}/a.jpg", 1, 1, "ha", vector=vec(1))])
+    seq = cat.change_seq()
+    [file_id] = cat.file_ids()
+    assert cat.journal_mark(seq) == f"{seq}:{file_id}:1" and cat.journal_mark(seq + 1) is None
 
 
 def test_closed_catalog_raises_clearly(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from vector_sets import clustered
@@ -226,6 +228,57 @@ def test_fewer_matches_than_k_returns_them_all(big):
     assert 10 < mask.sum() < 200
     hits = index._image_hits(vectors[:1], 200, where)
     assert sorted(h.id for h in hits) == sorted(ids[mask].tolist())
+
+
+EDGES = [  # the last and first second of each period a filter below names
+    "2023-12-31T23:59:59",
+    "2024-01-01T00:00:00",
+    "2024-05-31T23:59:59",
+    "2024-06-01T00:00:00",
+    "2024-07-15T12:00:00",
+    "2024-08-31T23:59:59",
+    "2024-09-01T00:00:00",
+    "2024-12-31T23:59:59",
+    "2025-01-01T00:00:00",
+]
+
+
+@pytest.fixture(scope="module")
+def edges(tmp_path_factory):
+    """One photo taken at each of EDGES, named by its time."""
+    folder = tmp_path_factory.mktemp("edges") / "idx"
+    vectors = clustered(len(EDGES), DIM, seed=7)
+    with Catalog.open(folder, create=True) as catalog:
+        catalog.bind_model(
+            ModelIdentity(name=None, source="synthetic", digest="cd" * 32, dim=DIM, image_size=224, preprocessing="x")
+        )
+        rows = [NewFile(f"/photos/{t}.jpg", 1000, 1, f"h{t}", vector=v) for t, v in zip(EDGES, vectors, strict=True)]
+        catalog.put_files(catalog.begin_scan(), rows)
+        infos = [(catalog.file_id_for_path(r.path), PhotoInfo(t, "exif")) for r, t in zip(rows, EDGES, strict=True)]
+        catalog.set_info(infos)
+    index = Index.open(folder, vector_kind="exact")
+    yield index
+    index.close()
+
+
+@pytest.mark.parametrize(
+    ("after", "before", "first", "last"),
+    [
+        ("2024-06", "2024-09", "2024-06-01T00:00:00", "2024-08-31T23:59:59"),  # a short period: the date index
+        ("2024-06-01", "2024-09-01", "2024-06-01T00:00:00", "2024-08-31T23:59:59"),
+        ("2024", "2025", "2024-01-01T00:00:00", "2024-12-31T23:59:59"),  # a long one: a table scan
+        ("2024-06", None, "2024-06-01T00:00:00", EDGES[-1]),
+        (None, "2024-06", EDGES[0], "2024-05-31T23:59:59"),
+        ("2025", None, "2025-01-01T00:00:00", EDGES[-1]),
+        (None, "2024", EDGES[0], "2023-12-31T23:59:59"),
+    ],
+)
+def test_after_takes_its_first_second_and_before_stops_short_of_its_own(edges, after, before, first, last):
+    """A photo taken at 00:00:00 on the first day of `--after`'s period is in; one taken then on
+    the first day of `--before`'s period is out, and the second before it is in."""
+    where = edges.filter(after=after, before=before)
+    hits = edges._image_hits(np.ones((1, DIM), np.float32) / 8, len(EDGES), where)
+    assert sorted(Path(h.path).stem for h in hits) == [t for t in EDGES if first <= t <= last]
 
 
 def test_folder_names_relative_to_an_indexed_root_and_unknown_ones(big, tmp_path):

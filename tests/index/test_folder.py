@@ -106,3 +106,93 @@ def test_repeated_queries_reuse_their_embedding(tiny_vit, folder, tmp_path, monk
         assert index.search_text("海边的日落", k=3) == first and calls == []  # same query after trimming
         index.search_text("一只猫", k=3)
         assert calls == [["一只猫"]]
+
+
+# -- an index knows its own parts ---------------------------------------------------------------------
+
+
+def _b_photos(tmp_path):
+    root = tmp_path / "other"
+    root.mkdir()
+    for i, img in enumerate(random_images(6, seed=6)):
+        img.save(root / f"b{i}.png")
+    return root
+
+
+def _searches_only(index, names: set[str]) -> None:
+    """Search results equal a brute-force search over the catalog's own vectors (paths and scores),
+    and the saved vector index says it is current."""
+    query = random_images(1, seed=99)[0]
+    hits = index.search_image(query, k=20)
+    ids, vectors = (np.concatenate(parts) for parts in zip(*index.catalog.file_vectors(), strict=True))
+    paths = index.catalog.files_by_ids(ids)
+    scores = vectors @ index.model.embed_images([query])[0]
+    expected = [
+        (paths[i].path.rsplit("/", 1)[-1], s) for i, s in sorted(zip(ids, scores, strict=True), key=lambda p: -p[1])
+    ]
+    assert {name for name, _ in expected} == names
+    assert [h.path.rsplit("/", 1)[-1] for h in hits] == [name for name, _ in expected]
+    assert [h.score for h in hits] == pytest.approx([s for _, s in expected], abs=1e-5)
+    assert index.refresh().ntotal == index.catalog.count()  # no vector of a file the catalog lacks
+    assert index.stats()["vector_index"]["current"] is True
+
+
+def test_a_vector_file_is_never_used_with_a_catalog_it_was_not_built_from(tiny_vit, folder, tmp_path):
+    """Move only catalog.sqlite3 away (as our own error text once said) and index another folder:
+    the same generation and journal position as the old vector file, but another catalog."""
+    idx = tmp_path / "idx"
+    with cnclip.Index.open(idx, model=tiny_vit, create=True) as index:
+        index.add_folder(folder)
+    (idx / "catalog.sqlite3").rename(tmp_path / "catalog-aside.sqlite3")
+    other = _b_photos(tmp_path)
+    with cnclip.Index.open(idx, model=tiny_vit, create=True) as index:
+        index.add_folder(other)
+    with cnclip.Index.open(idx, model=tiny_vit) as index:  # a fresh process: only the saved files
+        _searches_only(index, {f"b{i}.png" for i in range(6)})
+
+
+def test_a_catalog_restored_from_a_backup_does_not_trust_a_newer_vector_file(tiny_vit, folder, tmp_path):
+    """The vector file is ahead of the restored catalog's journal: stale, not "nothing new"; and once
+    the restored catalog has moved on past that position, its history differs: rebuilt, not synced."""
+    idx = tmp_path / "idx"
+    with cnclip.Index.open(idx, model=tiny_vit, create=True) as index:
+        index.add_folder(folder)
+    with cnclip.Index.open(idx, model=tiny_vit) as index:  # the backup: a consistent copy
+        backup = tmp_path / "backup.sqlite3"
+        index.catalog._db.execute(f"VACUUM INTO '{backup}'")
+    other = _b_photos(tmp_path)
+    with cnclip.Index.open(idx, model=tiny_vit) as index:
+        index.add_folder(other)  # the vector file now holds 12 photos
+    for name in ("catalog.sqlite3-wal", "catalog.sqlite3-shm"):
+        (idx / name).unlink(missing_ok=True)
+    backup.replace(idx / "catalog.sqlite3")  # restored: 6 photos, an older journal
+    with cnclip.Index.open(idx, model=tiny_vit) as index:
+        _searches_only(index, {f"{i}.png" for i in range(6)})
+
+
+def test_a_restored_catalog_that_has_gone_its_own_way_does_not_sync_an_old_vector_file(tiny_vit, folder, tmp_path):
+    """Restored, then changed past the vector file's position without touching the vector file
+    (photos deleted, others added): the journal entry at that position differs, so it is rebuilt,
+    not synced (a sync would keep the deleted photos)."""
+    from cnclip.index.catalog import Catalog
+    from cnclip.index.scan import Indexer
+
+    idx = tmp_path / "idx"
+    with cnclip.Index.open(idx, model=tiny_vit, create=True) as index:
+        index.add_folder(folder)
+        backup = tmp_path / "backup.sqlite3"
+        index.catalog._db.execute(f"VACUUM INTO '{backup}'")
+        other = _b_photos(tmp_path)
+        index.add_folder(other)  # the vector file: 12 photos, journal position 12
+    for name in ("catalog.sqlite3-wal", "catalog.sqlite3-shm"):
+        (idx / name).unlink(missing_ok=True)
+    backup.replace(idx / "catalog.sqlite3")
+    (folder / "0.png").unlink()
+    (folder / "2.png").unlink()
+    with Catalog.open(idx) as catalog:  # the catalog alone moves on: 2 removals, then 6 additions
+        indexer = Indexer(tiny_vit, catalog)
+        indexer.run(folder)
+        indexer.run(other)
+        assert catalog.change_seq() > 12
+    with cnclip.Index.open(idx, model=tiny_vit) as index:
+        _searches_only(index, {"1.png", "3.png", "4.png", "5.png"} | {f"b{i}.png" for i in range(6)})

@@ -258,6 +258,15 @@ class FakeCatalog:
     def change_seq(self) -> int:
         return 0
 
+    def catalog_id(self) -> str:
+        return "fake"
+
+    def journal_mark(self, seq: int) -> str | None:
+        return "0" if seq == 0 else None
+
+    def journal_pruned(self) -> int:
+        return 0
+
     def changes_since(self, seq: int) -> None:
         return None  # no journal: the index diffs every id
 
@@ -317,3 +326,39 @@ def test_hnsw_coarse_quantizer_and_opq(data, tmp_path):
     assert recall(index.search(queries, 10)[1], truth) >= 0.9
     index.reranker = None
     same_results(OnDiskIndex.load(tmp_path).search(queries, 10), index.search(queries, 10))
+
+
+@pytest.mark.parametrize("point", ["ondisk.before_meta", "atomic.before_rename", "atomic.after_rename"])
+def test_kill_9_while_saving_changes_leaves_the_old_state_or_the_new_never_a_mix(built, data, tmp_path, point):
+    """A real process dies (cnclip.faults) while saving an on-disk index's changes: whatever the
+    next process loads answers exactly as before the save or exactly as after it."""
+    import subprocess
+    import sys
+
+    ids, vectors, queries = data
+    folder = tmp_path / "idx"
+    shutil.copytree(built.folder, folder)
+    before = OnDiskIndex.load(folder).search(queries, 10)
+    np.save(tmp_path / "new.npy", queries[:2])
+    script = (
+        "import sys, numpy as np\n"
+        "from cnclip.index.ondisk import OnDiskIndex\n"
+        "index = OnDiskIndex.load(sys.argv[1])\n"
+        "index.remove(np.arange(1, 50))\n"
+        "index.add(np.array([7, 8]) + 10**9, np.load(sys.argv[2]))\n"
+        "index.save()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(tmp_path / "new.npy")],
+        env={**__import__("os").environ, "CNCLIP_FAULT": point},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -9, f"{point} was never reached: {done.stderr}"
+    loaded = OnDiskIndex.load(folder)
+    if loaded.ntotal == N:
+        same_results(loaded.search(queries, 10), before)
+    else:
+        assert loaded.ntotal == N - 49 + 2  # the whole change, or none of it
+        assert not set(range(1, 50)) & set(loaded.ids().tolist())

@@ -11,7 +11,7 @@ import pytest
 from vector_sets import DIM, brute_force, catalog_ids, clustered, recall
 
 from cnclip.errors import CNClipError, ModelMismatchError
-from cnclip.index.vectors import ANN_KIND, INDEX_FILE, META_FILE, VectorIndex
+from cnclip.index.vectors import ANN_KIND, INDEX_FILE, META_FILE, Selection, VectorIndex, filtered_nprobe
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,30 @@ def test_ann_rows_are_never_padded(data):
     scores, found = index.search(queries[:5], 1500)
     assert found.shape == (5, 1500) and (found != -1).all()
     assert all(len(set(row)) == 1500 for row in found.tolist())
+
+
+@pytest.mark.parametrize(
+    ("share", "cells"), [(1.0, 8), (0.5, 16), (0.3, 27), (0.25, 32), (0.01, 256), (1e-6, 256), (0.0, 256)]
+)
+def test_a_filter_visits_nprobe_over_the_share_it_selects(share, cells):
+    """As many selected vectors in the visited cells as an unfiltered search meets, up to all cells."""
+    assert filtered_nprobe(8, share, 256) == cells
+
+
+def test_filtered_ivf_search_keeps_the_recall_of_unfiltered_search(data):
+    """With a fifth selected, the cells an unfiltered search visits mostly hold enough selected
+    vectors to fill a top 10, so few rows come back short and are searched again over every
+    cell: visiting 5x as many cells is what keeps the recall."""
+    _, vectors, queries = data
+    ids = np.arange(1, len(vectors) + 1, dtype=np.int64) * 1009  # positive, like catalog ids: -1 pads a row
+    index = VectorIndex.build(ids, vectors, kind="ivf-flat")
+    _, truth = brute_force(ids, vectors, queries, 10)
+    unfiltered = recall(index.search(queries, 10)[1], truth)
+    chosen = np.random.default_rng(4).random(len(ids)) < 0.2
+    _, truth = brute_force(ids[chosen], vectors[chosen], queries, 10)
+    _, found = index.search_within(queries, 10, Selection(ids[chosen]))
+    assert np.isin(found, ids[chosen]).all()
+    assert recall(found, truth) >= unfiltered - 0.005, (recall(found, truth), unfiltered)
 
 
 def test_ivf_sq8_kind(data):

@@ -1,19 +1,25 @@
 """`Watcher`: files created, changed, moved and deleted under a watched folder reach searches within
-seconds through the incremental scan; moved files keep their vectors; a folder that goes away keeps
-its files offline and comes back; stopping leaves no thread behind."""
+seconds through the incremental scan, and every kind of removal takes photos out; moved files keep
+their vectors; a failed batch is tried again; a folder that goes away keeps its files offline and
+comes back, also when a drive is remounted between two checks; stopping interrupts even a long first
+pass and leaves no thread behind."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import subprocess
 import threading
+import time
 
 import pytest
 from conftest import eventually, random_images, write_photos, write_video
 
 from cnclip.errors import CNClipError
+from cnclip.index import scan
 from cnclip.index.folder import Index
-from cnclip.index.watch import WatchBatch, Watcher, _plan
+from cnclip.index.watch import WatchBatch, Watcher, _mount_id, _plan
 
 WITHIN_S = 20.0  # changes land in 1-2 s here; the margin is for a loaded CI machine, not the feature
 
@@ -265,3 +271,195 @@ def test_a_folder_whose_permissions_change_is_rescanned(watching):
     seen = len(batches)
     os.chmod(album, 0o750)
     _eventually(lambda: any(str(album) in b.folders for b in batches[seen:]), "the album rescanned")
+
+
+def _remove_file(photos, elsewhere):
+    (photos / "album" / "a0.png").unlink()
+
+
+def _remove_folder(photos, elsewhere):
+    shutil.rmtree(photos / "album")
+
+
+def _remove_symlink_to_folder(photos, elsewhere):
+    (photos / "album").unlink()  # to the OS's events, a file without an image extension
+
+
+def _rename_folder_out(photos, elsewhere):
+    os.rename(photos / "album", elsewhere / "album")
+
+
+def _rename_file_out(photos, elsewhere):
+    os.rename(photos / "album" / "a0.png", elsewhere / "a0.png")
+
+
+@pytest.mark.parametrize(
+    "remove",
+    [_remove_file, _remove_folder, _remove_symlink_to_folder, _rename_folder_out, _rename_file_out],
+    ids=["file", "folder", "symlink-to-folder", "folder-renamed-out", "file-renamed-out"],
+)
+def test_every_kind_of_removal_leaves_searches(tmp_path, tiny_vit, remove):
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    kept = {str(p) for p in write_photos(photos, 3, seed=1)}
+    elsewhere.mkdir()
+    if remove is _remove_symlink_to_folder:
+        album = write_photos(elsewhere / "nas", 2, seed=2, prefix="a")
+        os.symlink(elsewhere / "nas", photos / "album")
+    else:
+        album = write_photos(photos / "album", 2, seed=2, prefix="a")
+    album = {str(photos / "album" / p.name) for p in album}
+    gone = {str(photos / "album" / "a0.png")} if remove in (_remove_file, _rename_file_out) else album
+    batches: list[WatchBatch] = []
+    errors: list[Exception] = []
+    with Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+        index.add_folder(photos)
+        assert _found(index) == kept | album
+        with Watcher(
+            tmp_path / "idx",
+            [photos],
+            model=tiny_vit,
+            scan_first=False,
+            on_batch=batches.append,
+            on_error=errors.append,
+        ):
+            remove(photos, elsewhere)
+            _eventually(lambda: _found(index) == kept | album - gone, "the removed photos leave searches")
+            _eventually(lambda: _total(batches, "removed") == len(gone), "the removal reported")
+        assert errors == [] and index.stats()["offline"] == 0  # removed, not kept offline
+
+
+def test_a_failed_batch_is_tried_again_with_back_off(library, tiny_vit, monkeypatch):
+    index, photos, idx = library
+    real, attempts = scan.Indexer.run, []
+
+    def failing_twice(self, folder, *args, **kwargs):
+        attempts.append(time.monotonic())
+        if len(attempts) <= 2:  # e.g. a drive's read error, or a catalog that could not be written
+            raise OSError(errno.EIO, "Input/output error", str(folder))
+        return real(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(scan.Indexer, "run", failing_twice)
+    errors: list[Exception] = []
+    with Watcher(idx, [photos], model=tiny_vit, scan_first=False, on_error=errors.append):
+        [new] = write_photos(photos, 1, seed=25, prefix="new")
+        _eventually(lambda: str(new) in _found(index), "the photo, once a retry succeeds, with no new event")
+    assert len(attempts) == 3 and len(errors) == 2
+    assert all("Input/output error" in str(e) and "trying again in" in str(e) for e in errors)
+    assert attempts[1] - attempts[0] >= 1.0 and attempts[2] - attempts[1] >= 2.0  # 1 s, then doubled
+
+
+def test_stopping_during_the_first_pass_interrupts_its_hashing(library, tiny_vit, monkeypatch):
+    index, photos, idx = library
+    for i in range(200):  # new files: each is hashed (slowly here, as on a slow drive) before any embedding
+        (photos / "many" / f"{i // 50}").mkdir(parents=True, exist_ok=True)
+        (photos / "many" / f"{i // 50}" / f"{i}.png").write_bytes(b"x" * (i + 1))
+    hashed, real = [], scan.content_hash
+
+    def slow_hash(path):
+        hashed.append(path)
+        time.sleep(0.05)
+        return real(path)
+
+    monkeypatch.setattr(scan, "content_hash", slow_hash)
+    watcher = Watcher(idx, [photos], model=tiny_vit).start()  # its first pass walks and hashes them all
+    _eventually(lambda: hashed, "the first pass hashes")
+    started = time.monotonic()
+    watcher.stop(WITHIN_S)
+    assert watcher.wait(0) and watcher.error is None
+    assert time.monotonic() - started < 1.0 and len(hashed) < 100  # not all 200 (10 s)
+    index.refresh()
+    assert len(_found(index)) == 3 and index.catalog.count() == 3  # what was committed stays: no sweep ran
+
+
+def test_a_stopped_scan_ends_its_walk_and_keeps_what_was_committed(tmp_path, tiny_vit, monkeypatch):
+    photos = tmp_path / "photos"
+    kept = write_photos(photos, 2, seed=26)
+    for i in range(50):
+        write_photos(photos / f"f{i:02}", 1, seed=27, prefix="x")
+    with Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+        index.add_folder(photos)  # all indexed; now they change, as if a whole drive was touched
+        for folder in photos.glob("f*"):
+            os.utime(folder / "x0.png", ns=(1, 1))
+        (photos / kept[0].name).unlink()  # a removal the sweep of a complete scan would apply
+        checks, looked_up, real = [], [], index.catalog.lookup
+
+        def lookup(path):
+            looked_up.append(path)
+            return real(path)
+
+        monkeypatch.setattr(index.catalog, "lookup", lookup)
+        indexer = scan.Indexer(tiny_vit, index.catalog, should_stop=lambda: checks.append(1) or len(checks) > 5)
+        with pytest.raises(scan.ScanStopped):
+            indexer.run(photos)
+        assert len(looked_up) < 10  # the walk ended after a few folders, not after all 51
+        assert index.catalog.count() == 52  # nothing swept: the removed photo goes at a complete scan
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """(mount, unmount): a fresh tmpfs mounted at a folder (made if missing), and unmounted; every
+    one still mounted is unmounted after the test. Needs root, and Linux 6.8+."""
+    if getattr(os, "geteuid", lambda: -1)() != 0:
+        pytest.skip("mounting a tmpfs needs root: run as root to test a drive unmounted and mounted again")
+    if _mount_id(str(tmp_path)) is None:  # the same drive back would have the same device and inode
+        pytest.skip("no unique mount ids here (statx STATX_MNT_ID_UNIQUE, Linux 6.8+): a remount cannot be told")
+    mounted = []
+
+    def mount(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"mount -t tmpfs was refused, even as root: {done.stderr.decode(errors='replace').strip()}")
+        mounted.append(folder)
+
+    def unmount(folder):
+        subprocess.run(["umount", str(folder)], check=True)
+        mounted.remove(folder)
+
+    yield mount, unmount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_watched_drive_unmounted_and_mounted_again_between_two_checks_is_rescanned(tmp_path, tiny_vit, tmpfs):
+    mount, unmount = tmpfs
+    card, idx = tmp_path / "card", tmp_path / "idx"
+    mount(card)
+    write_photos(card, 2, seed=28, prefix="c")
+    with Index.open(idx, model=tiny_vit, create=True) as index:
+        index.add_folder(card)
+        with Watcher(idx, [card], model=tiny_vit, scan_first=False):
+            unmount(card)
+            mount(card)  # another card, or the same one back, well within a check of the folder (2 s)
+            [new] = write_photos(card, 1, seed=29, prefix="new")  # the watch of the old mount died with it
+            _eventually(lambda: _found(index) == {str(new)}, "the remounted folder rescanned")
+        assert index.stats()["offline"] == 2  # the first card's photos: not seen is not gone
+
+
+def test_a_drive_mounted_inside_a_watched_folder_is_followed(library, tiny_vit, tmpfs):
+    index, photos, idx = library
+    mount, unmount = tmpfs
+    card = photos / "card"
+    card.mkdir()
+    with Watcher(idx, [photos], model=tiny_vit, scan_first=False):
+        mount(card)  # no event: the watch of the folder "card" stays on what lies under the mount
+        [first] = write_photos(card, 1, seed=30, prefix="c")
+        _eventually(lambda: str(first) in _found(index), "a photo on the drive mounted inside")
+        unmount(card)
+        mount(card)
+        [second] = write_photos(card, 1, seed=31, prefix="d")
+        _eventually(lambda: str(second) in _found(index) and str(first) not in _found(index), "the drive remounted")
+    assert len(_found(index)) == 4
+
+
+def test_a_removed_file_that_was_no_photo_rescans_nothing(library, tiny_vit):
+    # a deleted file without an image extension may have been a symlink to a folder; only the catalog
+    # knows, and a note or a temporary file must not cost a rescan of its (maybe large) folder
+    index, photos, idx = library
+    batches: list[WatchBatch] = []
+    watcher = Watcher(idx, [photos], model=tiny_vit, on_batch=batches.append)
+    gone = watcher._folder_to_scan(str(photos), str(photos / "notes.txt"), False, False)
+    assert gone == str(photos / "notes.txt")
+    with Index.open(idx, model=tiny_vit) as writer:
+        assert watcher._apply(writer, {str(photos): {gone: False}})
+    assert batches == []

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import http.server
 import logging
+import random
 import re
 import socket
 import subprocess
@@ -69,6 +70,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         site = self.server.site
         site.requests.append((self.path, self.headers.get("Range")))
+        site.if_ranges.append(self.headers.get("If-Range"))
         if self.path in site.redirects:
             self.send_response(302)
             self.send_header("Location", site.redirects[self.path])
@@ -81,8 +83,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             self.send_error(404)
             return
+        etag = f'"{hashlib.sha1(body).hexdigest()[:12]}"'  # a new version of the file has a new ETag
         start, wanted = 0, self.headers.get("Range")
-        if wanted and not site.ignore_range:
+        if_range = self.headers.get("If-Range")
+        if wanted and not site.ignore_range and (if_range in (None, etag) or not site.honour_if_range):
             start = int(re.fullmatch(r"bytes=(\d+)-", wanted)[1])
             if start >= len(body):
                 self.send_response(416)
@@ -90,19 +94,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            start = max(0, start - site.shift)
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        if site.etag:
+            self.send_header("ETag", etag)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         payload = body[start:]
         if site.drops:  # announce the whole body, send half of it, hang up
             site.drops -= 1
-            self.wfile.write(payload[: len(payload) // 2])
+            payload = payload[: len(payload) // 2]
             self.close_connection = True
-            return
-        self.wfile.write(payload)
+        site.sent.append(len(payload))
+        with contextlib.suppress(ConnectionError):  # a client stopped on purpose
+            self.wfile.write(payload)
 
     def log_message(self, *args) -> None:
         pass
@@ -116,7 +124,12 @@ class Site:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)  # sent with redirects
     drops: int = 0  # this many responses stop half-way
     ignore_range: bool = False
+    etag: bool = True  # send an ETag (a digest of the body)
+    honour_if_range: bool = True  # False: answer a Range with 206 whatever If-Range says
+    shift: int = 0  # a 206 starts this many bytes before the offset asked for
     requests: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)  # (path, Range header)
+    if_ranges: list[str | None] = dataclasses.field(default_factory=list)  # each request's If-Range header
+    sent: list[int] = dataclasses.field(default_factory=list)  # body bytes of each file answer
 
 
 @contextlib.contextmanager
@@ -218,31 +231,106 @@ def test_a_dropped_connection_is_resumed_with_range(cache, weights, monkeypatch)
     assert path.read_bytes() == weights
 
 
-def test_a_part_left_by_a_killed_run_is_resumed(cache, weights, monkeypatch):
+class _Killed(Exception):
+    """Stands for a kill: the download stops where it is, leaving its part behind."""
+
+
+def _killed_after(config: cnclip.ModelConfig, sources: str, stop_at: int) -> int:
+    """Start downloading, stop once `stop_at` bytes are in the part; the part's size."""
+
+    def progress(done: int, total: int | None) -> None:
+        if done >= stop_at:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        download.fetch_official(config, sources, progress=progress)
+    return (download.weights_dir() / f"{config.official_file}.part").stat().st_size
+
+
+def _versions(size: int = 1 << 20) -> tuple[bytes, bytes]:
+    """Two different files of one size: two versions, or what two sources hold."""
+    rng = random.Random(0)
+    return rng.randbytes(size), rng.randbytes(size)
+
+
+def test_a_killed_run_resumes_from_the_same_source_and_version(cache, weights, monkeypatch):
+    with serve({"/cdn/blob": weights}, redirects={HUB_PATH: "/cdn/blob"}) as hub:  # the hub sends files to its CDN
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        kept = _killed_after(_config(), "hf", 1_000_000)
+        assert 0 < kept < len(weights)
+        first, answers = len(hub.requests), len(hub.sent)
+        assert download.fetch_official(_config(), "hf").read_bytes() == weights
+    assert hub.requests[first:] == [(HUB_PATH, f"bytes={kept}-"), ("/cdn/blob", f"bytes={kept}-")]
+    assert hub.if_ranges[-1] == f'"{hashlib.sha1(weights).hexdigest()[:12]}"'  # the CDN's ETag, from the first try
+    assert hub.sent[answers:] == [len(weights) - kept]  # only the missing bytes travel
+    assert _left_in(cache) == [FILE]
+
+
+def test_a_part_from_one_source_is_not_resumed_from_another(cache, monkeypatch):
+    on_hub, on_modelscope = _versions()
+    with serve({HUB_PATH: on_hub}) as hub, serve({MODELSCOPE_PATH: on_modelscope}) as modelscope:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", modelscope.url)
+        _killed_after(_config(), "hf", 300_000)
+        path = download.fetch_official(_config(), "modelscope")
+    assert path.read_bytes() == on_modelscope  # not the hub's first bytes spliced to ModelScope's last ones
+    assert modelscope.requests == [(MODELSCOPE_PATH, None)]
+    assert _left_in(cache) == [FILE]
+
+
+def test_a_part_of_an_older_version_starts_over(cache, monkeypatch):
+    old, new = _versions()
+    with serve({HUB_PATH: old}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        kept = _killed_after(_config(), "hf", 300_000)
+        hub.files[HUB_PATH] = new  # published again meanwhile: a new ETag
+        first = len(hub.requests)
+        assert download.fetch_official(_config(), "hf").read_bytes() == new
+    assert hub.requests[first:] == [(HUB_PATH, f"bytes={kept}-")]  # If-Range: the server sends all of it, 200
+    assert hub.if_ranges[first:] == [f'"{hashlib.sha1(old).hexdigest()[:12]}"']
+
+
+@pytest.mark.parametrize("wrong", ["offset", "version"])
+def test_a_206_from_another_offset_or_version_starts_over(cache, monkeypatch, wrong):
+    old, new = _versions()
+    with serve({HUB_PATH: old}, honour_if_range=False) as hub:  # a server that ignores If-Range
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        kept = _killed_after(_config(), "hf", 300_000)
+        if wrong == "offset":
+            hub.shift = 1000  # and miscounts: its 206 starts 1000 bytes early
+        else:
+            hub.files[HUB_PATH] = new  # and sends a new version's bytes, under its new ETag
+        first = len(hub.requests)
+        got = download.fetch_official(_config(), "hf").read_bytes()
+    assert got == (old if wrong == "offset" else new)
+    assert hub.requests[first:] == [(HUB_PATH, f"bytes={kept}-"), (HUB_PATH, None)]
+
+
+def test_a_part_without_a_known_source_or_version_starts_over(cache, weights, monkeypatch):
     cache.mkdir(parents=True)
-    (cache / f"{FILE}.part").write_bytes(weights[:1000])
-    with serve({HUB_PATH: weights}) as hub:
+    (cache / f"{FILE}.part").write_bytes(b"\0" * 1000)  # left by an older cnclip: where from is unknown
+    with serve({HUB_PATH: weights}, etag=False, drops=1) as hub:  # no ETag, no Last-Modified
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         assert download.fetch_official(_config(), "hf").read_bytes() == weights
-    assert hub.requests == [(HUB_PATH, "bytes=1000-")]
+    assert hub.requests == [(HUB_PATH, None), (HUB_PATH, None)]  # nothing to send If-Range with: no Range
 
 
 def test_a_server_that_ignores_range_starts_the_file_over(cache, weights, monkeypatch):
-    cache.mkdir(parents=True)
-    (cache / f"{FILE}.part").write_bytes(b"\0" * 1000)  # bytes that must not survive
     with serve({HUB_PATH: weights}, ignore_range=True, drops=1) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         assert download.fetch_official(_config(), "hf").read_bytes() == weights
-    assert [r for _, r in hub.requests] == ["bytes=1000-", f"bytes={len(weights) // 2}-"]
+    assert [r for _, r in hub.requests] == [None, f"bytes={len(weights) // 2}-"]
 
 
 def test_a_complete_part_is_published_without_downloading_it_again(cache, weights, monkeypatch):
-    cache.mkdir(parents=True)
-    (cache / f"{FILE}.part").write_bytes(weights)  # the run was killed between the last byte and the rename
     with serve({HUB_PATH: weights}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        # killed between the last byte and the rename
+        assert _killed_after(_config(), "hf", len(weights)) == len(weights)
+        first = len(hub.requests)
         assert download.fetch_official(_config(), "hf").read_bytes() == weights
-    assert hub.requests == [(HUB_PATH, f"bytes={len(weights)}-")]  # answered 416: nothing more to send
+    assert hub.requests[first:] == [(HUB_PATH, f"bytes={len(weights)}-")]  # answered 416: nothing more to send
+    assert _left_in(cache) == [FILE]
 
 
 # -- which source answers ---------------------------------------------------------------------------------
@@ -290,14 +378,13 @@ def test_every_source_failing_names_each_and_the_way_out(cache, monkeypatch):
 # -- refusing bad files -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("told_by", ["config", "hub header"])
+@pytest.mark.parametrize("told_by", ["config", "X-Linked-Etag", "ETag"])
 def test_a_file_with_the_wrong_sha256_is_refused_and_not_kept(cache, weights, monkeypatch, told_by):
     wrong = hashlib.sha256(b"something else").hexdigest()
     config = _config(sha256=wrong) if told_by == "config" else _config()
-    # the hub sends its digest (X-Linked-Etag) on the redirect to its CDN
-    with serve(
-        {"/cdn/blob": weights}, redirects={HUB_PATH: "/cdn/blob"}, headers={"X-Linked-Etag": f'"{wrong}"'}
-    ) as hub:
+    # the hub sends an LFS file's digest on the redirect to its CDN
+    header = "X-Linked-Etag" if told_by == "config" else told_by
+    with serve({"/cdn/blob": weights}, redirects={HUB_PATH: "/cdn/blob"}, headers={header: f'"{wrong}"'}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.url)
         with pytest.raises(CheckpointError) as e:
@@ -315,13 +402,27 @@ def test_the_right_sha256_and_size_pass(cache, weights, monkeypatch):
     assert path.read_bytes() == weights
 
 
-def test_a_wrong_size_is_refused(cache, weights, monkeypatch):
+def test_a_wrong_size_is_refused_before_it_is_downloaded(cache, weights, monkeypatch):
+    seen = []
     with serve({HUB_PATH: weights}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         with pytest.raises(CheckpointError) as e:
-            download.fetch_official(_config(size=len(weights) + 1), "hf")
-    _one_line(e, f"{len(weights)} bytes, not the expected {len(weights) + 1}")
+            download.fetch_official(_config(size=len(weights) + 1), "hf", progress=lambda *a: seen.append(a))
+    _one_line(e, FILE, f"hub {hub.url}: bad file", f"{len(weights)} bytes, not the expected {len(weights) + 1}")
+    assert seen == []  # the announced size was enough: no byte was stored
     assert _left_in(cache) == []
+
+
+def test_a_resumed_file_with_the_wrong_sha256_leaves_nothing_behind(cache, weights, monkeypatch):
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    with serve({HUB_PATH: weights}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        _killed_after(_config(sha256=wrong), "hf", 1_000_000)
+        with pytest.raises(CheckpointError) as e:
+            download.fetch_official(_config(sha256=wrong), "hf")
+    _one_line(e, FILE, f"hub {hub.url}: bad file", wrong[:16])
+    assert _left_in(cache) == []
+    assert hub.requests[-1][1] is not None  # it was resumed
 
 
 def test_load_model_refuses_weights_of_another_shape_before_caching_them(cache, weights, monkeypatch):
@@ -444,3 +545,20 @@ def test_cli_download_bar(capsys):
     assert "3.0 MB" in capsys.readouterr().err
     _DownloadBar(enabled=False)(1, 2)
     assert capsys.readouterr().err == ""
+
+
+def test_cli_killed_mid_download_resumes_the_same_file_from_where_it_stopped(cache, weights, tmp_path):
+    """kill -9 right after a chunk reached the `.part` (cnclip.faults): the next run asks only for
+    the rest, from the same source and version."""
+    served = _vit_b_16_served(weights)
+    with serve({}) as hub, serve(served) as modelscope:
+        env = {"HF_ENDPOINT": hub.url, "MODELSCOPE_ENDPOINT": modelscope.url, "no_proxy": "*"}
+        args = ("convert", "ViT-B-16", tmp_path / "out", "--weights-source", "modelscope")
+        killed = _cli(*args, env={**env, "CNCLIP_FAULT": "download.mid"})
+        assert killed.returncode == -9, killed.stderr
+        kept = (cache / f"{VIT_B_16}.part").stat().st_size
+        assert 0 < kept < len(weights)
+        again = _cli(*args, env=env)
+    assert again.returncode == 1 and "not ViT-B-16" in again.stderr  # downloaded whole, then refused by shape
+    assert modelscope.requests[-1][1] == f"bytes={kept}-" and modelscope.sent[-1] == len(weights) - kept
+    assert _left_in(cache) == []
