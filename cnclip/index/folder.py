@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from cnclip.index.query import Term, combine_terms
 from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
 from cnclip.index.vectors import ONDISK_KIND, Selection, VectorIndex
 from cnclip.index.video import split_frame_path
+from cnclip.lru import LRUCache
 from cnclip.model.chinese import t2s_default, to_simplified_all
 from cnclip.model.onnx_runtime import TextEncoder
 from cnclip.model.runtime import Runtime
@@ -150,11 +150,11 @@ class Index:
         self._rebuild_retry_at = 0.0  # time.monotonic() before which no background rebuild starts
         # Recent query embeddings: a server sees the same queries again and again (paging,
         # refreshes), and the text tower is most of a query's cost.
-        self._query_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._query_vectors: LRUCache[str, np.ndarray] = LRUCache(QUERY_CACHE_SIZE)
         self._text_encoder: TextEncoder | None = None
         # The files recent filters selected: the page repeats one filter for every query typed,
         # and reading the selection costs a pass over the catalog (~0.5 s per 10^6 files).
-        self._selected: OrderedDict[tuple, Selection] = OrderedDict()
+        self._selected: LRUCache[tuple, Selection] = LRUCache(FILTER_CACHE_SIZE)
 
     @classmethod
     def open(
@@ -517,12 +517,10 @@ class Index:
     def query_vector(self, query: str) -> np.ndarray:
         """The (1, D) embedding of a text query, from a small cache of recent queries."""
         query = self._model_texts([check_query(query)])[0]
-        vector = self._query_vectors.pop(query, None)
+        vector = self._query_vectors.get(query)
         if vector is None:
             vector = self._embed_texts([query])
-        self._query_vectors[query] = vector
-        if len(self._query_vectors) > QUERY_CACHE_SIZE:
-            self._query_vectors.popitem(last=False)
+            self._query_vectors.put(query, vector)
         return vector
 
     def search_image(
@@ -645,9 +643,7 @@ class Index:
         found = self._selected.get(key)
         if found is None:
             found = Selection(self.catalog.searchable_ids_where(*where.sql()))
-            self._selected[key] = found
-            while len(self._selected) > FILTER_CACHE_SIZE:
-                self._selected.popitem(last=False)
+            self._selected.put(key, found)
         return found
 
     def filter(

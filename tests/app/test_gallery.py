@@ -1,4 +1,4 @@
-"""Contact sheets: grid image layout, placeholders, atomic writes, fonts; the HTML gallery."""
+"""Contact sheets: grid image layout, placeholders, atomic writes, a font that will not load; the HTML gallery."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFont
+from PIL import Image
 
-from cnclip.app import gallery
+from cnclip.app import fonts
 from cnclip.app.gallery import GalleryItem, write_grid, write_html
 from cnclip.errors import CNClipError
 
@@ -182,34 +182,7 @@ def test_grid_with_a_font_that_cannot_load(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("CNCLIP_FONT", str(junk))
     p = solid(tmp_path / "a.png", RED)
     assert write_grid(items_for([p]), tmp_path / "s.jpg", title="海边的日落", thumb=32).is_file()
-    assert gallery._current_font_choice().path != str(junk)
-
-
-# ---------------------------------------------------------------------------------------------
-# fonts
-
-
-def test_glyph_probe_detects_tofu() -> None:
-    builtin = ImageFont.load_default(size=20)  # Pillow's own font has no Han glyphs
-    assert gallery._has_glyphs(builtin, "Abc")
-    assert not gallery._has_glyphs(builtin, "中")
-
-
-def test_font_name_hints_prefer_regular_cjk() -> None:
-    assert gallery._hint_rank("DejaVuSans.ttf") is None
-    assert gallery._hint_rank("NotoSansCJK-Regular.txt") is None
-    regular = gallery._hint_rank("NotoSansCJK-Regular.ttc")
-    bold = gallery._hint_rank("NotoSansCJK-Bold.ttc")
-    assert regular is not None and bold is not None and regular < bold
-    assert gallery._hint_rank("msyh.ttc") is not None and gallery._hint_rank("wqy-microhei.ttc") is not None
-
-
-def test_font_choice_honours_cncl_font(monkeypatch: pytest.MonkeyPatch) -> None:
-    default = gallery._current_font_choice()
-    if default.path is None:
-        pytest.skip("no TrueType font on this machine to point CNCLIP_FONT at")
-    monkeypatch.setenv("CNCLIP_FONT", default.path)
-    assert gallery._current_font_choice().path == default.path
+    assert fonts.font_choice().path != str(junk)
 
 
 # ---------------------------------------------------------------------------------------------
