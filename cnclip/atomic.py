@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,27 @@ __all__ = [
 ]
 
 TEMP_SUFFIX = ".tmp"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+# New files get the mode the user's umask gives (0644 under the usual 022), whatever the writer
+# used for its temporary: safetensors and mkstemp make 0600 files, which a `cnclip serve` running
+# as another user could not read.
+_NEW_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def _publish_mode(tmp: Path, target: Path) -> None:
+    """Give `tmp` the mode its target has (a user's chmod survives a rewrite), else the new-file mode."""
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        mode = _NEW_FILE_MODE
+    os.chmod(tmp, mode)
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -87,6 +109,7 @@ def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = temp_name(path, suffix)
     try:
         yield tmp
+        _publish_mode(tmp, path)
         fsync_file(tmp)
         faults.point("atomic.before_rename")
         os.replace(tmp, path)
@@ -101,6 +124,7 @@ def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def publish(finished: str | os.PathLike, path: str | os.PathLike) -> None:
     """Move a file written to completely elsewhere in the same folder (a download's `.part`, an
     export in a private folder) into place as `path`, durably."""
+    _publish_mode(Path(finished), Path(path))
     fsync_file(finished)
     os.replace(finished, path)
     fsync_dir(Path(path).parent)

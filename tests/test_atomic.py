@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -137,3 +138,25 @@ def test_publish_and_stale_temporaries(tmp_path):
     atomic.temp_name(tmp_path / "last").mkdir()
     assert atomic.remove_stale_temps(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+
+
+def test_published_files_get_the_users_mode_whatever_the_writer_made(tmp_path):
+    """safetensors and mkstemp write 0600 temporaries: published, a file is 0666 & ~umask (0644
+    usually), and a target the user chmod'ed keeps its mode."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    new = tmp_path / "new.bin"
+    with atomic.replacing(new) as tmp:
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~mask
+
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"old")
+    kept.chmod(0o640)
+    atomic.write_bytes(kept, b"new")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+
+    part = tmp_path / "download.part"
+    os.close(os.open(part, os.O_CREAT | os.O_WRONLY, 0o600))
+    atomic.publish(part, tmp_path / "weights.pt")
+    assert stat.S_IMODE((tmp_path / "weights.pt").stat().st_mode) == 0o666 & ~mask

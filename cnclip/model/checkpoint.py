@@ -219,7 +219,7 @@ def _load_folder(folder: Path, expected: ModelConfig | None, device) -> CNClipMo
     if not vocab.is_file():
         raise VocabularyError(
             f"{folder} has no vocab.txt; copy the vocab.txt that came with these weights into it "
-            "(the standard Chinese BERT one is cnclip/resources/vocab.txt)"
+            "(the standard Chinese BERT one is cnclip/model/resources/vocab.txt)"
         )
     heads = None
     if (folder / CNCLIP_CONFIG).is_file():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,13 @@ def test_every_official_shape_is_recognized(name):
     with torch.device("meta"):
         ours = cnclip.CNClipModel(found).state_dict()
     assert {k: v.shape for k, v in ours.items() if "position_ids" not in k} == {k: v.shape for k, v in state.items()}
+
+
+def test_a_saved_model_folder_is_readable_by_other_users(tiny_vit, tmp_path):
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    folder = tiny_vit.save_pretrained(tmp_path / "model")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~mask and set(modes.values()) == {0o666 & ~mask}
