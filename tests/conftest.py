@@ -91,6 +91,9 @@ def record_builds(monkeypatch, cls, name: str) -> list:
 def _private_cache(tmp_path_factory):
     """Exported ONNX towers go to a per-run folder, not the user's ~/.cache (subprocesses inherit it)."""
     os.environ["CNCLIP_CACHE"] = str(tmp_path_factory.mktemp("cnclip-cache"))
+    # and an index made without --index goes to a per-run data folder, not ~/.local/share/cnclip
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+    os.environ.pop("CNCLIP_INDEX", None)
     # The suite makes the same choices on every CPU: "auto" would measure bf16 per model on AMX
     # machines and compare with fp32 numbers elsewhere. Tests of the bf16 paths set it to 1
     # themselves, and `CNCLIP_CPU_BF16=1 pytest` runs the whole suite as an AMX machine would.

@@ -21,7 +21,7 @@ from PIL import Image
 
 from cnclip import atomic
 from cnclip.errors import CNClipError, ModelMismatchError, QueryError
-from cnclip.index.catalog import Catalog, ModelIdentity
+from cnclip.index.catalog import CATALOG_FILE, Catalog, ModelIdentity
 from cnclip.index.filters import SearchFilter, parse_date, parse_size
 from cnclip.index.lock import WriterLock
 from cnclip.index.query import Term, combine_terms
@@ -81,8 +81,22 @@ def _load(source: str | os.PathLike, runtime: Runtime | None) -> CNClipModel:
 
 
 def default_index_path() -> Path:
-    """`$CNCLIP_INDEX`, else `index/default` under the current folder."""
-    return Path(os.environ.get(INDEX_ENV) or DEFAULT_INDEX)
+    """The index used when none is named: see `default_index_choice`."""
+    return default_index_choice()[0]
+
+
+def default_index_choice() -> tuple[Path, str]:
+    """(the index used when none is named, why): `$CNCLIP_INDEX`; else `./index/default` where the
+    current folder has one (the repository layout, and indexes made before the per-user default);
+    else the per-user one in the platform's data folder (`~/.local/share/cnclip/index/default` on
+    Linux), so that every command finds it from any folder."""
+    if os.environ.get(INDEX_ENV):
+        return Path(os.environ[INDEX_ENV]), f"${INDEX_ENV}"
+    if (DEFAULT_INDEX / CATALOG_FILE).is_file():
+        return DEFAULT_INDEX, "./index/default exists in the current folder"
+    from platformdirs import user_data_path  # honours $XDG_DATA_HOME on Linux
+
+    return user_data_path("cnclip", appauthor=False) / "index" / "default", "the per-user default"
 
 
 def model_identity(model: CNClipModel, source: str) -> ModelIdentity:

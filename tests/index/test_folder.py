@@ -196,3 +196,21 @@ def test_a_restored_catalog_that_has_gone_its_own_way_does_not_sync_an_old_vecto
         assert catalog.change_seq() > 12
     with cnclip.Index.open(idx, model=tiny_vit) as index:
         _searches_only(index, {"1.png", "3.png", "4.png", "5.png"} | {f"b{i}.png" for i in range(6)})
+
+
+def test_the_default_index_is_found_from_any_folder(tmp_path, monkeypatch):
+    """$CNCLIP_INDEX, else ./index/default where the current folder has one, else the per-user index."""
+    from cnclip.index.catalog import Catalog
+    from cnclip.index.folder import default_index_choice
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("CNCLIP_INDEX", raising=False)
+    for cwd in (tmp_path, tmp_path / "elsewhere"):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        assert default_index_choice() == (tmp_path / "data" / "cnclip" / "index" / "default", "the per-user default")
+    Catalog.open(tmp_path / "elsewhere" / "index" / "default", create=True).close()
+    path, why = default_index_choice()  # an index made here before (or the repository's layout) still wins
+    assert path.resolve() == tmp_path / "elsewhere" / "index" / "default" and "current folder" in why
+    monkeypatch.setenv("CNCLIP_INDEX", str(tmp_path / "mine"))
+    assert default_index_choice() == (tmp_path / "mine", "$CNCLIP_INDEX")
