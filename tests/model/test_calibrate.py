@@ -192,3 +192,38 @@ def test_cnclip_info_says_what_was_chosen_and_why(tmp_path, tiny_vit):
     plain = run_cli("info", "--index", idx, env={CPU_BF16_ENV: "1", "CNCLIP_CACHE": str(tmp_path / "fresh")})
     assert plain.returncode == 0, plain.stderr
     assert "computed 3 fp32" in plain.stdout and "not measured yet for this model" in plain.stdout
+
+
+def test_a_one_shot_search_runs_the_text_tower_in_onnx_runtime_whatever_serve_would_choose(
+    tmp_path, measured_model, monkeypatch
+):
+    """On AMX, PyTorch bf16 may measure faster per query, but a one-shot `cnclip search` would pay
+    ~4 s to import torch and load the model for one query of 2-7 ms: ONNX Runtime answers it."""
+    from cnclip.model.onnx_export import export_cached
+    from cnclip.model.onnx_runtime import TextEncoder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, img in enumerate(random_images(3, seed=9)):
+        img.save(folder / f"{i}.png")
+    model = cnclip.load_model(str(measured_model.save_pretrained(tmp_path / "model")))  # an index can load it
+    with Index.open(tmp_path / "idx", model=model, create=True) as index:
+        index.add_folder(folder)
+    export_cached(model, "text")
+    runtime = _amx(monkeypatch, {"image": "torch-bf16", "text": "torch-bf16"})
+    calibrate.calibrated(model)  # measured and cached: serve runs text in PyTorch bf16
+    assert "text" not in runtime.for_digest(model.weights_digest()).onnx_towers
+
+    def no_model(self):
+        raise AssertionError("a one-shot text query loaded the model")
+
+    with monkeypatch.context() as patch, Index.open(tmp_path / "idx", runtime=runtime) as index:
+        patch.setattr(Index, "model", property(no_model))
+        assert len(index.search_text("一只猫", k=3)) == 3
+
+    def no_onnx(self, texts, batch_size=64):
+        raise AssertionError("serve ran text in ONNX Runtime against its measured choice")
+
+    monkeypatch.setattr(TextEncoder, "embed_texts", no_onnx)
+    with Index.open(tmp_path / "idx", runtime=runtime, serving=True) as index:
+        assert len(index.search_text("一只猫", k=3)) == 3
