@@ -31,6 +31,7 @@ from cnclip.index.video import split_frame_path
 from cnclip.lru import LRUCache
 from cnclip.model.chinese import t2s_default, to_simplified_all
 from cnclip.model.onnx_runtime import TextEncoder
+from cnclip.model.cpu import onnxruntime_available
 from cnclip.model.runtime import Runtime
 from cnclip.model.transform import load_image
 from cnclip.model.zeroshot import TextHit, check_query
@@ -78,6 +79,20 @@ def _load(source: str | os.PathLike, runtime: Runtime | None) -> CNClipModel:
     from cnclip.model.checkpoint import load_model
 
     return load_model(source, device=runtime.device if runtime is not None else "cpu")
+
+
+def _apply(runtime: Runtime, model: CNClipModel) -> CNClipModel:
+    """`runtime.apply(model)`; where "auto" measures per machine (and may run the text tower in
+    PyTorch), the fp32 text tower is first exported for ONNX Runtime (once per model, seconds), so
+    that later one-shot searches need no torch at all (`Index._embed_texts`)."""
+    if runtime.calibrate and onnxruntime_available():
+        from cnclip.model.onnx_export import export_cached
+
+        try:
+            export_cached(model, "text")
+        except (OSError, CNClipError) as e:  # searches still work, through the model
+            log.warning("could not export the text tower for quick searches: %s", e)
+    return runtime.apply(model)
 
 
 def default_index_path() -> Path:
@@ -196,7 +211,7 @@ class Index:
         # The model first: a model that fails to load must not leave an empty index folder behind.
         loaded = _load(model, runtime) if isinstance(model, str | os.PathLike) else model
         if loaded is not None and runtime is not None:
-            runtime.apply(loaded)
+            _apply(runtime, loaded)
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
         try:
             index = cls(catalog, runtime=runtime, vector_kind=vector_kind, serving=serving, t2s=t2s)
@@ -229,7 +244,7 @@ class Index:
             if identity is None:
                 raise ModelMismatchError(f"{self.catalog.folder} has no model yet; index a folder first")
             model = _load(identity.source, self._runtime)
-            self._bind(self._runtime.apply(model) if self._runtime is not None else model)
+            self._bind(_apply(self._runtime, model) if self._runtime is not None else model)
         return self._model
 
     def _bind(self, model: CNClipModel) -> None:

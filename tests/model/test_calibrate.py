@@ -199,7 +199,6 @@ def test_a_one_shot_search_runs_the_text_tower_in_onnx_runtime_whatever_serve_wo
 ):
     """On AMX, PyTorch bf16 may measure faster per query, but a one-shot `cnclip search` would pay
     ~4 s to import torch and load the model for one query of 2-7 ms: ONNX Runtime answers it."""
-    from cnclip.model.onnx_export import export_cached
     from cnclip.model.onnx_runtime import TextEncoder
 
     folder = tmp_path / "photos"
@@ -207,12 +206,11 @@ def test_a_one_shot_search_runs_the_text_tower_in_onnx_runtime_whatever_serve_wo
     for i, img in enumerate(random_images(3, seed=9)):
         img.save(folder / f"{i}.png")
     model = cnclip.load_model(str(measured_model.save_pretrained(tmp_path / "model")))  # an index can load it
-    with Index.open(tmp_path / "idx", model=model, create=True) as index:
-        index.add_folder(folder)
-    export_cached(model, "text")
     runtime = _amx(monkeypatch, {"image": "torch-bf16", "text": "torch-bf16"})
-    calibrate.calibrated(model)  # measured and cached: serve runs text in PyTorch bf16
+    with Index.open(tmp_path / "idx", model=model, create=True, runtime=runtime) as index:
+        index.add_folder(folder)  # measures (serve: PyTorch bf16 for text), and exports text for searches
     assert "text" not in runtime.for_digest(model.weights_digest()).onnx_towers
+    assert TextEncoder.cached(model.weights_digest()) is not None
 
     def no_model(self):
         raise AssertionError("a one-shot text query loaded the model")
