@@ -30,8 +30,8 @@ from cnclip.index.vectors import ONDISK_KIND, Selection, VectorIndex
 from cnclip.index.video import split_frame_path
 from cnclip.lru import LRUCache
 from cnclip.model.chinese import t2s_default, to_simplified_all
-from cnclip.model.onnx_runtime import TextEncoder
 from cnclip.model.cpu import onnxruntime_available
+from cnclip.model.onnx_runtime import TextEncoder
 from cnclip.model.runtime import Runtime
 from cnclip.model.transform import load_image
 from cnclip.model.zeroshot import TextHit, check_query
