@@ -29,9 +29,9 @@ from cnclip.index.query import Term, combine_terms
 from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
 from cnclip.index.vectors import ONDISK_KIND, Selection, VectorIndex
 from cnclip.index.video import split_frame_path
-from cnclip.model.chinese import t2s_default, to_simplified_all
 from cnclip.model.onnx_runtime import TextEncoder
 from cnclip.model.runtime import Runtime
+from cnclip.model.t2s import t2s_default, to_simplified_all
 from cnclip.model.transform import load_image
 from cnclip.model.zeroshot import TextHit, check_query
 from cnclip.userpath import expand_user
