@@ -29,10 +29,10 @@ from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path
 from cnclip.index.vectors import ONDISK_KIND, Selection, VectorIndex
 from cnclip.index.video import split_frame_path
 from cnclip.lru import LRUCache
-from cnclip.model.chinese import t2s_default, to_simplified_all
 from cnclip.model.cpu import onnxruntime_available
 from cnclip.model.onnx_runtime import TextEncoder
 from cnclip.model.runtime import Runtime
+from cnclip.model.t2s import t2s_default, to_simplified_all
 from cnclip.model.transform import load_image
 from cnclip.model.zeroshot import TextHit, check_query
 from cnclip.userpath import expand_user

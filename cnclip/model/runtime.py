@@ -1,20 +1,10 @@
 """How a model runs for inference: which device, which engine (PyTorch or ONNX Runtime), which precision.
 
-On CPUs without fast bf16 (AVX2 machines such as this project's 2-core AMD EPYC; see
-scripts/bench/embed.py), same output either way (cosine 0.9999999):
-- text: ONNX Runtime fp32 ran a query in ~19-23 ms against PyTorch's ~55-80 ms;
-- images: ONNX Runtime (4 images per run) reached 4.3-4.5 images/s model-only, 84-91 % of the
-  machine's fp32 ceiling, against PyTorch's 3.2; indexing 12 MP JPEGs end to end 3.96 against
-  3.30 images/s. torch.compile (inductor, with or without freezing) matched ONNX Runtime at
-  best (4.1-4.3) after 23-36 s of compiling in every new process, so it is not used.
-  bf16 there runs ~3x *slower* than fp32.
-So "auto" runs both towers in ONNX Runtime fp32 on such CPUs, with nothing to measure.
-
-On CPUs with AMX or AVX-512 BF16 (Intel Xeon since Sapphire Rapids), bf16 PyTorch ran the
-ViT-B-16 image tower at ~12 images/s against ~4 for fp32 (2-core Xeon). There "auto" measures
-once per (CPU, model) which engine and precision is fastest for each tower, and keeps bf16 only
-where its rankings match fp32's (`cnclip.model.calibrate`); the result is cached under
-`cache_dir()/runtime/`. On GPUs "auto" means fp16 weights, as the official code runs them.
+"auto" runs both towers in ONNX Runtime fp32 on CPUs without fast bf16, with nothing to measure. On
+CPUs with AMX or AVX-512 BF16 it measures once per (CPU, model) which engine and precision is fastest
+for each tower, and keeps bf16 only where its rankings match fp32's (`cnclip.model.calibrate`); the
+result is cached under `cache_dir()/runtime/`. On GPUs "auto" means fp16 weights, as the official code
+runs them. The timings behind these choices: scripts/bench/README.md, "What `auto` runs, and why".
 """
 
 from __future__ import annotations

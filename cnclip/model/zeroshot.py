@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cnclip.errors import QueryError
-from cnclip.model.chinese import t2s_default, to_simplified_all
+from cnclip.model.t2s import t2s_default, to_simplified_all
 
 if TYPE_CHECKING:
     from PIL import Image

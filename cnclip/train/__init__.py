@@ -1,7 +1,7 @@
 """Training: contrastive fine-tuning (`cnclip train`), text-tower MLM pretraining, data, loss, evaluation.
 
-`main(argv)` is `cnclip train`; `Trainer` is the contrastive loop. Both are imported on first use, so
-that `cnclip.train.data` and friends load without the trainer.
+`main(argv)` is `cnclip train`; `Trainer` (in `contrastive`) runs the contrastive objective. Both are
+imported on first use, so that `cnclip.train.pairs` and friends load without the trainer.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from cnclip.train.contrastive import Trainer, TrainOptions
     from cnclip.train.main import main, train
-    from cnclip.train.trainer import Trainer, TrainOptions
 
-_LAZY = {"main": "main", "train": "main", "Trainer": "trainer", "TrainOptions": "trainer"}
+_LAZY = {"main": "main", "train": "main", "Trainer": "contrastive", "TrainOptions": "contrastive"}
 
 __all__ = ["Trainer", "TrainOptions", "main", "train"]
 

@@ -18,12 +18,12 @@ from cnclip.errors import CNClipError
 from cnclip.model.embed import embed_files
 from cnclip.model.transform import IMAGE_EXTENSIONS
 from cnclip.model.zeroshot import PROMPT_TEMPLATES, label_embeddings
-from cnclip.train.data import read_lines
+from cnclip.train.lines import read_lines
 from cnclip.userpath import expand_user
 
 if TYPE_CHECKING:
     from cnclip.model.clip import CNClipModel
-    from cnclip.train.data import Pair
+    from cnclip.train.pairs import Pair
 
 RECALL_AT = (1, 5, 10)  # the official Chinese-CLIP retrieval metrics
 TOP_K = (1, 5)  # zero-shot accuracy

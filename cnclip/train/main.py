@@ -19,9 +19,9 @@ import torch
 
 from cnclip import atomic
 from cnclip.errors import CNClipError
+from cnclip.train.contrastive import Trainer, TrainOptions
 from cnclip.train.distributed import DistInfo, cleanup, init_distributed
 from cnclip.train.loop import METRICS_FILE, find_checkpoint
-from cnclip.train.trainer import Trainer, TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _say(dist: DistInfo, message: str) -> None:
 
 
 def _read(path: str, what: str, dist: DistInfo, t2s: bool = False):
-    from cnclip.train.data import read_pairs, simplified_captions
+    from cnclip.train.pairs import read_pairs, simplified_captions
 
     pairs, report = read_pairs(path)
     if t2s:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ann import machine  # noqa: E402
 
 import cnclip  # noqa: E402
-from cnclip.train.data import read_pairs  # noqa: E402
 from cnclip.train.evaluate import compare_precisions  # noqa: E402
+from cnclip.train.pairs import read_pairs  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k-cn"
 

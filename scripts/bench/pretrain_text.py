@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ann import machine  # noqa: E402
 
-from cnclip.train.pretrain import PretrainOptions, pretrain_text  # noqa: E402
+from cnclip.train.mlm import PretrainOptions, pretrain_text  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k-cn"
 

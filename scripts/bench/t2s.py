@@ -2,7 +2,7 @@
 
 The validation captions (Simplified, human-written) are converted to Traditional with OpenCC
 `s2t`, as a user in Taiwan or Hong Kong would type them, and evaluated as typed and after
-cnclip's `t2s` conversion (`cnclip.model.chinese.to_simplified`, what `cnclip search` does by
+cnclip's `t2s` conversion (`cnclip.model.t2s.to_simplified`, what `cnclip search` does by
 default). The original captions with and without `t2s` show what the conversion costs users who
 type Simplified. Prints a Markdown table; recall in percent, text->image and image->text.
 
@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ann import machine  # noqa: E402
 
 import cnclip  # noqa: E402
-from cnclip.model.chinese import to_simplified_all  # noqa: E402
-from cnclip.train.data import Pair, read_pairs  # noqa: E402
+from cnclip.model.t2s import to_simplified_all  # noqa: E402
 from cnclip.train.evaluate import evaluate_pairs  # noqa: E402
+from cnclip.train.pairs import Pair, read_pairs  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k-cn"
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import random_images, run_cli
 
 import cnclip
-from cnclip.model.chinese import T2S_ENV, to_simplified_all
+from cnclip.model.t2s import T2S_ENV, to_simplified_all
 
 TRADITIONAL, SIMPLIFIED = "海邊的日落和沙灘上的腳印", "海边的日落和沙滩上的脚印"
 

@@ -96,8 +96,8 @@ def test_cnclip_index_in_int8_records_it_and_searches_like_fp32(tmp_path, tiny_v
 def test_compare_precisions_judges_int8_images_against_fp32(tmp_path, model):
     """What scripts/bench/precision.py --precision int8 reports: rankings with int8 images; the
     text tower stays fp32, so int8 text changes nothing."""
-    from cnclip.train.data import Pair
     from cnclip.train.evaluate import compare_precisions
+    from cnclip.train.pairs import Pair
 
     paths = []
     for i, image in enumerate(random_images(12, seed=21)):

@@ -14,7 +14,6 @@ from PIL import Image
 import cnclip
 from cnclip.errors import CNClipError
 from cnclip.model.zeroshot import PROMPT_TEMPLATES
-from cnclip.train.data import Pair
 from cnclip.train.evaluate import (
     EvaluationError,
     class_labels,
@@ -24,6 +23,7 @@ from cnclip.train.evaluate import (
     retrieval_metrics,
     zero_shot_accuracy,
 )
+from cnclip.train.pairs import Pair
 
 
 def features_for_scores(scores) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from cnclip.errors import CNClipError
-from cnclip.model import chinese
-from cnclip.model.chinese import T2S_ENV, t2s_default, to_simplified, to_simplified_all
+from cnclip.model import t2s
+from cnclip.model.t2s import T2S_ENV, t2s_default, to_simplified, to_simplified_all
 
 
 def test_traditional_becomes_simplified():
@@ -27,8 +27,8 @@ def test_simplified_and_ascii_text_pass_unchanged(text):
 
 
 def test_ascii_does_not_load_opencc(monkeypatch):
-    monkeypatch.setattr(chinese, "_converter", None)
-    monkeypatch.setattr(chinese, "_t2s", lambda: pytest.fail("OpenCC loaded for ASCII text"))
+    monkeypatch.setattr(t2s, "_converter", None)
+    monkeypatch.setattr(t2s, "_t2s", lambda: pytest.fail("OpenCC loaded for ASCII text"))
     assert to_simplified("a red car") == "a red car"
 
 
@@ -42,7 +42,7 @@ def test_missing_opencc_is_one_line_with_the_fix(monkeypatch):
             raise ImportError("No module named 'opencc'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(chinese, "_converter", None)
+    monkeypatch.setattr(t2s, "_converter", None)
     monkeypatch.setattr(builtins, "__import__", no_opencc)
     with pytest.raises(CNClipError, match="pip install opencc.*--no-t2s"):
         to_simplified("海邊")
@@ -56,7 +56,7 @@ def test_env_sets_the_default(monkeypatch, value, expected):
 
 def test_env_unset_gives_the_measured_default(monkeypatch):
     monkeypatch.delenv(T2S_ENV, raising=False)
-    assert t2s_default() is chinese.DEFAULT_T2S
+    assert t2s_default() is t2s.DEFAULT_T2S
 
 
 def test_bad_env_value_is_refused(monkeypatch):

@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader
 
 from cnclip.errors import CNClipError
 from cnclip.model.clip import CNClipModel
-from cnclip.train.data import Pair, PairDataset, collate_pairs, unique_image_batches
+from cnclip.train.batches import PairDataset, collate_pairs, unique_image_batches
 from cnclip.train.distributed import DistInfo
 from cnclip.train.loop import Loop, LoopOptions, MixedPrecision, Objective, StepLog, cosine_with_warmup
 from cnclip.train.loop import Progress as LoopProgress
 from cnclip.train.loss import ContrastiveLoss
+from cnclip.train.pairs import Pair
 
 MAX_LOGIT_SCALE = math.log(100.0)  # the official models sit at this clamp: logit scale 100
 

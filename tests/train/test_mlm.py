@@ -1,4 +1,5 @@
-"""Continued MLM pretraining of the text tower: masking statistics, packing, training, the CLI."""
+"""The masked-token objective (cnclip.train.mlm) and its data (cnclip.train.mlm_data): masking statistics,
+packing, training, the CLI."""
 
 from __future__ import annotations
 
@@ -13,8 +14,17 @@ from conftest import run_cli
 import cnclip
 from cnclip.errors import CNClipError
 from cnclip.model.tokenizer import default_tokenizer
-from cnclip.train.mlm import IGNORE, NOT_A_WORD, Masker, batch_rng, mask_batch, pack_blocks, read_corpus, word_pieces
-from cnclip.train.pretrain import HEAD_FILE, PretrainOptions, pretrain_text
+from cnclip.train.mlm import HEAD_FILE, PretrainOptions, pretrain_text
+from cnclip.train.mlm_data import (
+    IGNORE,
+    NOT_A_WORD,
+    Masker,
+    batch_rng,
+    mask_batch,
+    pack_blocks,
+    read_corpus,
+    word_pieces,
+)
 
 SUBJECTS = ["小猫", "小狗", "孩子们", "一位老人", "女孩", "男孩", "摄影师", "骑车的人"]
 ACTIONS = ["在草地上奔跑", "在海边散步", "在沙发上睡觉", "在公园里玩耍", "在雪地里跳跃", "在河边钓鱼"]
@@ -58,7 +68,7 @@ def test_words_come_from_jieba_and_a_user_dictionary_changes_them(tokenizer, tmp
     text = "蓝鳍金枪鱼罐头"
     before = word_pieces(tokenizer, text)
     (tmp_path / "dict.txt").write_text("蓝鳍金枪鱼罐头 1000 n\n", encoding="utf-8")
-    from cnclip.train.mlm import load_user_dict
+    from cnclip.train.mlm_data import load_user_dict
 
     load_user_dict(tmp_path / "dict.txt")
     assert len(word_pieces(tokenizer, text)) == 1 < len(before)
@@ -252,7 +262,7 @@ def test_the_mlm_head_comes_from_a_bert_checkpoint_when_given(tmp_path, start_mo
     from safetensors.torch import save_file
     from transformers import BertForMaskedLM
 
-    from cnclip.train.pretrain import MaskedLM
+    from cnclip.train.mlm import MaskedLM
 
     clip = cnclip.load_model(start_model)
     torch.manual_seed(9)

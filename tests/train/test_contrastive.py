@@ -1,4 +1,5 @@
-"""The trainer: it learns, locks what it promises, accumulates exactly, resumes after kill -9, runs under torchrun."""
+"""The contrastive objective's trainer: it learns, locks what it promises, accumulates exactly, resumes
+after kill -9, runs under torchrun."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from synthetic import write_dataset
 import cnclip
 from cnclip.model.config import get_model_config
 from cnclip.train import Trainer, TrainOptions
-from cnclip.train.data import Pair, read_pairs, unique_image_batches
+from cnclip.train.batches import unique_image_batches
 from cnclip.train.distributed import DistInfo
 from cnclip.train.loop import METRICS_FILE, STATE_FILE, find_checkpoint
+from cnclip.train.pairs import Pair, read_pairs
 
 
 def _tiny_64(seed: int = 0) -> cnclip.CNClipModel:
