@@ -210,20 +210,18 @@ class Index:
         """
         # The model first: a model that fails to load must not leave an empty index folder behind.
         loaded = _load(model, runtime) if isinstance(model, str | os.PathLike) else model
-        if loaded is not None and runtime is not None:
-            _apply(runtime, loaded)
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
         try:
             index = cls(catalog, runtime=runtime, vector_kind=vector_kind, serving=serving, t2s=t2s)
+            if loaded is not None:
+                # refused before the runtime is applied: on AMX "auto" measures the model (tens of
+                # seconds) first, which a model of another index must not cost
+                index._bind(loaded)
+                if runtime is not None:
+                    _apply(runtime, loaded)
         except BaseException:
             catalog.close()
             raise
-        if loaded is not None:
-            try:
-                index._bind(loaded)
-            except BaseException:
-                catalog.close()
-                raise
         return index
 
     def close(self) -> None:

@@ -225,3 +225,23 @@ def test_a_one_shot_search_runs_the_text_tower_in_onnx_runtime_whatever_serve_wo
     monkeypatch.setattr(TextEncoder, "embed_texts", no_onnx)
     with Index.open(tmp_path / "idx", runtime=runtime, serving=True) as index:
         assert len(index.search_text("一只猫", k=3)) == 3
+
+
+def test_a_model_of_another_index_is_refused_before_it_is_measured(tmp_path, measured_model, monkeypatch):
+    from cnclip.errors import ModelMismatchError
+
+    with Index.open(tmp_path / "idx", model=cnclip.create_model("tiny-vit"), create=True) as index:
+        index.add_folder(_one_photo(tmp_path))
+    runtime = _amx(monkeypatch, {"image": "torch-bf16", "text": "torch-bf16"})
+    measured = []
+    monkeypatch.setattr(calibrate, "measure", lambda model: measured.append(model) or pytest.fail("measured"))
+    with pytest.raises(ModelMismatchError):
+        Index.open(tmp_path / "idx", model=measured_model, runtime=runtime)
+    assert measured == []
+
+
+def _one_photo(tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    random_images(1, seed=4)[0].save(folder / "0.png")
+    return folder
