@@ -1,6 +1,6 @@
 """`Index`: an index folder as users see it — add folders and texts, search every direction.
 
-One ranking routine (`_top_k` over a `VectorIndex`) serves text->image, image->image and
+One ranking routine (`_top_k` over a `VectorStore`) serves text->image, image->image and
 image->text; the catalog stays the record and the FAISS file is rebuilt whenever it is stale.
 """
 
@@ -26,7 +26,7 @@ from cnclip.index.filters import SearchFilter, parse_date, parse_size
 from cnclip.index.lock import WriterLock
 from cnclip.index.query import Term, combine_terms
 from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
-from cnclip.index.vectors import ONDISK_KIND, Selection, VectorIndex
+from cnclip.index.vectors import ONDISK_KIND, Selection, VectorIndex, VectorStore
 from cnclip.index.video import split_frame_path
 from cnclip.lru import LRUCache
 from cnclip.model.cpu import onnxruntime_available
@@ -52,10 +52,6 @@ _REBUILD_TURN = threading.Lock()
 # per failure in a row up to the maximum: a failure that repeats must not rebuild back to back.
 REBUILD_RETRY_S = 5.0
 REBUILD_RETRY_MAX_S = 300.0
-# The on-disk vector index holds no raw vectors: there a filter selecting at most this many
-# files scans their vectors from the catalog; a larger one over-fetches candidates. The other
-# kinds skip unselected ids inside faiss (`VectorIndex.search_within`).
-FILTER_SCAN_ROWS = 20_000
 FILTER_CACHE_SIZE = 16  # recent filters' selected file ids kept per open index, until the catalog changes
 QUERY_CACHE_SIZE = 1024  # recent query embeddings kept per open index (2 KB each at 512-d)
 PREPROCESSING = "squash-bicubic-clip-meanstd"
@@ -125,12 +121,12 @@ def model_identity(model: CNClipModel, source: str) -> ModelIdentity:
     )
 
 
-def _in_background(build: Callable[[], VectorIndex]) -> Future[VectorIndex]:
+def _in_background(build: Callable[[], VectorStore]) -> Future[VectorStore]:
     """`build()` on a daemon thread once the rebuilds started before it are done; its result as a Future.
 
     Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so Ctrl+C on a server
     waited out a rebuild of minutes whose result (a serving rebuild writes nothing) was thrown away."""
-    job: Future[VectorIndex] = Future()
+    job: Future[VectorStore] = Future()
 
     def run() -> None:
         with _REBUILD_TURN:
@@ -171,9 +167,9 @@ class Index:
         # wait for a whole-file write) and rebuilds in the background while the old index answers.
         self.serving = serving
         self.lock = WriterLock(catalog.folder)
-        self._images: VectorIndex | None = None
+        self._images: VectorStore | None = None
         self._images_generation: int | None = None
-        self._rebuilding: Future[VectorIndex] | None = None
+        self._rebuilding: Future[VectorStore] | None = None
         self._rebuild_failures = 0  # in a row, since the last background rebuild that succeeded
         self._rebuild_error: str | None = None
         self._rebuild_retry_at = 0.0  # time.monotonic() before which no background rebuild starts
@@ -290,7 +286,7 @@ class Index:
 
     # -- searching --------------------------------------------------------------------------------
 
-    def refresh(self) -> VectorIndex:
+    def refresh(self) -> VectorStore:
         """The image vector index, brought up to date with the catalog if the catalog changed.
 
         The index held in memory follows the catalog in place (vectors of new file ids added,
@@ -298,7 +294,7 @@ class Index:
         file is not read again. Only the writer (the process holding the lock, e.g. `add_folder`)
         saves it. Without one in memory, the saved index is loaded and brought up to date the
         same way. A large change, or one that would leave the index far from what a fresh build
-        makes (`VectorIndex.needs_rebuild`), rebuilds it from one snapshot of the catalog; when
+        makes (`VectorStore.needs_rebuild`), rebuilds it from one snapshot of the catalog; when
         `serving`, in a background thread while the old index keeps answering (its results may
         lag the catalog until the swap). A saved index of another kind than `vector_kind` asks
         for is rebuilt; with "auto" an on-disk index stays on disk.
@@ -317,9 +313,9 @@ class Index:
             index.meta["generation"] = generation
             if self.lock.held:
                 self._save(index)
-        if index.ondisk is not None:
-            # PQ codes alone gave recall@10 ~0.75 at 10^6; exact re-ranking from the catalog ~0.997
-            index.ondisk.reranker = self.catalog.vectors_for_ids
+        # The on-disk kind's PQ codes alone gave recall@10 ~0.75 at 10^6; exact re-ranking from
+        # the catalog ~0.997. The kinds that hold exact vectors ignore it.
+        index.set_reranker(self.catalog.vectors_for_ids)
         self._images, self._images_generation = index, generation
         return index
 
@@ -336,7 +332,7 @@ class Index:
             log.info("rebuilding the vector index of %s in the background", self.catalog.folder)
         return True
 
-    def _swap_in_rebuilt(self) -> VectorIndex | None:
+    def _swap_in_rebuilt(self) -> VectorStore | None:
         """The index a background rebuild finished, now in use; None while none has finished."""
         job = self._rebuilding
         if job is None or not job.done():
@@ -372,12 +368,12 @@ class Index:
             "retry_in_s": round(max(0.0, self._rebuild_retry_at - time.monotonic()), 1),
         }
 
-    def _wanted_kind(self, saved: VectorIndex | None) -> str:
+    def _wanted_kind(self, saved: VectorStore | None) -> str:
         if self.vector_kind == "auto" and saved is not None and saved.kind == ONDISK_KIND:
             return ONDISK_KIND  # it was chosen for a collection too large for RAM
         return self.vector_kind
 
-    def _load_current(self, generation: int) -> VectorIndex | None:
+    def _load_current(self, generation: int) -> VectorStore | None:
         """The saved vector index, brought up to date in memory; None when a rebuild is due.
 
         A one-shot process maps the file and pages in only what its searches touch; a serving one
@@ -400,7 +396,7 @@ class Index:
             return None
         return saved if saved.meta.get("generation") == generation else self._sync(saved)
 
-    def _built_from_this_catalog(self, index: VectorIndex) -> bool:
+    def _built_from_this_catalog(self, index: VectorStore) -> bool:
         """Whether `index` was built from this catalog and up to a point of its own history: the
         catalog's identity, and the change-journal entry at the position it was brought up to.
 
@@ -417,7 +413,7 @@ class Index:
             return seq <= self.catalog.journal_pruned()
         return mark == index.meta.get("changes_mark")
 
-    def _rebuild(self) -> VectorIndex:
+    def _rebuild(self) -> VectorStore:
         """A new vector index from one snapshot of the catalog (its generation in `meta`).
 
         The on-disk kind is built inside the index folder, which only the lock holder may write:
@@ -430,7 +426,7 @@ class Index:
                     return self._build(snap, kind, total)
             return self._build(snap, kind, total)
 
-    def _build(self, snap: Catalog, kind: str, total: int) -> VectorIndex:
+    def _build(self, snap: Catalog, kind: str, total: int) -> VectorStore:
         identity = snap.identity
         dim = identity.dim if identity else self.model.embed_dim
         # A function, not an iterator: the on-disk kind reads the catalog twice.
@@ -450,13 +446,13 @@ class Index:
                 self.lock.release()
         return index
 
-    def _save(self, index: VectorIndex) -> None:
+    def _save(self, index: VectorStore) -> None:
         try:
             index.save(self.catalog.folder)
         except (OSError, CNClipError) as e:  # a read-only or full disk: search still works from memory
             log.warning("could not save the vector index in %s: %s", self.catalog.folder, e)
 
-    def _sync(self, index: VectorIndex) -> VectorIndex | None:
+    def _sync(self, index: VectorStore) -> VectorStore | None:
         """Apply the catalog's changes since `index` was built or synced, in place; None when a
         rebuild is better. Reads the catalog's change journal: the cost follows the change."""
         if not self._built_from_this_catalog(index):
@@ -642,32 +638,14 @@ class Index:
         return hits, folded
 
     def _filtered_search(self, query: np.ndarray, k: int, where: SearchFilter) -> tuple[np.ndarray, np.ndarray]:
-        """The top `k` among the files `where` selects, as exact as the unfiltered search: faiss
-        skips the other ids as it scans. The on-disk index holds no raw vectors: there few rows are
-        scanned directly from their stored vectors; otherwise it is asked for more and more until
-        `k` results pass (or every vector was returned)."""
+        """The top `k` among the files `where` selects, as exact as the unfiltered search
+        (`VectorStore.search_within`: each kind filters as its vectors allow)."""
         selection = self._selection(where)
         if len(selection) == 0:
             return np.empty((1, 0), np.float32), np.empty((1, 0), np.int64)
-        index = self.refresh()
-        if index.ondisk is None:
-            scores, ids = index.search_within(query, k, selection)
-            found = ids[0] >= 0
-            return scores[:, found], ids[:, found]
-        allowed = selection.ids
-        if allowed.size <= FILTER_SCAN_ROWS:
-            vectors = self.catalog.vectors_for_ids(allowed)
-            scores = vectors @ query[0]
-            order = np.argsort(-scores, kind="stable")[:k]
-            return scores[order][None, :], allowed[order][None, :]
-        total = max(len(index), 1)
-        fetch = min(total, k * 2 * -(-total // allowed.size))
-        while True:
-            scores, ids = index.search(query, fetch)
-            keep = np.isin(ids[0], allowed)
-            if keep.sum() >= k or fetch >= total:
-                return scores[:, keep][:, :k], ids[:, keep][:, :k]
-            fetch = min(total, fetch * 4)
+        scores, ids = self.refresh().search_within(query, k, selection)
+        found = ids[0] >= 0
+        return scores[:, found], ids[:, found]
 
     def _selection(self, where: SearchFilter) -> Selection:
         """The searchable files `where` selects, from a small cache valid until the catalog changes."""

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from cnclip.index.vector_common import _omp_threads as threads  # the library's own per-thread OpenMP setting
-from cnclip.index.vectors import VectorIndex, _nlist_for
+from cnclip.index.vectors import VectorIndex
+from cnclip.index.vectors.memory_build import nlist_for
+from cnclip.index.vectors.threads import omp_threads as threads  # the library's own per-thread OpenMP setting
 
 ALL_KINDS = ("exact", "ivf-flat", "ivf-sq8", "ivf-pq-refine", "hnsw")
 
@@ -172,7 +173,7 @@ def faiss_search(index: faiss.Index, nthreads: int, params: faiss.SearchParamete
 
 def bench_pq_refine(base, queries, truth, args) -> list[Row]:
     n, dim = base.shape
-    nlist = _nlist_for(n)
+    nlist = nlist_for(n)
     m = args.pq_m
     gc.collect()
     t = time.perf_counter()

@@ -25,8 +25,9 @@ import numpy as np
 from ann import Mixture  # this folder's data generator (clustered vectors, uneven clusters)
 
 from cnclip.index.catalog import Catalog, ModelIdentity, NewFile
-from cnclip.index.folder import FILTER_SCAN_ROWS, Index
+from cnclip.index.folder import Index
 from cnclip.index.metadata import PhotoInfo
+from cnclip.index.vectors import FILTER_SCAN_ROWS, ONDISK_KIND
 
 FOLDERS = 20
 CAMERAS = ("Apple iPhone 13", "HUAWEI P40", "SONY ILCE-7M3")
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             selected = int(mask.sum())
             if where.empty:
                 strategy = "none"
-            elif index.refresh().ondisk is None:
+            elif index.refresh().kind != ONDISK_KIND:
                 strategy = "faiss selector"
             else:
                 strategy = "scan" if selected <= FILTER_SCAN_ROWS else "over-fetch"

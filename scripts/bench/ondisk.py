@@ -1,4 +1,4 @@
-"""Benchmark the on-disk OPQ+IVF-PQ index (cnclip.index.ondisk) on clustered synthetic CLIP-like vectors.
+"""Benchmark the on-disk OPQ+IVF-PQ index (cnclip.index.vectors.ondisk) on clustered synthetic CLIP-like vectors.
 
 Draws N vectors with ann.py's generator chunk by chunk into a raw float32 file (the full array is
 never in RAM), builds the index from that file in a fresh process (two streaming passes, shard
@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ann import Mixture, log, machine, recall_at  # noqa: E402  (same folder: the shared data generator)
 
-from cnclip.index.ondisk import OnDiskIndex  # noqa: E402
+from cnclip.index.vectors import OnDiskIndex  # noqa: E402
 
 ID_BASE, ID_STEP = 1_000_003, 7  # ids are not 0..n-1, like catalog ids
 
@@ -132,7 +132,7 @@ def build_phase(args: dict) -> dict:
         seed=args["seed"],
     )
     seconds = time.perf_counter() - t
-    files = index._doc["files"]
+    files = index.files
     return {
         "seconds": seconds,
         "params": index.params,
@@ -187,7 +187,7 @@ def search_phase(args: dict) -> dict:
     t = time.perf_counter()
     index = OnDiskIndex.load(folder)
     out["load_s"] = time.perf_counter() - t
-    files = index._doc["files"]
+    files = index.files
     lists, ids_file = folder / files["lists"], folder / files["ids"]
     watched = (lists, ids_file, data)
     out["memory_loaded"] = memory(*watched)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from vector_sets import clustered
 
-import cnclip.index.ondisk as ondisk
+import cnclip.index.vectors.ondisk_train as ondisk_train
 from cnclip.errors import QueryError
 from cnclip.index.catalog import Catalog, ModelIdentity, NewFile
 from cnclip.index.filters import SearchFilter, parse_date, parse_size
-from cnclip.index.folder import FILTER_SCAN_ROWS, Index
+from cnclip.index.folder import Index
 from cnclip.index.metadata import PhotoInfo
-from cnclip.index.vectors import ONDISK_KIND
+from cnclip.index.vectors import FILTER_SCAN_ROWS, ONDISK_KIND
 
 N, DIM = 100_000, 64
 
@@ -102,8 +102,8 @@ def approximate(request, library):
     """The library behind an approximate vector index, built once per kind."""
     folder, ids, vectors, days = library
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ondisk, "_OPQ_ITER", 2)  # OPQ trained briefly: the kind's search path is the point
-        patch.setattr(ondisk, "_OPQ_FIRST_ITER", 2)
+        patch.setattr(ondisk_train, "_OPQ_ITER", 2)  # OPQ trained briefly: the kind's search path is the point
+        patch.setattr(ondisk_train, "_OPQ_FIRST_ITER", 2)
         index = Index.open(folder, vector_kind=request.param)
         index.refresh()
     yield index, ids, vectors, days
@@ -177,7 +177,7 @@ def test_filters_keep_the_recall_of_approximate_indexes(approximate, name, optio
         got = [h.id for h in index._image_hits(query[None, :], 10, where)]
         assert len(got) == 10 and set(got) <= set(ids[mask].tolist()), name
         found.append(len(set(got) & set(want_ids)) / 10)
-        if rows == "few" and index.refresh().ondisk is not None:
+        if rows == "few" and index.refresh().kind == ONDISK_KIND:
             assert got == want_ids, name  # the selected rows' own vectors, scanned exactly
     assert np.mean(found) >= 0.9, (name, found)
 

@@ -11,7 +11,7 @@ from conftest import eventually, record_builds
 
 from cnclip.index.catalog import Catalog, ModelIdentity, NewFile
 from cnclip.index.folder import Index
-from cnclip.index.vectors import INDEX_FILE, VectorIndex
+from cnclip.index.vectors import INDEX_FILE, InMemoryIndex, VectorIndex
 
 DIM = 32
 
@@ -146,7 +146,7 @@ def test_a_save_that_fails_leaves_search_working_from_memory(catalog, monkeypatc
     def read_only(self, folder):
         raise CNClipError(f"cannot write the vector index {folder}: Read-only file system; check permissions")
 
-    monkeypatch.setattr(VectorIndex, "save", read_only)
+    monkeypatch.setattr(InMemoryIndex, "save", read_only)
     writer = Index(catalog)
     with writer.lock.hold():
         index = writer.refresh()  # would save, cannot: says so once and keeps going

@@ -248,7 +248,7 @@ def test_interrupted_save_keeps_the_old_files_and_no_tmp(data, tmp_path, monkeyp
     index.save(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    import cnclip.index.vectors as module
+    from cnclip.index.vectors import faiss_io as module
 
     def crash(*args, **kwargs):
         # what faiss raises on a full disk: a RuntimeError carrying a C++ backtrace
