@@ -33,7 +33,7 @@ from cnclip.index.video import LIVE_PHOTO_VIDEOS, VIDEO_EXTENSIONS, frame_path, 
 from cnclip.model.transform import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:  # the model's modules load torch; searching an index must not need them
-    from cnclip.index.ray import RayOptions
+    from cnclip.index.ray_embed import RayOptions
     from cnclip.model.clip import CNClipModel
 
 log = logging.getLogger(__name__)
@@ -421,7 +421,7 @@ class Indexer:
         paths = [found.path for found, *_ in items]
         done = len(videos)
         if self.ray is not None:
-            from cnclip.index.ray import ShardReport, embed_with_ray
+            from cnclip.index.ray_embed import ShardReport, embed_with_ray
 
             report = ShardReport()
             batches = embed_with_ray(

@@ -12,7 +12,7 @@ import torch
 from conftest import indexed_vectors, random_images, run_cli
 
 import cnclip
-from cnclip.index.ray import SHARD_SUFFIX, RayOptions
+from cnclip.index.ray_embed import SHARD_SUFFIX, RayOptions
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_cli_index_with_ray_equals_the_single_process_index(photos, model_dir, t
 _RUN = """
 import json, os, sys
 import cnclip
-from cnclip.index.ray import RayOptions
+from cnclip.index.ray_embed import RayOptions
 index_dir, model_dir, photos, stop = sys.argv[1:5]
 written = []
 def on_shard(key):
