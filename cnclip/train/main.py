@@ -19,6 +19,7 @@ import torch
 
 from cnclip import atomic
 from cnclip.errors import CNClipError
+from cnclip.options import options_from
 from cnclip.train.contrastive import Trainer, TrainOptions
 from cnclip.train.distributed import DistInfo, cleanup, init_distributed
 from cnclip.train.loop import METRICS_FILE, find_checkpoint
@@ -83,29 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from(args: argparse.Namespace) -> TrainOptions:
-    return TrainOptions(
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        accum_freq=args.accum_freq,
-        lr=args.lr,
-        weight_decay=args.wd,
-        warmup=args.warmup,
-        grad_clip=args.grad_clip,
-        precision=args.precision,
-        lock_image=args.lock_image,
-        lock_image_unlocked=args.lock_image_unlocked,
-        lock_text=args.lock_text,
-        lock_text_unlocked=args.lock_text_unlocked,
-        grad_checkpointing=args.grad_checkpointing,
-        gather_with_grad=not args.local_gather,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        log_every=args.log_every,
-        workers=args.workers,
-        seed=args.seed,
-    )
+def train_options(args: argparse.Namespace) -> TrainOptions:
+    """The `TrainOptions` of the command line (--wd and --local-gather are named otherwise than their fields)."""
+    return options_from(args, TrainOptions, weight_decay=args.wd, gather_with_grad=not args.local_gather)
 
 
 def _say(dist: DistInfo, message: str) -> None:
@@ -178,7 +159,7 @@ def train(args: argparse.Namespace, dist: DistInfo) -> dict:
     val_pairs = _read(args.val, "val", dist, args.t2s)[0] if args.val else None
     resume_from = None if args.no_resume else find_checkpoint(out)
     model = _load(args, resume_from)
-    trainer = Trainer(model, pairs, options_from(args), out, dist, on_event=_printer(dist))
+    trainer = Trainer(model, pairs, train_options(args), out, dist, on_event=_printer(dist))
     if resume_from is not None:
         trainer.restore(resume_from)
         _say(dist, f"resuming from {resume_from} at step {trainer.progress.step}")

@@ -73,3 +73,18 @@ def test_a_file_name_that_is_not_utf8_prints_as_its_own_bytes(tmp_path, tiny_vit
         assert cli.main([*argv, "--index", str(tmp_path / "idx")]) == 0
         sys.stdout.flush()
         assert b"\t" + raw + b"\n" in out.getvalue(), out.getvalue()  # usable as a path: `cut -f2 | xargs ...`
+
+
+def test_train_gets_the_rest_of_the_line_and_weights_source_from_either_side(monkeypatch):
+    import os
+
+    import cnclip.train
+    from cnclip.app import cli
+    from cnclip.model.download import SOURCES_ENV
+
+    seen = []
+    monkeypatch.setattr(cnclip.train, "main", lambda argv: seen.append((argv, os.environ[SOURCES_ENV])) or 0)
+    monkeypatch.setenv(SOURCES_ENV, "hf")  # and put back afterwards
+    assert cli.main(["-v", "train", "--train", "p.jsonl", "--weights-source", "modelscope", "--lr=1e-4", "-v"]) == 0
+    assert cli.main(["--weights-source", "ms", "train", "-h"]) == 0
+    assert seen == [(["--train", "p.jsonl", "--lr=1e-4", "-v", "--verbose"], "modelscope"), (["-h"], "ms")]
