@@ -88,3 +88,18 @@ def test_train_gets_the_rest_of_the_line_and_weights_source_from_either_side(mon
     assert cli.main(["-v", "train", "--train", "p.jsonl", "--weights-source", "modelscope", "--lr=1e-4", "-v"]) == 0
     assert cli.main(["--weights-source", "ms", "train", "-h"]) == 0
     assert seen == [(["--train", "p.jsonl", "--lr=1e-4", "-v", "--verbose"], "modelscope"), (["-h"], "ms")]
+
+
+def test_version_and_a_closed_pipe_end_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"cnclip {cnclip.__version__}"
+    # `cnclip ... | head -1`: the reader is gone before the first line is written
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnclip", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141) and "Traceback" not in err and "BrokenPipe" not in err, err

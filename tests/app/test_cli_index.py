@@ -313,3 +313,20 @@ def test_offline_prune_and_gc_through_the_cli(photos, tmp_path, model_dir):
     gc = run_cli("gc", "--index", idx, "--json")
     assert gc.returncode == 0
     assert json.loads(gc.stdout) == {"vectors_removed": 3, "unused_vectors_left": 0, "offline_files_kept": 0}
+
+
+def test_the_default_index_is_found_from_any_folder_and_info_says_why(photos, tmp_path, model_dir):
+    """Indexed from one folder, searched and described from another: one per-user index."""
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "CNCLIP_INDEX": None}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    out = run_cli("index", photos, "--model", model_dir, "-q", cwd=tmp_path / "a", env=env)
+    assert out.returncode == 0, out.stderr
+    hits = run_cli("search", "海边", "--json", cwd=tmp_path / "b", env=env)
+    assert hits.returncode == 0 and len(json.loads(hits.stdout)) == 9
+    info = run_cli("info", cwd=tmp_path / "b", env=env)
+    home = tmp_path / "data" / "cnclip" / "index" / "default"
+    assert f"index    {home} (chosen by the per-user default)" in info.stdout
+    assert json.loads(run_cli("info", "--json", cwd=tmp_path, env=env).stdout)["index_chosen_by"] == (
+        "the per-user default"
+    )

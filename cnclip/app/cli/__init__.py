@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cnclip import faults
+from cnclip import __version__, faults
 from cnclip.app.cli.common import DownloadBar
 from cnclip.app.cli.evaluate import add_eval
 from cnclip.app.cli.index import add_gc, add_index, add_info
@@ -65,6 +65,7 @@ def _weights_source(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnclip", description="Chinese-CLIP text-image search.")
+    parser.add_argument("--version", action="version", version=f"cnclip {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
     parser.add_argument("--weights-source", type=_weights_source, metavar="LIST", help=WEIGHTS_SOURCE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -101,7 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a file name that is not UTF-8 (lone surrogates in Python) prints as its own bytes, as `ls` does,
         # instead of a UnicodeEncodeError on terminals whose locale encoding is strict (zh_CN.UTF-8)
         sys.stdout.reconfigure(errors="surrogateescape")
-    return _run(args)
+    try:
+        status = _run(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would print a traceback
+        return status
+    except BrokenPipeError:
+        # `cnclip search 猫 -k 200 | head -1`: the reader has what it wanted; end as `cat` does (SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _run(args: argparse.Namespace) -> int:

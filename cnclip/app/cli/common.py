@@ -15,7 +15,10 @@ MODEL_HELP = (
     "zoo name (ViT-B-16, ...), official .pt, safetensors file, model folder or Hugging Face id "
     "(default: $CNCLIP_MODEL, then ViT-B-16)"
 )
-INDEX_HELP = "index folder (default: $CNCLIP_INDEX, then ./index/default)"
+INDEX_HELP = (
+    "index folder (default: $CNCLIP_INDEX, then ./index/default where it exists, then the per-user "
+    "index, ~/.local/share/cnclip/index/default on Linux)"
+)
 WAIT_HELP = "if another process is writing the index, wait up to this long for it (default 0: say so and stop)"
 WATCH_POLL_HELP = (
     "with --watch: look for changes every SECONDS instead of waiting for the system's file events "

@@ -279,15 +279,16 @@ def add_info(sub: Subparsers) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from cnclip.index.folder import Index
+    from cnclip.index.folder import Index, default_index_choice
 
-    with Index.open(args.index, runtime=runtime(args)) as index:
-        stats = index.stats()
+    path, why = (args.index, "--index") if args.index else default_index_choice()
+    with Index.open(path, runtime=runtime(args)) as index:
+        stats = index.stats() | {"index_chosen_by": why}
     if args.json:
         print(as_json(stats))
         return 0
     model = stats["model"]
-    print(f"index    {stats['index']}")
+    print(f"index    {stats['index']} (chosen by {why})")
     print(f"images   {stats['images']:,}")
     if stats["videos"]:
         print(f"videos   {stats['videos']:,}")

@@ -156,7 +156,7 @@ def add_tag(sub: Subparsers) -> None:
     p = sub.add_parser("tag", help="zero-shot labels for an image")
     p.add_argument("file", help="image file")
     p.add_argument("--labels", required=True, metavar="FILE", help="labels, one per line, e.g. 猫 / 狗 / 海滩")
-    add_index_option(p, "take the model from this index (default: $CNCLIP_INDEX, then ./index/default)")
+    add_index_option(p, "take the model from this index (default: the one `cnclip info` names)")
     add_model_option(p, MODEL_HELP)
     p.add_argument("-k", type=positive_int, default=5, help="labels to print (default 5)")
     p.add_argument("--json", action="store_true")
