@@ -20,8 +20,8 @@ _LAZY = {
     "available_models": "model.config",
     "get_model_config": "model.config",
     "CNClipModel": "model.clip",
-    "Hit": "index.folder",
-    "Index": "index.folder",
+    "Hit": "index.index",
+    "Index": "index.index",
     "find_duplicates": "index.dupes",
     "TextHit": "model.zeroshot",
     "zero_shot": "model.zeroshot",
@@ -34,7 +34,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from cnclip.index.dupes import find_duplicates
-    from cnclip.index.folder import Hit, Index
+    from cnclip.index.index import Hit, Index
     from cnclip.model.checkpoint import create_model, load_model
     from cnclip.model.clip import CNClipModel
     from cnclip.model.config import ModelConfig, available_models, get_model_config

@@ -23,7 +23,7 @@ from cnclip.index.catalog import Catalog, FileRecord
 from cnclip.index.scan import from_catalog_path
 
 if TYPE_CHECKING:
-    from cnclip.index.folder import Index
+    from cnclip.index.index import Index
 
 __all__ = [
     "DEFAULT_THRESHOLD",

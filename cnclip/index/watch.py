@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - watchdog < 7
     DirAttribEvent, FileAttribEvent = DirCreatedEvent, FileModifiedEvent
 
 from cnclip.errors import CNClipError, IndexBusyError
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 from cnclip.index.scan import NOT_MOUNTED, Indexer, IndexSummary, Progress, ScanStopped, to_catalog_path
 from cnclip.index.video import VIDEO_EXTENSIONS
 from cnclip.model.transform import IMAGE_EXTENSIONS

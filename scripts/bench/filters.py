@@ -25,7 +25,7 @@ import numpy as np
 from ann import Mixture  # this folder's data generator (clustered vectors, uneven clusters)
 
 from cnclip.index.catalog import Catalog, ModelIdentity, NewFile
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 from cnclip.index.metadata import PhotoInfo
 from cnclip.index.vectors import FILTER_SCAN_ROWS, ONDISK_KIND
 

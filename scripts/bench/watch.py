@@ -30,7 +30,7 @@ from ann import machine  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import cnclip  # noqa: E402
-from cnclip.index.folder import Index  # noqa: E402
+from cnclip.index.index import Index  # noqa: E402
 from cnclip.index.watch import WatchBatch, Watcher  # noqa: E402
 
 SUBFOLDER_FILES = 100

@@ -97,9 +97,7 @@ def test_version_and_a_closed_pipe_end_quietly(tmp_path):
     out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"cnclip {cnclip.__version__}"
     # `cnclip ... | head -1`: the reader is gone before the first line is written
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cnclip", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "cnclip", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) in (0, 141) and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -20,7 +20,7 @@ from conftest import indexed_vectors, run_cli, solid_photo
 
 import cnclip
 from cnclip.faults import POINTS
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 
 # the point, and which time it is reached (a catalog commit happens many times per run)
 INDEX_POINTS = [

@@ -557,7 +557,7 @@ def _add_photos(index_path: Path, photos: Path, n: int) -> None:
 
 
 def test_health_reports_a_failing_rebuild_and_its_back_off(tmp_path, model_dir, monkeypatch):
-    from cnclip.index import folder
+    from cnclip.index import index as folder
     from cnclip.index.vectors import VectorIndex
 
     index_path = _index_of_photos(tmp_path, model_dir, 2)
@@ -585,7 +585,7 @@ def test_health_reports_a_failing_rebuild_and_its_back_off(tmp_path, model_dir, 
 WITH_A_SLOW_REBUILD = """
 import sys, time
 from cnclip.app.cli import main
-from cnclip.index import folder
+from cnclip.index import index as folder
 from cnclip.index.vectors import VectorIndex
 
 def slow(cls, *args, **kwargs):

@@ -12,7 +12,7 @@ import cnclip.index.vectors.ondisk_train as ondisk_train
 from cnclip.errors import QueryError
 from cnclip.index.catalog import Catalog, ModelIdentity, NewFile
 from cnclip.index.filters import SearchFilter, parse_date, parse_size
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 from cnclip.index.metadata import PhotoInfo
 from cnclip.index.vectors import FILTER_SCAN_ROWS, ONDISK_KIND
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import random_images
 
 from cnclip.index import scan
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 
 
 def _photos(folder, n: int, seed: int) -> list:

@@ -15,7 +15,7 @@ from vector_sets import brute_force, catalog_ids, clustered, recall
 
 import cnclip.index.vectors.ondisk_train as ondisk_train
 from cnclip.errors import CNClipError, IndexNotFoundError, ModelMismatchError
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 from cnclip.index.vectors import META_FILE, ONDISK_KIND, OnDiskIndex, VectorIndex
 
 N, DIM = 20_000, 64

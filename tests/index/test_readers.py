@@ -10,7 +10,7 @@ import pytest
 from conftest import eventually, record_builds
 
 from cnclip.index.catalog import Catalog, ModelIdentity, NewFile
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 from cnclip.index.vectors import INDEX_FILE, InMemoryIndex, VectorIndex
 
 DIM = 32
@@ -73,7 +73,7 @@ def test_readers_keep_searching_while_the_writer_rebuilds(catalog, monkeypatch):
     search of the catalog does within a few seconds."""
     import time
 
-    from cnclip.index import folder
+    from cnclip.index import index as folder
 
     monkeypatch.setattr(folder, "_SYNC_MIN_REBUILD", 0)  # past half of the index changed: rebuild, not sync
     builds = record_builds(monkeypatch, VectorIndex, "build_streaming")
@@ -158,7 +158,7 @@ def test_a_save_that_fails_leaves_search_working_from_memory(catalog, monkeypatc
 def test_a_serving_reader_rebuilds_in_the_background_while_the_old_index_answers(catalog, monkeypatch):
     import time
 
-    from cnclip.index import folder
+    from cnclip.index import index as folder
 
     monkeypatch.setattr(folder, "_SYNC_MIN_REBUILD", 0)  # past half of the index changed: rebuild, not sync
     _put(catalog, [f"a{i}" for i in range(400)], seed=6)
@@ -200,7 +200,7 @@ def test_a_serving_reader_holds_the_vectors_in_memory_a_one_shot_reader_maps_the
 def test_a_background_rebuild_that_keeps_failing_backs_off_instead_of_looping(catalog, monkeypatch, caplog):
     import time
 
-    from cnclip.index import folder
+    from cnclip.index import index as folder
 
     monkeypatch.setattr(folder, "_SYNC_MIN_REBUILD", 0)  # past half of the index changed: rebuild, not sync
     _put(catalog, [f"a{i}" for i in range(400)], seed=11)

@@ -18,7 +18,7 @@ from conftest import eventually, random_images, write_photos, write_video
 
 from cnclip.errors import CNClipError
 from cnclip.index import scan
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 from cnclip.index.watch import WatchBatch, Watcher, _mount_id, _plan
 
 WITHIN_S = 20.0  # changes land in 1-2 s here; the margin is for a loaded CI machine, not the feature

@@ -11,7 +11,7 @@ import torch
 from conftest import random_images, run_cli
 
 import cnclip
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 from cnclip.model import calibrate
 from cnclip.model.calibrate import Calibration, choose, compare, overlap
 from cnclip.model.cpu import CPU_BF16_ENV

@@ -60,7 +60,7 @@ def test_missing_or_damaged_exports_give_no_encoder(tmp_path, tiny_vit):
 
 
 def test_importing_cnclip_loads_no_torch():
-    modules = "cnclip, cnclip.app.cli, cnclip.index.folder, cnclip.model.runtime, cnclip.model.onnx_runtime"
+    modules = "cnclip, cnclip.app.cli, cnclip.index.index, cnclip.model.runtime, cnclip.model.onnx_runtime"
     out = _no_torch(f"import {modules}; print(cnclip.__version__)")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == cnclip.__version__

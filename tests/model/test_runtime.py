@@ -11,7 +11,7 @@ from conftest import indexed_vectors, random_images, run_cli
 
 import cnclip
 from cnclip.errors import CNClipError
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 from cnclip.model.runtime import Runtime
 
 TEXTS = ["海边的日落", "一只橘猫"]

@@ -116,7 +116,7 @@ def _check_index_args(args: argparse.Namespace) -> None:
 def _known_folder(args: argparse.Namespace) -> bool:
     """Whether the index already holds files from `args.folder` (a drive not mounted is not a typo)."""
     from cnclip.index.catalog import Catalog
-    from cnclip.index.folder import default_index_path
+    from cnclip.index.index import default_index_path
 
     try:
         with Catalog.open(args.index or default_index_path()) as catalog:
@@ -129,7 +129,7 @@ def _open_for_indexing(args: argparse.Namespace, chosen):
     """With --model: that model (checked against an existing index). Without: an existing index keeps its
     model; a new one gets $CNCLIP_MODEL or ViT-B-16."""
     from cnclip.errors import IndexNotFoundError
-    from cnclip.index.folder import Index
+    from cnclip.index.index import Index
     from cnclip.model.checkpoint import DEFAULT_MODEL, MODEL_ENV
 
     kind = args.vector_index
@@ -250,7 +250,7 @@ def add_gc(sub: Subparsers) -> None:
 
 def _cmd_gc(args: argparse.Namespace) -> int:
     from cnclip.index.catalog import Catalog
-    from cnclip.index.folder import default_index_path
+    from cnclip.index.index import default_index_path
     from cnclip.index.lock import WriterLock
 
     folder = args.index or default_index_path()
@@ -279,7 +279,7 @@ def add_info(sub: Subparsers) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from cnclip.index.folder import Index, default_index_choice
+    from cnclip.index.index import Index, default_index_choice
 
     path, why = (args.index, "--index") if args.index else default_index_choice()
     with Index.open(path, runtime=runtime(args)) as index:

@@ -81,7 +81,7 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from cnclip.index.folder import Index
+    from cnclip.index.index import Index
     from cnclip.index.query import build_terms
 
     images, nots, not_images = args.image or [], args.not_texts or [], args.not_images or []
@@ -166,7 +166,7 @@ def add_tag(sub: Subparsers) -> None:
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
-    from cnclip.index.folder import Index
+    from cnclip.index.index import Index
     from cnclip.model.checkpoint import load_model
     from cnclip.model.transform import load_image
     from cnclip.model.zeroshot import zero_shot
@@ -208,7 +208,7 @@ def add_dupes(sub: Subparsers) -> None:
 
 def _cmd_dupes(args: argparse.Namespace) -> int:
     from cnclip.index.dupes import check_threshold, find_duplicates
-    from cnclip.index.folder import Index
+    from cnclip.index.index import Index
     from cnclip.index.scan import Progress
 
     threshold = check_threshold(args.threshold)  # before opening anything

@@ -65,7 +65,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CNClipError(
             f"cnclip serve needs FastAPI and uvicorn ({e.name} is missing); install them: pip install 'cnclip[serve]'"
         ) from e
-    from cnclip.index.folder import default_index_path
+    from cnclip.index.index import default_index_path
 
     if args.watch_poll and not args.watch:
         raise CNClipError("--watch-poll sets how --watch DIR looks for changes; add --watch DIR")

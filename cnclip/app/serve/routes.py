@@ -36,7 +36,7 @@ from cnclip.app.serve.worker import NO_FILTERS, Filters, IndexWorker
 from cnclip.errors import ImageError, QueryError
 from cnclip.index.catalog import Catalog
 from cnclip.index.dupes import DEFAULT_THRESHOLD, DupeReport, find_duplicates
-from cnclip.index.folder import Index
+from cnclip.index.index import Index
 from cnclip.lru import LRUCache
 from cnclip.model.runtime import Runtime
 from cnclip.model.zeroshot import check_query, zero_shot

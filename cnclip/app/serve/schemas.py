@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from cnclip.index.dupes import DupeReport
-from cnclip.index.folder import Hit
+from cnclip.index.index import Hit
 
 R = TypeVar("R", bound="ImageResult")
 

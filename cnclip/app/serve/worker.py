@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from cnclip.app.serve.schemas import not_found
 from cnclip.index.catalog import FileRecord
 from cnclip.index.filters import SearchFilter
-from cnclip.index.folder import Hit, Index
+from cnclip.index.index import Hit, Index
 from cnclip.index.query import FILE, TEXT, Term
 from cnclip.index.scan import from_catalog_path
 from cnclip.index.video import split_frame_path

@@ -201,7 +201,7 @@ def test_a_restored_catalog_that_has_gone_its_own_way_does_not_sync_an_old_vecto
 def test_the_default_index_is_found_from_any_folder(tmp_path, monkeypatch):
     """$CNCLIP_INDEX, else ./index/default where the current folder has one, else the per-user index."""
     from cnclip.index.catalog import Catalog
-    from cnclip.index.folder import default_index_choice
+    from cnclip.index.index import default_index_choice
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.delenv("CNCLIP_INDEX", raising=False)
