@@ -305,6 +305,8 @@ def _group(
         DupeMember(m.id, m.path, float(s), m.bytes, m.mtime_ns, m.width, m.height)
         for m, s in zip(members, similarity.tolist(), strict=True)
     ]
+    # the best copy, then the others by how alike they are to it (the closest copies first)
+    members[1:] = sorted(members[1:], key=lambda m: -m.similarity)
     return DupeGroup(tuple(members), size=len(group_ids), score=float(np.mean(similarity[1:])))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--train", required=True, help="pairs: JSONL {image, text}, CSV image,text, or folder with .txt sidecars"
     )
     g.add_argument("--val", help="held-out pairs, evaluated during training (Recall@1/5/10 both ways)")
-    g.add_argument("--model", default="ViT-B-16", help="starting weights: zoo name, checkpoint path, folder or hub id")
+    g.add_argument(
+        "--model",
+        help="starting weights: zoo name, checkpoint path, folder or hub id (default: $CNCLIP_MODEL, then ViT-B-16)",
+    )
     g.add_argument("--from-scratch", action="store_true", help="random weights in --model's zoo shape")
     g.add_argument("--out", required=True, help="run folder: best/, last/, metrics.jsonl, plot.png")
     g.add_argument("--device", help="cpu or cuda (default: the GPU when there is one)")
@@ -108,14 +112,15 @@ def _read(path: str, what: str, dist: DistInfo, t2s: bool = False):
 
 
 def _load(args: argparse.Namespace, resume_from: Path | None):
-    from cnclip.model.checkpoint import create_model, load_model
+    from cnclip.model.checkpoint import DEFAULT_MODEL, MODEL_ENV, create_model, load_model
 
     if resume_from is not None:
         return load_model(resume_from)
+    name = args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL  # as every command that takes a model
     if args.from_scratch:
         torch.manual_seed(args.seed)
-        return create_model(args.model)
-    return load_model(args.model)
+        return create_model(name)
+    return load_model(name)
 
 
 def _printer(dist: DistInfo):
@@ -190,7 +195,14 @@ def train(args: argparse.Namespace, dist: DistInfo) -> dict:
     if dist.is_main:
         atomic.write_text(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=2))
         _plot(out)
-        _say(dist, f"done: {out / 'best'} (use it with --model), resumable state in {out / 'last'}")
+        if progress.best_step == 0 and progress.step > 0:
+            _say(
+                dist,
+                f"done, but nothing beat the starting weights on --val: {out / 'best'} is the model you started "
+                f"from (resumable state in {out / 'last'}); try a lower --lr, more pairs or more --epochs",
+            )
+        else:
+            _say(dist, f"done: {out / 'best'} (use it with --model), resumable state in {out / 'last'}")
     return summary
 
 

@@ -64,17 +64,22 @@ def load_user_dict(path: str | os.PathLike | None) -> None:
     path = expand_user(path)
     if not path.is_file():
         raise CNClipError(f"no jieba user dictionary at {path}; give a text file with one word per line")
+    _jieba().load_userdict(str(path))
+
+
+def _jieba():
+    """jieba, without the lines it logs to stderr when its dictionary loads (once per process, and so
+    once more in every data-loading worker: `cnclip pretrain-text` printed them twice)."""
     import jieba
 
-    jieba.load_userdict(str(path))
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
 
 
 def word_pieces(tokenizer: Tokenizer, text: str) -> list[list[int]]:
     """`text` segmented by jieba, each word as its token ids (words that give no tokens are dropped)."""
-    import jieba
-
     out = []
-    for word in jieba.lcut(normalize_text(text), HMM=True):
+    for word in _jieba().lcut(normalize_text(text), HMM=True):
         ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))
         if ids:
             out.append(ids)

@@ -101,3 +101,21 @@ def test_version_and_a_closed_pipe_end_quietly(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) in (0, 141) and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_mistake_after_a_command_shows_that_commands_usage(tmp_path):
+    out = run_cli("search", "猫", "--topk", "5", "--index", tmp_path)
+    assert (
+        out.returncode == 2 and "usage: cnclip search" in out.stderr and "unrecognized arguments: --topk" in out.stderr
+    )
+
+
+def test_tag_takes_its_model_from_cnclip_model(tmp_path, tiny_vit_dir):
+    from conftest import random_images
+
+    random_images(1, seed=3)[0].save(tmp_path / "a.png")
+    (tmp_path / "labels.txt").write_text("猫\n狗\n海滩\n", encoding="utf-8")
+    args = ("tag", tmp_path / "a.png", "--labels", tmp_path / "labels.txt", "--index", tmp_path / "no-index")
+    out = run_cli(*args, "--json", env={"CNCLIP_MODEL": str(tiny_vit_dir)})
+    assert out.returncode == 0, out.stderr
+    assert sorted(h["label"] for h in json.loads(out.stdout)) == sorted(["猫", "狗", "海滩"])

@@ -86,6 +86,10 @@ def test_plain_output_and_image_search(photos, tmp_path, model_dir):
     idx = tmp_path / "idx"
     _index(photos, idx, model_dir)
     grid, page = tmp_path / "out" / "hits.jpg", tmp_path / "out" / "hits.html"
+    missing = run_cli("search", "一只猫", "--index", idx, "--grid", grid)  # a folder that does not exist
+    assert missing.returncode == 1 and "does not exist; create it first" in missing.stderr
+    assert not grid.parent.exists()
+    grid.parent.mkdir()
     out = run_cli("search", "一只猫", "--index", idx, "-k", "3", "--grid", grid, "--html", page)
     lines = out.stdout.strip().splitlines()
     assert Image.open(grid).format == "JPEG" and page.read_text("utf-8").count('class="card') == 3

@@ -106,7 +106,7 @@ def test_index_watch_applies_changes_until_ctrl_c(tmp_path, model_dir):
         except subprocess.TimeoutExpired:
             proc.kill()  # never leave it behind; the test fails below
             code = proc.wait()
-    assert code == 0, "\n".join(err.rest())
+    assert code == 130, "\n".join(err.rest())  # Ctrl+C: 130, as in every command
     assert any(line.startswith("watch: stopping") for line in err.rest())
 
 
@@ -171,4 +171,4 @@ def test_index_watch_follows_a_removed_symlink_to_a_folder(tmp_path, model_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
-    assert code == 0, "\n".join(err.rest())
+    assert code == 130, "\n".join(err.rest())  # Ctrl+C: 130, as in every command

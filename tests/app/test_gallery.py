@@ -143,9 +143,13 @@ def test_grid_png_by_suffix(tmp_path: Path, name: str) -> None:
         assert img.format == "PNG"
 
 
-def test_grid_creates_parents_overwrites_and_leaves_no_temp_files(tmp_path: Path) -> None:
+def test_grid_into_a_missing_folder_creates_nothing_overwrites_and_leaves_no_temp_files(tmp_path: Path) -> None:
     p = solid(tmp_path / "a.png", RED)
     out = tmp_path / "deep" / "er" / "s.jpg"
+    with pytest.raises(CNClipError, match="does not exist; create it first") as exc:
+        write_grid(items_for([p]), out, thumb=32)  # a typo must not leave a tree of folders behind
+    assert "\n" not in str(exc.value) and not (tmp_path / "deep").exists()
+    out.parent.mkdir(parents=True)
     write_grid(items_for([p]), out, thumb=32)
     first = out.read_bytes()
     write_grid(items_for([p, p]), out, thumb=32)
@@ -169,6 +173,7 @@ def test_grid_unwritable_output_raises(tmp_path: Path) -> None:
 def test_grid_long_chinese_names(tmp_path: Path) -> None:
     name = "海边的日落_三亚湾_家庭旅行" * 4 + ".jpg"
     p = solid(tmp_path / "照片" / name, BLUE)
+    (tmp_path / "结果").mkdir()
     out = write_grid(items_for([p, p]), tmp_path / "结果" / "海边.jpg", title="海边的日落" * 20, thumb=64)
     with Image.open(out) as img:
         sheet = img.copy()

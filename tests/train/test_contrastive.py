@@ -47,9 +47,9 @@ def init_model(tmp_path_factory):
     return _tiny_64().save_pretrained(tmp_path_factory.mktemp("init") / "model")
 
 
-def _train(*args) -> subprocess.CompletedProcess:
+def _train(*args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # ~2 minutes for the longest run on a quiet 2-core machine; room for a busy or slower one
-    out = run_cli("train", "--workers", "0", "--log-every", "1", *map(str, args), timeout=900)
+    out = run_cli("train", "--workers", "0", "--log-every", "1", *map(str, args), timeout=900, env=env)
     assert out.returncode == 0, out.stderr
     return out
 
@@ -352,3 +352,13 @@ def test_t2s_trains_on_traditional_captions_as_on_simplified(tmp_path, small_dat
     simplified = losses(train)
     assert losses(traditional, "--t2s") == simplified
     assert losses(traditional) != simplified
+
+
+def test_cnclip_model_is_the_default_and_a_run_that_never_improved_says_so(tmp_path, small_data, init_model):
+    train, val = small_data
+    out = run_cli("train", "--train", train, "--out", tmp_path / "o", env={"CNCLIP_MODEL": "no-such-model"})
+    assert out.returncode == 1 and "no-such-model" in out.stderr, out.stderr  # $CNCLIP_MODEL, as in every command
+    # with a learning rate of 1e-12 the rankings cannot move: nothing beats the starting weights on --val
+    out = _train("--train", train, "--val", val, "--out", tmp_path / "still", "--lr", "1e-12", "--max-steps", "2",
+                 "--batch-size", "8", "--eval-every", "1", env={"CNCLIP_MODEL": str(init_model)})  # fmt: skip
+    assert "nothing beat the starting weights" in out.stderr and "(use it with --model)" not in out.stderr

@@ -170,6 +170,7 @@ def test_cli_pretrain_then_train_and_index_take_the_adapted_model(tmp_path, star
     summary = json.loads(out.stdout)
     assert summary["steps"] == 3 and "perplexity" in summary["after"]
     assert "masked-token accuracy" in out.stderr
+    assert "prefix dict" not in out.stderr and "Loading model cost" not in out.stderr  # jieba's start-up lines
     adapted = tmp_path / "run" / "model"
     photos = tmp_path / "photos"
     photos.mkdir()

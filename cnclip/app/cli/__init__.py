@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    parser.commands = sub.choices  # name -> its parser, for errors in the command's own words
     for command in sub.choices.values():  # also after the command: `cnclip convert SRC DST --weights-source ms`
         command.add_argument(
             "--weights-source", type=_weights_source, default=argparse.SUPPRESS, help=argparse.SUPPRESS
@@ -89,8 +90,8 @@ def _use_weights_source(value: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # the rest: the trainer's options, which it parses itself
-    if rest and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest and args.command != "train":  # the command's own usage, which names its options
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     if args.weights_source is not None:
         _use_weights_source(args.weights_source)
     if args.command == "train":  # its own logging and error boundary (torchrun runs it without this one)

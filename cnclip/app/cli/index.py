@@ -219,16 +219,18 @@ def _watch(args: argparse.Namespace, index_folder, model) -> int:
         **_scan_options(args),
     ).start()
     say(f"watching {args.folder} for changes (Ctrl+C stops)", flush=True)
+    interrupted = False
     try:
         while not watcher.wait(1.0):
             pass
     except KeyboardInterrupt:
+        interrupted = True
         say("watch: stopping (Ctrl+C again quits at once; the next run picks up the rest)")
     finally:
         watcher.stop()
     if watcher.error is not None:
         raise CNClipError(f"watching {args.folder} stopped: {watcher.error}") from watcher.error
-    return 0
+    return 130 if interrupted else 0  # Ctrl+C ends every command with 130, as shells expect
 
 
 def add_gc(sub: Subparsers) -> None:

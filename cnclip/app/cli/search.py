@@ -157,7 +157,7 @@ def add_tag(sub: Subparsers) -> None:
     p.add_argument("file", help="image file")
     p.add_argument("--labels", required=True, metavar="FILE", help="labels, one per line, e.g. 猫 / 狗 / 海滩")
     add_index_option(p, "take the model from this index (default: the one `cnclip info` names)")
-    add_model_option(p, MODEL_HELP)
+    add_model_option(p, MODEL_HELP.replace("then ViT-B-16", "then the index's model"))
     p.add_argument("-k", type=positive_int, default=5, help="labels to print (default 5)")
     p.add_argument("--json", action="store_true")
     add_no_t2s(p, "labels")
@@ -167,15 +167,16 @@ def add_tag(sub: Subparsers) -> None:
 
 def _cmd_tag(args: argparse.Namespace) -> int:
     from cnclip.index.index import Index
-    from cnclip.model.checkpoint import load_model
+    from cnclip.model.checkpoint import MODEL_ENV, load_model
     from cnclip.model.transform import load_image
     from cnclip.model.zeroshot import zero_shot
     from cnclip.train.lines import read_lines
 
     labels = read_lines(args.labels)
     chosen = runtime(args)
-    if args.model:
-        model = chosen.apply(load_model(args.model, device=chosen.device))
+    name = args.model or os.environ.get(MODEL_ENV)  # then the index's model
+    if name:
+        model = chosen.apply(load_model(name, device=chosen.device))
     else:
         with Index.open(args.index, runtime=chosen) as index:
             model = index.model
@@ -227,8 +228,9 @@ def _cmd_dupes(args: argparse.Namespace) -> int:
     for note in report.notes:
         say(f"note: {note}")
     listed = " in the groups listed" if len(report.groups) < report.total_groups else ""
+    groups = "1 group" if report.total_groups == 1 else f"{report.total_groups} groups"
     say(
-        f"{report.total_groups} groups of near-duplicates among {report.files} photos at threshold {threshold:g}: "
+        f"{groups} of near-duplicates among {report.files} photos at threshold {threshold:g}: "
         f"{report.duplicates} photos besides the best copies{listed} (* marks them: most pixels, then bytes, then "
         "oldest). Nothing was deleted or moved."
     )

@@ -63,16 +63,13 @@ def _reason(exc: OSError) -> str:
 
 
 def publish(out: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Create parent folders, then publish what `write` writes as `out` (cnclip.atomic)."""
+    """Publish what `write` writes as `out` (cnclip.atomic), into a folder that exists: a typo in
+    the path must not leave a tree of new folders behind, as `cp` and `tar` would not."""
     out = Path(os.path.abspath(out))
     if out.is_dir():
         raise CNClipError(f"{out}: is a folder; give a file name for the output, e.g. {out / 'results.jpg'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CNClipError(
-            f"{out}: cannot create folder {out.parent} ({_reason(exc)}); choose a writable output path"
-        ) from exc
+    if not out.parent.is_dir():
+        raise CNClipError(f"{out}: folder {out.parent} does not exist; create it first or choose another path")
     try:
         with atomic.replacing(out) as tmp, open(tmp, "wb") as fh:
             write(fh)
