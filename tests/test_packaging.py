@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, list[str]]:
-    """The sdist's and the wheel's file lists, built from a copy of the tracked files."""
+def built(tmp_path_factory) -> dict:
+    """The sdist's and the wheel's file lists (and the wheel), built from a copy of the tracked files."""
     tracked = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -40,6 +40,7 @@ def built(tmp_path_factory) -> dict[str, list[str]]:
         return {
             "sdist": [n.split("/", 1)[1] for n in t.getnames() if "/" in n],
             "wheel": w.namelist(),
+            "wheel_file": wheel,
             "requires": [
                 line.split(":", 1)[1].strip()
                 for line in w.read(metadata).decode().splitlines()
@@ -70,3 +71,66 @@ def test_the_plain_install_serves(built):
     """`cnclip serve` is one of the three jobs: its server needs no extra."""
     plain = {r.split(">")[0].split("=")[0].strip() for r in built["requires"] if "extra ==" not in r}
     assert {"fastapi", "uvicorn", "python-multipart"} <= plain
+
+
+def test_the_installed_wheel_runs_every_job_from_outside_the_source_tree(built, tmp_path):
+    """The wheel installed on its own (its dependencies taken from this environment, so that the
+    test needs no 5 GB download), run through its console script from a folder far from the
+    sources: --version, index, search and serve answer, and the code that ran is the wheel's."""
+    import json
+    import os
+    import re
+    import threading
+    import urllib.request
+
+    import torch
+    from conftest import write_photos
+
+    import cnclip
+
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", target, built["wheel_file"]],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    script = target / "bin" / "cnclip"
+    work = tmp_path / "elsewhere"
+    write_photos(work / "photos", 3, seed=1)
+    torch.manual_seed(0)
+    cnclip.create_model("tiny-vit").save_pretrained(work / "model")
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "XDG_DATA_HOME": str(work / "data")}
+    env.pop("CNCLIP_INDEX", None)
+
+    def cnclip_cli(*args):
+        return subprocess.run([script, *map(str, args)], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    where = subprocess.run(
+        [sys.executable, "-c", "import cnclip; print(cnclip.__file__)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.strip().startswith(str(target))  # the wheel's code, not the checkout's
+    assert cnclip_cli("--version").stdout.strip() == f"cnclip {cnclip.__version__}"
+    indexed = cnclip_cli("index", "photos", "--model", "model", "-q")
+    assert indexed.returncode == 0, indexed.stderr
+    hits = cnclip_cli("search", "海边", "--json")
+    assert hits.returncode == 0 and len(json.loads(hits.stdout)) == 3, hits.stderr
+    server = subprocess.Popen([script, "serve", "--port", "0"], cwd=work, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in server.stderr:
+            found = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+            if found:
+                threading.Thread(target=server.stderr.read, daemon=True).start()
+                break
+        else:
+            pytest.fail("cnclip serve did not start")
+        url = found.group(1)
+        with urllib.request.urlopen(url + "api/health", timeout=60) as answer:
+            assert json.loads(answer.read())["count"] == 3
+        with urllib.request.urlopen(url, timeout=60) as page:
+            assert b"<html" in page.read().lower()  # the page's files are in the wheel
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
