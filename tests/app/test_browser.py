@@ -369,3 +369,147 @@ def test_a_video_result_shows_its_moment_and_the_lightbox_plays_from_there(brows
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     _wait(browser, lambda d: not d.find_element(By.ID, "lightbox").is_displayed(), "the lightbox to close")
     assert browser.find_element(By.ID, "lightbox-video").get_attribute("src") in (None, "")
+
+
+# -- the page on a phone: 390×844 CSS pixels, 3 device pixels each, touch events (Chrome DevTools Protocol) --
+PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True}
+SIDEWAYS = "return document.documentElement.scrollWidth"
+BIG = "const i = document.getElementById('lightbox-img'); return i.complete && i.naturalWidth > 0;"
+# The number of results once those on screen have their thumbnails (the others load lazily, when scrolled to).
+ON_SCREEN_THUMBS = """
+const imgs = Array.from(document.querySelectorAll('#results img'));
+const seen = imgs.filter(i => { const r = i.getBoundingClientRect(); return r.bottom > 0 && r.top < innerHeight; });
+return seen.length > 0 && seen.every(i => i.complete && i.naturalWidth > 0) ? imgs.length : 0;
+"""
+
+
+def _touch(driver, kind: str, x: float = 0, y: float = 0) -> None:
+    """One touch event at (x, y) CSS pixels of the viewport; touchEnd lifts the finger where it last was."""
+    points = [] if kind == "touchEnd" else [{"x": x, "y": y}]
+    driver.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points})
+
+
+def _tap_at(driver, x: float, y: float) -> None:
+    _touch(driver, "touchStart", x, y)
+    _touch(driver, "touchEnd")
+
+
+def _box(driver, element) -> dict:
+    """`element`'s box in the viewport, CSS pixels: left, top, right, bottom, width, height."""
+    return driver.execute_script("return arguments[0].getBoundingClientRect().toJSON()", element)
+
+
+def _tap(driver, element) -> None:
+    """Scroll `element` into view and tap its middle, as a finger would (the browser makes the click)."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    box = _box(driver, element)
+    _tap_at(driver, box["left"] + box["width"] / 2, box["top"] + box["height"] / 2)
+
+
+def _swipe(driver, x0: float, x1: float, y: float) -> None:
+    _touch(driver, "touchStart", x0, y)
+    for step in range(1, 6):
+        _touch(driver, "touchMove", x0 + (x1 - x0) * step / 5, y)
+    _touch(driver, "touchEnd")
+
+
+@pytest.fixture
+def phone(browser, server):
+    """The browser as a phone with touch, on the page after a text search; yields the result names in order."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, _ = server
+    browser.get_log("browser")
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
+    browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
+    try:
+        browser.get(f"{url}?token={TOKEN}")
+        _wait(browser, lambda d: "索引共 12 张图片" in d.find_element(By.ID, "info").text, "the index summary")
+        assert browser.execute_script("return innerWidth") == 390
+        browser.find_element(By.ID, "q").send_keys("海边的日落", Keys.ENTER)
+        assert _wait(browser, lambda d: d.execute_script(ON_SCREEN_THUMBS), "thumbnails on screen") == 12
+        yield [n.text for n in browser.find_elements(By.CSS_SELECTOR, "#results .name")]
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == [], errors
+    finally:
+        browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": False})
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_on_a_phone_the_lightbox_opens_by_tap_swipes_and_closes_by_tap(browser, phone):
+    from selenium.webdriver.common.by import By
+
+    names = phone
+    hits = browser.find_elements(By.CSS_SELECTOR, "#results .hit > button")
+    caption = browser.find_element(By.ID, "lightbox-caption")
+    _tap(browser, hits[0])
+    _wait(browser, lambda d: d.find_element(By.ID, "lightbox").is_displayed() and d.execute_script(BIG), "lightbox")
+    assert caption.text.endswith(names[0])
+    figure = _box(browser, browser.find_element(By.CSS_SELECTOR, "#lightbox figure"))
+    middle = figure["top"] + figure["height"] / 2
+    _swipe(browser, 320, 70, middle)  # to the left: the next photo
+    _wait(browser, lambda d: caption.text.endswith(names[1]) and d.execute_script(BIG), "the next photo")
+    _shot(browser, "phone-lightbox")
+    _swipe(browser, 70, 320, middle)
+    _wait(browser, lambda d: caption.text.endswith(names[0]), "the photo before, after a swipe right")
+    _tap_at(browser, 195, figure["top"] / 2)  # above the photo, on the dark backdrop
+    _wait(browser, lambda d: not d.find_element(By.ID, "lightbox").is_displayed(), "a tap outside to close it")
+    _tap(browser, hits[1])
+    _wait(browser, lambda d: caption.text.endswith(names[1]), "the lightbox on the second photo")
+    _tap(browser, browser.find_element(By.ID, "lightbox-close"))
+    _wait(browser, lambda d: not d.find_element(By.ID, "lightbox").is_displayed(), "the close button to close it")
+
+
+# How many results are on screen (in the viewport) and how many of those the footer covers.
+UNDER_FOOTER = """
+const foot = document.getElementById('info').getBoundingClientRect();
+const shown = Array.from(document.querySelectorAll('#results .hit'), h => h.getBoundingClientRect())
+  .filter(r => r.bottom > 0 && r.top < innerHeight);
+return [shown.length, shown.filter(r => r.bottom > foot.top && r.top < foot.bottom).length];
+"""
+
+
+def test_on_a_phone_results_are_a_grid_of_squares_that_the_footer_never_covers(browser, phone):
+    from selenium.webdriver.common.by import By
+
+    assert browser.execute_script(SIDEWAYS) <= 390  # nothing scrolls sideways
+    hits = browser.find_elements(By.CSS_SELECTOR, "#results .hit > button")
+    boxes = [_box(browser, h) for h in hits]
+    in_first_row = [b for b in boxes if abs(b["top"] - boxes[0]["top"]) < 1]
+    assert len(in_first_row) >= 2 and boxes[1]["left"] >= boxes[0]["right"], boxes[:3]
+    assert all(abs(b["width"] - b["height"]) <= 1 for b in boxes), boxes[0]
+    shown, covered = browser.execute_script(UNDER_FOOTER)
+    assert shown > 0 and covered == 0, (shown, covered)
+    _shot(browser, "phone-search")
+    browser.execute_script("window.scrollTo(0, document.documentElement.scrollHeight)")
+    shown, covered = browser.execute_script(UNDER_FOOTER)
+    last = _box(browser, hits[-1])["bottom"]
+    assert shown > 0 and covered == 0 and last <= 844, (shown, covered, last)
+
+
+# Whether each filter label stays on one line (its box is less than two lines of its font tall).
+ONE_LINE = """
+return Array.from(document.querySelectorAll('#filters label'),
+  l => l.getBoundingClientRect().height < 2 * parseFloat(getComputedStyle(l).fontSize));
+"""
+
+
+def test_on_a_phone_the_filters_fold_behind_one_button_that_counts_them(browser, phone):
+    from selenium.webdriver.common.by import By
+
+    toggle = browser.find_element(By.ID, "filters-toggle")
+    count = browser.find_element(By.ID, "filters-count")
+    assert not browser.find_element(By.ID, "filters").is_displayed()
+    assert toggle.is_displayed() and toggle.text == "筛选" and not count.is_displayed()
+    _tap(browser, toggle)
+    _wait(browser, lambda d: d.find_element(By.ID, "filters").is_displayed(), "the filters after a tap")
+    assert toggle.get_attribute("aria-expanded") == "true"
+    assert all(browser.execute_script(ONE_LINE)), "a filter label wraps"
+    browser.find_element(By.ID, "camera").send_keys("iPhone")
+    assert count.is_displayed() and count.text == "1"
+    assert browser.execute_script(SIDEWAYS) <= 390
+    _shot(browser, "phone-filters")
+    _tap(browser, toggle)
+    _wait(browser, lambda d: not d.find_element(By.ID, "filters").is_displayed(), "the filters to fold again")
+    assert toggle.get_attribute("aria-expanded") == "false" and count.text == "1"

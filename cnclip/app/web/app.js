@@ -108,6 +108,19 @@ function withFilters(params) {
   return params;
 }
 
+// On phones the filters fold behind 筛选 (style.css shows #filters there only when .open); the button
+// counts the filters set, so a folded filter is never forgotten. Wider screens show the filters, never the button.
+function showFilterCount() {
+  const count = filterPairs().length;
+  $("filters-count").textContent = String(count);
+  $("filters-count").hidden = count === 0;
+}
+
+function setFiltersOpen(open) {
+  $("filters").classList.toggle("open", open);
+  $("filters-toggle").setAttribute("aria-expanded", String(open));
+}
+
 function combinedParams(query, nots, like) {
   const params = new URLSearchParams({ q: query, k: $("k").value });
   nots.forEach((text) => params.append("not", text));
@@ -216,6 +229,38 @@ function openLightbox(i) {
   $("lightbox-close").focus();
 }
 
+// The arrow keys and a swipe: one photo on, or back, stopping at either end.
+function stepLightbox(delta) {
+  const next = Math.min(Math.max(state.current + delta, 0), state.hits.length - 1);
+  if (next !== state.current) openLightbox(next);
+}
+
+// A one-finger swipe of at least SWIPE_PX, more sideways than up or down, steps the lightbox (left: next).
+// Its moves are consumed: the browser would otherwise scroll the page behind and fling on, and a fling
+// swallows the next tap (it only stops the fling), so a tap just after a swipe would not close the lightbox.
+// A second finger (a pinch: zoom) cancels the swipe; one that starts on a video is left to its controls.
+const SWIPE_PX = 50;
+
+function wireSwipe(element) {
+  let start = null;
+  element.addEventListener("touchstart", (event) => {
+    const touch = event.touches.length === 1 && event.target.tagName !== "VIDEO" ? event.touches[0] : null;
+    start = touch && { x: touch.clientX, y: touch.clientY };
+  }, { passive: true });
+  element.addEventListener("touchmove", (event) => {
+    if (start && event.cancelable) event.preventDefault();
+  });
+  element.addEventListener("touchcancel", () => (start = null));
+  element.addEventListener("touchend", (event) => {
+    const touch = event.changedTouches[0];
+    if (!start || !touch) return;
+    const dx = touch.clientX - start.x;
+    const dy = touch.clientY - start.y;
+    start = null;
+    if (Math.abs(dx) >= SWIPE_PX && Math.abs(dx) > 2 * Math.abs(dy)) stepLightbox(dx < 0 ? 1 : -1);
+  });
+}
+
 function closeLightbox() {
   $("lightbox").hidden = true;
   $("lightbox-img").removeAttribute("src");
@@ -251,8 +296,12 @@ function imageFrom(items) {
 function wire() {
   $("search-form").addEventListener("submit", (event) => {
     event.preventDefault();
+    setFiltersOpen(false); // on a phone, the results take the screen
     searchText($("q").value);
   });
+  $("filters-toggle").addEventListener("click", () => setFiltersOpen(!$("filters").classList.contains("open")));
+  $("filters").addEventListener("input", showFilterCount);
+  $("filters").addEventListener("change", showFilterCount);
   $("file").addEventListener("change", () => {
     searchImage($("file").files[0]);
     $("file").value = "";
@@ -290,8 +339,9 @@ function wire() {
 
   $("lightbox-close").addEventListener("click", closeLightbox);
   $("lightbox").addEventListener("click", (event) => {
-    if (event.target === $("lightbox")) closeLightbox();
+    if (event.target === $("lightbox")) closeLightbox(); // a click or a tap beside the photo
   });
+  wireSwipe($("lightbox"));
   $("lightbox-similar").addEventListener("click", () => {
     const hit = state.hits[state.current];
     if (hit) searchSimilar(hit.id);
@@ -299,8 +349,8 @@ function wire() {
   document.addEventListener("keydown", (event) => {
     if ($("lightbox").hidden) return;
     if (event.key === "Escape") closeLightbox();
-    if (event.key === "ArrowRight") openLightbox(Math.min(state.current + 1, state.hits.length - 1));
-    if (event.key === "ArrowLeft") openLightbox(Math.max(state.current - 1, 0));
+    if (event.key === "ArrowRight") stepLightbox(1);
+    if (event.key === "ArrowLeft") stepLightbox(-1);
   });
 }
 
@@ -310,6 +360,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   const query = new URLSearchParams(location.search).get("q");
   $("not").value = new URLSearchParams(location.search).getAll("not").join("，");
   FILTERS.forEach((name) => ($(name).value = new URLSearchParams(location.search).get(name) || ""));
+  showFilterCount();
   if (ready && query) {
     $("q").value = query;
     searchText(query);
