@@ -1,5 +1,7 @@
 """The package's shape: layers whose arrows only point down, no import cycles (imports inside
-functions included), private names private to their package, and a docstring on every module."""
+functions and those made only for annotations under `if TYPE_CHECKING:` included: a type named
+in a signature is a dependency too), private names private to their package, and a docstring on
+every module."""
 
 from __future__ import annotations
 
@@ -14,6 +16,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cnclip"
 # by side: neither needs the other, and keeping them apart keeps `cnclip search` torch-free.
 LAYERS = {"cnclip": 0, "model": 1, "index": 2, "train": 2, "app": 3}
 ENTRY_POINTS = {"cnclip.__main__"}  # `python -m cnclip` is the CLI itself
+# The public API (`cnclip/__init__.py`) names what every layer offers, lazily: a facade above the
+# layers, not layer 0. Modules reach their siblings at the top with `from cnclip import atomic`,
+# which depends on atomic alone.
+FACADE = "cnclip"
+# The one circle left, until the model only computes and an encoder runs it (issue 24, step 1):
+# clip.py exports, saves and takes a runtime; runtime.py measures with calibrate.py, which times
+# the model. The test below fails on any other circle, and when this one is gone.
+KNOWN_CIRCLE = frozenset(
+    {
+        "cnclip.model.calibrate",
+        "cnclip.model.clip",
+        "cnclip.model.hf_format",
+        "cnclip.model.onnx_export",
+        "cnclip.model.runtime",
+    }
+)
 
 
 def _module_name(path: Path) -> str:
@@ -24,25 +42,13 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    # `if TYPE_CHECKING:` imports exist for annotations only and never run
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return True
-    return False
-
-
 def _imports(name: str) -> list[tuple[str, list[str]]]:
     """(imported cnclip module, names taken from it) for every import statement in module `name`."""
     path = MODULES[name]
     tree = ast.parse(path.read_text("utf-8"))
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
-        if _type_checking_only(node, parents):
-            continue
         if isinstance(node, ast.Import):
             found += [(a.name, []) for a in node.names if a.name.split(".")[0] == "cnclip"]
         elif isinstance(node, ast.ImportFrom):
@@ -55,7 +61,9 @@ def _imports(name: str) -> list[tuple[str, list[str]]]:
                 continue
             names = [a.name for a in node.names]
             submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
-            found.append((target, [n for n in names if f"{target}.{n}" not in MODULES]))
+            taken = [n for n in names if f"{target}.{n}" not in MODULES]
+            if taken or not submodules:  # `from cnclip import atomic` depends on atomic, not on the facade
+                found.append((target, taken))
             found += [(m, []) for m in submodules]
     return found
 
@@ -75,26 +83,48 @@ def test_the_walk_sees_the_packages_and_function_level_imports():
     assert "cnclip.model.onnx_export" in _graph()["cnclip.model.clip"]
 
 
-def test_import_graph_has_no_cycle():
-    graph = _graph()
-    state: dict[str, int] = {}
+def _circles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected sets of more than one module (Tarjan): every import circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
     stack: list[str] = []
+    found: list[frozenset[str]] = []
 
     def visit(node: str) -> None:
-        state[node] = 1
+        index[node] = low[node] = len(index)
         stack.append(node)
         for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt) :] + [nxt]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
+            if nxt not in index:
                 visit(nxt)
-        stack.pop()
-        state[node] = 2
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            members = set()
+            while not members or member != node:
+                member = stack.pop()
+                members.add(member)
+            if len(members) > 1:
+                found.append(frozenset(members))
 
     for node in sorted(graph):
-        if node not in state:
+        if node not in index:
             visit(node)
+    return found
+
+
+def test_the_circle_finder_finds_circles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert _circles(graph) == [frozenset({"a", "b", "c"})]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_graph_has_no_circle_but_the_known_one():
+    circles = _circles(_graph())
+    assert [c for c in circles if c != KNOWN_CIRCLE] == [], "import circles: " + "; ".join(
+        " <-> ".join(sorted(c)) for c in circles if c != KNOWN_CIRCLE
+    )
+    assert KNOWN_CIRCLE in circles, "the model's circle is gone: remove KNOWN_CIRCLE from tests/test_layout.py"
 
 
 def test_arrows_point_down():
@@ -102,7 +132,7 @@ def test_arrows_point_down():
     for name, targets in _graph().items():
         for target in targets:
             mine, theirs = _layer(name), _layer(target)
-            if target == "cnclip" or name in ENTRY_POINTS:
+            if target == FACADE or name in (FACADE, *ENTRY_POINTS):
                 continue
             if LAYERS[theirs] > LAYERS[mine] or (LAYERS[theirs] == LAYERS[mine] and theirs != mine):
                 wrong.append(f"{name} ({mine}) imports {target} ({theirs})")
