@@ -100,10 +100,9 @@ def _circles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
             elif nxt in stack:
                 low[node] = min(low[node], index[nxt])
         if low[node] == index[node]:
-            members = set()
-            while not members or member != node:
-                member = stack.pop()
-                members.add(member)
+            members = {stack.pop()}
+            while node not in members:
+                members.add(stack.pop())
             if len(members) > 1:
                 found.append(frozenset(members))
 
