@@ -19,11 +19,8 @@ RED, GREEN, BLUE = (200, 30, 30), (30, 200, 30), (30, 30, 200)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(4)
-    return cnclip.create_model("tiny-vit").save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+def model_dir(tiny_vit_dir):
+    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
 
 
 @pytest.fixture

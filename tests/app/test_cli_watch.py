@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from conftest import eventually, random_images, run_cli, write_photos
@@ -25,11 +24,8 @@ START_S = 120.0  # a cold `cnclip` process imports torch and loads the model fir
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(7)
-    return cnclip.create_model("tiny-vit").save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+def model_dir(tiny_vit_dir):
+    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
 
 
 def _eventually(condition, what: str):

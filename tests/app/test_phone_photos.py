@@ -18,11 +18,8 @@ FAKE_MOV = b"\x00\x00\x00\x14ftypqt  \x00\x00\x02\x00qt  " + bytes(64)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(7)
-    return cnclip.create_model("tiny-vit").save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+def model_dir(tiny_vit_dir):
+    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
 
 
 @pytest.fixture(scope="module")

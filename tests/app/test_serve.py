@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import eventually, random_images, run_cli
+from conftest import eventually, random_images, run_cli, write_photos
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -31,20 +31,8 @@ MANY_LABELS = ",".join(f"标签{i}" for i in range(100))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(5)
-    return cnclip.create_model("tiny-vit").save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
-
-
-def _write_photos(root: Path, n: int, seed: int, prefix: str = "p") -> list[Path]:
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(random_images(n, seed=seed)):
-        paths.append(root / f"{prefix}{i}.png")
-        image.save(paths[-1])
-    return paths
+def model_dir(tiny_vit_dir):
+    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +40,8 @@ def built(tmp_path_factory, model_dir) -> tuple[Path, Path]:
     """(index folder, photo folder): 8 photos, a symlink to a photo outside the folder, texts."""
     base = tmp_path_factory.mktemp("serve")
     photos = base / "photos"
-    _write_photos(photos, 8, seed=1)
-    _write_photos(base / "private", 1, seed=99, prefix="secret")
+    write_photos(photos, 8, seed=1)
+    write_photos(base / "private", 1, seed=99, prefix="secret")
     os.symlink(base / "private" / "secret0.png", photos / "link-out.png")
     os.symlink(photos / "p0.png", photos / "link-in.png")  # a symlink that stays inside: served
     with cnclip.Index.open(base / "idx", model=str(model_dir), create=True) as index:
@@ -267,7 +255,7 @@ def test_symlink_out_of_the_indexed_folder_is_not_served(client, built):
 
 def test_a_file_gone_from_disk_is_404(tmp_path, model_dir):
     photos = tmp_path / "photos"
-    paths = _write_photos(photos, 2, seed=3)
+    paths = write_photos(photos, 2, seed=3)
     with cnclip.Index.open(tmp_path / "idx", model=str(model_dir), create=True) as index:
         index.add_folder(photos)
     file_id = _id_of(tmp_path / "idx", paths[0])
@@ -441,12 +429,12 @@ def test_missing_index_is_a_clear_error(tmp_path):
 
 def test_new_items_indexed_by_another_writer_appear_in_later_searches(tmp_path, model_dir):
     photos = tmp_path / "photos"
-    _write_photos(photos, 3, seed=11)
+    write_photos(photos, 3, seed=11)
     with cnclip.Index.open(tmp_path / "idx", model=str(model_dir), create=True) as index:
         index.add_folder(photos)
     with TestClient(create_app(tmp_path / "idx"), base_url=LOCAL) as client:
         assert client.get("/api/search", params={"q": "猫", "k": 50}).json()["count"] == 3
-        new = _write_photos(photos, 2, seed=12, prefix="new")
+        new = write_photos(photos, 2, seed=12, prefix="new")
         (photos / "p0.png").unlink()
         with cnclip.Index.open(tmp_path / "idx") as writer:  # its own connection, as `cnclip index` would be
             writer.add_folder(photos)
@@ -543,7 +531,7 @@ def test_raw_dot_dot_paths_over_http_serve_nothing(built):
 
 
 def _index_of_photos(base: Path, model_dir: Path, n: int) -> Path:
-    _write_photos(base / "photos", n, seed=21)
+    write_photos(base / "photos", n, seed=21)
     with cnclip.Index.open(base / "idx", model=str(model_dir), create=True) as index:
         index.add_folder(base / "photos")
     return base / "idx"
@@ -551,7 +539,7 @@ def _index_of_photos(base: Path, model_dir: Path, n: int) -> Path:
 
 def _add_photos(index_path: Path, photos: Path, n: int) -> None:
     """`n` new photos indexed by another writer: more than half the index changes, so servers rebuild."""
-    _write_photos(photos, n, seed=22, prefix="new")
+    write_photos(photos, n, seed=22, prefix="new")
     with cnclip.Index.open(index_path) as writer:
         writer.add_folder(photos)
 

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import indexed_vectors, random_images, run_cli
 
 import cnclip
@@ -16,9 +15,8 @@ from cnclip.index.ray_embed import SHARD_SUFFIX, RayOptions
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(4)
-    return cnclip.create_model("tiny-vit").save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+def model_dir(tiny_vit_dir):
+    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
 
 
 @pytest.fixture
