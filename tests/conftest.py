@@ -125,6 +125,13 @@ def tiny_vit_dir(tmp_path_factory):
     return cnclip.create_model("tiny-vit").save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def model_dir(tiny_vit_dir):
+    """The model folder the CLI, serve and watch tests pass as --model: one for the whole run, so
+    that its ONNX export is made once."""
+    return tiny_vit_dir
+
+
 @pytest.fixture
 def images():
     return random_images(4)

@@ -21,11 +21,6 @@ import cnclip
 _solid = solid_photo
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_vit_dir):
-    return tiny_vit_dir
-
-
 @pytest.fixture
 def photos(tmp_path):
     root = tmp_path / "photos"

@@ -18,11 +18,6 @@ import cnclip
 RED, GREEN, BLUE = (200, 30, 30), (30, 200, 30), (30, 30, 200)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_vit_dir):
-    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
-
-
 @pytest.fixture
 def folder(tmp_path):
     photos = tmp_path / "photos"

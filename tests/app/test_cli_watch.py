@@ -23,11 +23,6 @@ WITHIN_S = 20.0  # changes land in 1-2 s here; the margin is for a loaded CI mac
 START_S = 120.0  # a cold `cnclip` process imports torch and loads the model first
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_vit_dir):
-    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
-
-
 def _eventually(condition, what: str):
     return eventually(condition, what, WITHIN_S)
 

@@ -36,11 +36,6 @@ INDEX_POINTS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_vit_dir):
-    return tiny_vit_dir
-
-
-@pytest.fixture(scope="module")
 def model(model_dir):
     return cnclip.load_model(str(model_dir))
 

@@ -18,11 +18,6 @@ FAKE_MOV = b"\x00\x00\x00\x14ftypqt  \x00\x00\x02\x00qt  " + bytes(64)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_vit_dir):
-    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
-
-
-@pytest.fixture(scope="module")
 def model(model_dir):
     return cnclip.load_model(model_dir)
 

@@ -31,11 +31,6 @@ MANY_LABELS = ",".join(f"标签{i}" for i in range(100))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_vit_dir):
-    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, model_dir) -> tuple[Path, Path]:
     """(index folder, photo folder): 8 photos, a symlink to a photo outside the folder, texts."""
     base = tmp_path_factory.mktemp("serve")

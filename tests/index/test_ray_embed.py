@@ -14,11 +14,6 @@ import cnclip
 from cnclip.index.ray_embed import SHARD_SUFFIX, RayOptions
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_vit_dir):
-    return tiny_vit_dir  # one saved tiny model (and one ONNX export) for the whole run
-
-
 @pytest.fixture
 def photos(tmp_path):
     folder = tmp_path / "photos"
