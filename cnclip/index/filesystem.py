@@ -14,7 +14,7 @@ import re
 
 from cnclip.errors import CNClipError
 
-__all__ = ["MOUNTINFO", "NETWORK_INDEX_ENV", "filesystem_type", "is_network", "network_mode"]
+__all__ = ["MOUNTINFO", "NETWORK_INDEX_ENV", "filesystem_type", "is_network", "mounts", "network_mode"]
 
 NETWORK_INDEX_ENV = "CNCLIP_NETWORK_INDEX"
 # Linux lists every mount of this process's view here; other systems fall back to "local".
@@ -32,25 +32,33 @@ _LOCAL_FUSE = frozenset(
 _OPT_IN = frozenset({"1", "true", "yes", "on"})
 
 
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, file-system type) of every mount this process sees, in the kernel's order
+    (a later mount on the same point lies on top); empty where the system has no mount table to
+    read (macOS, Windows)."""
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            table = f.read()
+    except OSError:
+        return []
+    found = []
+    # Fields: id parent major:minor root MOUNT_POINT options [optional...] - TYPE source super-options
+    for line in table.splitlines():
+        fields = line.split(" ")
+        if "-" in fields[5:]:
+            found.append((_unescape(fields[4]), fields[fields.index("-", 5) + 1]))
+    return found
+
+
 def filesystem_type(path: str | os.PathLike[str]) -> str:
     """The type of the mount holding `path` as the kernel names it ("ext4", "nfs4", "fuse.sshfs"),
     for a path not made yet too; "local" where the system does not tell (macOS, Windows)."""
-    try:
-        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-            mounts = f.read()
-    except OSError:
-        return "local"
     target = os.path.realpath(path)
     best, found = -1, "local"
-    # Fields: id parent major:minor root MOUNT_POINT options [optional...] - TYPE source super-options
-    for line in mounts.splitlines():
-        fields = line.split(" ")
-        if "-" not in fields[5:]:
-            continue
-        point = _unescape(fields[4])
+    for point, fstype in mounts():
         # The longest mount point containing the path holds it; of equal ones the later is on top.
         if len(point) >= best and _contains(point, target):
-            best, found = len(point), fields[fields.index("-", 5) + 1]
+            best, found = len(point), fstype
     return found
 
 

@@ -15,7 +15,6 @@ import ctypes
 import functools
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ except ImportError:  # pragma: no cover - watchdog < 7
     DirAttribEvent, FileAttribEvent = DirCreatedEvent, FileModifiedEvent
 
 from cnclip.errors import CNClipError, IndexBusyError
+from cnclip.index import filesystem
 from cnclip.index.index import Index
 from cnclip.index.scan import NOT_MOUNTED, Indexer, IndexSummary, Progress, ScanStopped, to_catalog_path
 from cnclip.index.video import VIDEO_EXTENSIONS
@@ -546,7 +546,6 @@ def _identity(folder: str) -> tuple[int, int, int | None] | None:
 _AT_FDCWD = -100
 _STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8+: a mount id that is never reused (the older one is)
 _STATX_MNT_ID_AT = 0x90  # the offset of stx_mnt_id in struct statx
-_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")  # a space in a mount point is written \040
 
 
 @functools.cache
@@ -578,13 +577,7 @@ def _mount_id(path: str) -> int | None:
 
 def _mount_points() -> list[str]:
     """The mount points of this process's mount table (Linux); empty where there is none to read."""
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    fields = (line.split(b" ") for line in lines)
-    return [os.fsdecode(_MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), f[4])) for f in fields if len(f) > 4]
+    return [point for point, _ in filesystem.mounts()]
 
 
 def _halt(observer: BaseObserver) -> None:
