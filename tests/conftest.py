@@ -52,6 +52,27 @@ def solid_photo(path, rgb, size=(48, 40)):
     return path
 
 
+def word_photo(path, lines, size=(640, 480), font_size=40, background=(236, 230, 214), seed=0):
+    """A picture with `lines` of text drawn on it (the CJK font the set-up installs), over a
+    background of one colour with some texture; saved at `path` (folders made); returns `path`."""
+    from PIL import ImageDraw, ImageFont
+
+    from cnclip.app.fonts import find_cjk_font
+
+    font_file = find_cjk_font()
+    assert font_file is not None, "no CJK font: the set-up installs fonts-wqy-zenhei (see README)"
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(background, np.float32) + rng.normal(0, 6, (size[1], size[0], 3)), 0, 255)
+    image = Image.fromarray(arr.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.truetype(str(font_file), font_size)
+    for i, line in enumerate(lines):
+        draw.text((size[0] // 12, size[1] // 6 + i * font_size * 2), line, font=font, fill=(24, 24, 24))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
 def eventually(condition, what: str, timeout: float):
     """Poll `condition` until it returns something true (returned), failing after `timeout` seconds:
     for what happens on another thread or process, without a sleep of fixed length."""
@@ -98,6 +119,10 @@ def _private_cache(tmp_path_factory):
     # machines and compare with fp32 numbers elsewhere. Tests of the bf16 paths set it to 1
     # themselves, and `CNCLIP_CPU_BF16=1 pytest` runs the whole suite as an AMX machine would.
     os.environ.setdefault("CNCLIP_CPU_BF16", "0")
+    # Reading words costs ~0.1-0.4 s a picture even where a picture has none; the tests about words
+    # (tests/model/test_ocr.py, tests/index/test_words*.py, tests/app/test_words_cli.py) turn it
+    # on with CNCLIP_OCR=1 or --ocr-only; the others index as `--no-ocr` would.
+    os.environ["CNCLIP_OCR"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -180,12 +180,36 @@ def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_5_to_6(conn: sqlite3.Connection) -> None:
+    """The words read in photos (cnclip.index.reading), and their full-text index.
+
+    Words belong to a content hash, as vectors do, so they hang off the vector: a copy, a renamed
+    or restored photo has them at once, and they go when `collect_garbage` drops the vector.
+    `lines` is JSON (text, confidence, box per line; [] when the photo has no words); `error` says
+    why a photo could not be read. The full-text rows (rowid = vector id) hold the tokens of
+    `cnclip.index.words.tokens`, only for photos with words."""
+    conn.execute(
+        "CREATE TABLE words (vector_id INTEGER PRIMARY KEY, reader TEXT NOT NULL, lines TEXT NOT NULL, "
+        "error TEXT, read_at REAL NOT NULL)"
+    )
+    try:
+        conn.execute("CREATE VIRTUAL TABLE words_fts USING fts5(tokens, tokenize='unicode61 remove_diacritics 2')")
+    except sqlite3.OperationalError as e:
+        if "fts5" in str(e):
+            raise CNClipError(
+                f"this Python's SQLite {sqlite3.sqlite_version} has no FTS5, which words in photos need; "
+                "use a Python from python.org, Debian/Ubuntu or conda"
+            ) from e
+        raise
+
+
 _MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migrate_0_to_1,
     _migrate_1_to_2,
     _migrate_2_to_3,
     _migrate_3_to_4,
     _migrate_4_to_5,
+    _migrate_5_to_6,
 ]
 SCHEMA_VERSION: int = len(_MIGRATIONS)
 
@@ -971,13 +995,16 @@ class Catalog:
         """Delete vectors that no file has used for more than `older_than_s` seconds; returns how many."""
         if older_than_s < 0:
             raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
+        # re-checked here: a scan may have reused a vector after it was marked unused
+        unused = (
+            "SELECT id FROM vectors WHERE unused_since IS NOT NULL AND unused_since <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM files WHERE files.vector_id = vectors.id)"
+        )
+        cutoff = (time.time() - older_than_s,)
         with self._write() as conn:
-            # re-checked here: a scan may have reused a vector after it was marked unused
-            removed = conn.execute(
-                "DELETE FROM vectors WHERE unused_since IS NOT NULL AND unused_since <= ? "
-                "AND NOT EXISTS (SELECT 1 FROM files WHERE files.vector_id = vectors.id)",
-                (time.time() - older_than_s,),
-            ).rowcount
+            conn.execute(f"DELETE FROM words_fts WHERE rowid IN ({unused})", cutoff)  # words go with their vector
+            conn.execute(f"DELETE FROM words WHERE vector_id IN ({unused})", cutoff)
+            removed = conn.execute(f"DELETE FROM vectors WHERE id IN ({unused})", cutoff).rowcount
         if removed:
             log.info("catalog %s: collected %d unused vectors", self.path, removed)
         return removed
@@ -1132,3 +1159,78 @@ class Catalog:
     def text_count(self) -> int:
         """Number of stored texts across all collections."""
         return int(self._db.execute("SELECT count(*) FROM texts").fetchone()[0])
+
+    # ---------------------------------------------------------------- words read in photos
+
+    def photos_to_read(self, root: str | None = None, after: int = 0, limit: int = 64) -> list[tuple[int, str]]:
+        """Up to `limit` (vector id, path) of online photos (not video frames) under `root` whose
+        content was never read for words, one path per vector, in vector id order after `after`."""
+        lo, hi = _prefix_range(_absolute(root)) if root else ("", "\U0010ffff")
+        rows = self._db.execute(
+            "SELECT f.vector_id, min(f.path) FROM files f WHERE f.vector_id > ? AND f.offline IS NULL "
+            "AND f.path >= ? AND f.path < ? AND instr(f.path, '#t=') = 0 "
+            "AND NOT EXISTS (SELECT 1 FROM words w WHERE w.vector_id = f.vector_id) "
+            "GROUP BY f.vector_id ORDER BY f.vector_id LIMIT ?",
+            (after, lo, hi, limit),
+        ).fetchall()
+        return [(int(v), str(p)) for v, p in rows]
+
+    def put_words(self, reader: str, rows: Sequence[tuple[int, list[dict], str | None, str]]) -> None:
+        """Record what `reader` read, in one transaction: per vector id its lines (dicts with
+        "text", "score", "box"), the error if it could not be read, and the full-text tokens."""
+        if not rows:
+            return
+        now = time.time()
+        with self._write() as conn:
+            ids = [(vector_id,) for vector_id, _, _, _ in rows]
+            conn.executemany("DELETE FROM words_fts WHERE rowid = ?", ids)  # a re-read replaces
+            conn.executemany(
+                "INSERT OR REPLACE INTO words (vector_id, reader, lines, error, read_at) VALUES (?, ?, ?, ?, ?)",
+                [(v, reader, json.dumps(lines, ensure_ascii=False), error, now) for v, lines, error, _ in rows],
+            )
+            conn.executemany(
+                "INSERT INTO words_fts (rowid, tokens) VALUES (?, ?)", [(v, t) for v, _, _, t in rows if t]
+            )
+
+    def word_file_ids(self, match: str) -> np.ndarray:
+        """int64 ids of searchable files whose words match the FTS5 expression `match` (made by
+        `cnclip.index.words.WordQuery`, never from user text directly)."""
+        try:
+            rows = self._db.execute(
+                "SELECT f.id FROM words_fts JOIN files f ON f.vector_id = words_fts.rowid "
+                "WHERE words_fts MATCH ? AND f.offline IS NULL",
+                (match,),
+            ).fetchall()
+        except sqlite3.OperationalError as e:
+            raise CNClipError(f"cannot search the words of {self.path}: {e}") from e
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def words_for_ids(self, ids: Sequence[int]) -> dict[int, list[str]]:
+        """File id -> the lines of text read in it, for files that have any."""
+        out: dict[int, list[str]] = {}
+        for chunk in _chunks([int(i) for i in ids], _IN_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            for file_id, lines in self._db.execute(
+                f"SELECT f.id, w.lines FROM files f JOIN words w ON w.vector_id = f.vector_id "
+                f"WHERE f.id IN ({marks}) AND w.lines != '[]'",
+                tuple(chunk),
+            ):
+                out[int(file_id)] = [line["text"] for line in json.loads(lines)]
+        return out
+
+    def words_progress(self, root: str | None = None) -> dict[str, int]:
+        """How far reading words is (under `root`, or everywhere): online photos (by content), how
+        many of them were read, how many have words, how many could not be read."""
+        lo, hi = _prefix_range(_absolute(root)) if root else ("", "\U0010ffff")
+        photos, read, with_words, failed = self._db.execute(
+            "SELECT count(*), count(w.vector_id), count(CASE WHEN w.lines != '[]' THEN 1 END), "
+            "count(w.error) FROM (SELECT DISTINCT vector_id FROM files WHERE vector_id IS NOT NULL "
+            "AND offline IS NULL AND path >= ? AND path < ? AND instr(path, '#t=') = 0) p "
+            "LEFT JOIN words w ON w.vector_id = p.vector_id",
+            (lo, hi),
+        ).fetchone()
+        return {"photos": int(photos), "read": int(read), "with_words": int(with_words), "failed": int(failed)}
+
+    def has_words(self) -> bool:
+        """Whether any photo of the index has words read in it."""
+        return self._db.execute("SELECT 1 FROM words_fts LIMIT 1").fetchone() is not None

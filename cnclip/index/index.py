@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,15 +21,19 @@ from PIL import Image
 
 from cnclip import atomic
 from cnclip.errors import CNClipError, ModelMismatchError, QueryError
+from cnclip.index import reading
 from cnclip.index.catalog import CATALOG_FILE, Catalog, ModelIdentity
 from cnclip.index.filters import SearchFilter, parse_date, parse_size
 from cnclip.index.lock import WriterLock
 from cnclip.index.query import Term, combine_terms
+from cnclip.index.reading import ReadSummary
 from cnclip.index.scan import Indexer, IndexSummary, Progress, from_catalog_path, to_catalog_path
 from cnclip.index.vectors import ONDISK_KIND, Selection, VectorIndex, VectorStore
 from cnclip.index.video import split_frame_path
+from cnclip.index.words import WordQuery, matching_lines
 from cnclip.lru import LRUCache
 from cnclip.model.cpu import onnxruntime_available
+from cnclip.model.ocr import WordReader, default_reader
 from cnclip.model.onnx_runtime import TextEncoder
 from cnclip.model.runtime import Runtime
 from cnclip.model.t2s import t2s_default, to_simplified_all
@@ -56,6 +60,18 @@ FILTER_CACHE_SIZE = 16  # recent filters' selected file ids kept per open index,
 QUERY_CACHE_SIZE = 1024  # recent query embeddings kept per open index (2 KB each at 512-d)
 PREPROCESSING = "squash-bicubic-clip-meanstd"
 VECTOR_KIND_META = "vector_kind"  # catalog meta: the vector index kind the user chose
+WORD_MODES = ("auto", "only", "off")  # how `search_text` uses the words read in photos
+OCR_ENV = "CNCLIP_OCR"  # 1/0: whether `cnclip index` reads words in photos by default (default 1)
+
+
+def ocr_default() -> bool:
+    """Whether indexing reads words in photos when no option says: `$CNCLIP_OCR` (1/0), else yes."""
+    value = os.environ.get(OCR_ENV, "").strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise CNClipError(f"${OCR_ENV} is {value!r}; set it to 1 (read words in photos) or 0 (don't)")
 
 
 @dataclass(frozen=True)
@@ -66,9 +82,12 @@ class Hit:
     score: float
     id: int | None = None
     t: float | None = None  # a video: the time (seconds) of its best-matching frame
+    # found by the words read in it: the lines that hold the query, each {"text", "spans": [[start, end], ...]}
+    words: tuple[dict, ...] | None = None
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "score": self.score} | ({} if self.t is None else {"t": self.t})
+        extra = ({} if self.t is None else {"t": self.t}) | ({} if self.words is None else {"words": list(self.words)})
+        return {"path": self.path, "score": self.score} | extra
 
 
 def _load(source: str | os.PathLike, runtime: Runtime | None) -> CNClipModel:
@@ -499,6 +518,7 @@ class Index:
             "offline": self.catalog.offline_count(),
             "unused_vectors": self.catalog.unused_vectors(),
             "texts": self.catalog.text_count(),
+            "words": self.catalog.words_progress(),
             "model": None
             if identity is None
             else {"name": identity.name, "source": identity.source, "digest": identity.digest, "dim": identity.dim},
@@ -538,9 +558,56 @@ class Index:
                 return self._text_encoder.embed_texts(texts)
         return self.model.embed_texts(texts)
 
-    def search_text(self, query: str, k: int = 10, where: SearchFilter | None = None) -> list[Hit]:
-        """Text -> images, best first; `where` (from `filter`) limits which files may be returned."""
-        return self._image_hits(self.query_vector(query), k, where)
+    def search_text(self, query: str, k: int = 10, where: SearchFilter | None = None, words: str = "auto") -> list[Hit]:
+        """Text -> images, best first; `where` (from `filter`) limits which files may be returned.
+
+        `words`: "auto" ranks the photos whose words (read by `read_words`) contain the query
+        first, by how much they also look like it, then every other photo by the picture alone;
+        "only" returns just the photos with the words; "off" ranks by the picture alone."""
+        if words not in WORD_MODES:
+            raise QueryError(f"words must be one of {', '.join(WORD_MODES)}, not {words!r}")
+        vector = self.query_vector(query)
+        wanted = None if words == "off" else WordQuery.parse(query)
+        if wanted is None or (words == "auto" and not self.catalog.has_words()):
+            return [] if words == "only" else self._image_hits(vector, k, where)
+        matched = self._word_hits(vector, wanted, k, where)
+        if words == "only" or len(matched) >= k:
+            return matched[:k]
+        taken = {h.path for h in matched}
+        rest = [h for h in self._image_hits(vector, k + len(taken), where) if h.path not in taken]
+        return matched + rest[: k - len(matched)]
+
+    def _word_hits(self, vector: np.ndarray, wanted: WordQuery, k: int, where: SearchFilter | None) -> list[Hit]:
+        """The best `k` of the photos whose words match, by their picture's score, with the lines matched."""
+        if k < 1:
+            raise QueryError(f"k must be at least 1, not {k}")
+        ids = self.catalog.word_file_ids(wanted.fts)
+        if where is not None and not where.empty and len(ids):
+            ids = np.intersect1d(ids, self._selection(where).ids, assume_unique=False)
+        if len(ids) == 0:
+            return []
+        scores, found = self.refresh().search_within(vector, k, Selection(ids))
+        keep = found[0] >= 0
+        hits, _ = self._fold_videos(found[0][keep].tolist(), scores[0][keep].tolist())
+        lines = self.catalog.words_for_ids([h.id for h in hits])
+        return [replace(h, words=tuple(matching_lines(lines.get(h.id, []), wanted.terms))) for h in hits]
+
+    def read_words(
+        self,
+        folder: str | os.PathLike | None = None,
+        *,
+        reader: WordReader | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        wait: float = 0.0,
+    ) -> ReadSummary:
+        """Read the words in the indexed photos (under `folder`, or all) not read yet; see
+        `cnclip.index.reading`. Holds the writer lock, as `add_folder` does."""
+        root = None if folder is None else to_catalog_path(os.path.abspath(expand_user(folder)))
+        with self.lock.hold(wait):
+            return reading.read_words(
+                self.catalog, reader or default_reader(), root=root, progress=progress, should_stop=should_stop
+            )
 
     def query_vector(self, query: str) -> np.ndarray:
         """The (1, D) embedding of a text query, from a small cache of recent queries."""

@@ -67,6 +67,20 @@ def add_index(sub: Subparsers) -> None:
         "seconds, until Ctrl+C",
     )
     add_watch_poll_option(p)
+    g = p.add_argument_group("words in photos (read after the vectors are in; searches use both)")
+    ocr = g.add_mutually_exclusive_group()
+    ocr.add_argument(
+        "--no-ocr",
+        dest="ocr",
+        action="store_false",
+        default=None,
+        help="do not read the words in photos this time (default: read them; $CNCLIP_OCR=0 turns it off)",
+    )
+    ocr.add_argument(
+        "--ocr-only",
+        action="store_true",
+        help="only read the words of photos already indexed (under FOLDER, or all), without scanning",
+    )
     _add_ray_options(p)
     p.set_defaults(func=_cmd_index)
 
@@ -82,6 +96,8 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    if args.ocr_only:
+        return _cmd_read_words(args)
     _check_index_args(args)
     from cnclip.train.lines import read_lines
 
@@ -97,9 +113,46 @@ def _cmd_index(args: argparse.Namespace) -> int:
             return 0
         summary = _add_folder(index, args)
         _prepare_text_search(index, chosen, quiet=args.quiet)
+        _print_summary(summary, args.json and not _reads_words(args))
+        if _reads_words(args):
+            words = _read_words(index, args)
+            if args.json:
+                print(as_json(summary.to_dict() | {"words": words.to_dict()}))
         model = index.model if args.watch else None
-    _print_summary(summary, args.json)
     return _watch(args, index.catalog.folder, model) if args.watch else 0
+
+
+def _reads_words(args: argparse.Namespace) -> bool:
+    from cnclip.index.index import ocr_default
+
+    return ocr_default() if args.ocr is None else args.ocr
+
+
+def _read_words(index, args: argparse.Namespace, folder: str | None = None):
+    """The second stage: the words in the photos not read yet, with their own progress bar."""
+    bar = progress_bar("reading words", args)
+    try:
+        summary = index.read_words(folder if folder is not None else args.folder, progress=bar, wait=args.wait)
+    finally:
+        bar.close()
+    for path, reason in summary.failed:
+        say(f"could not read the words in {path}: {reason} (its picture stays searchable)")
+    if not args.json:
+        say(f"words: {summary.read} photos read, {summary.with_words} with words")
+    return summary
+
+
+def _cmd_read_words(args: argparse.Namespace) -> int:
+    """`cnclip index [FOLDER] --ocr-only`: read the words of photos already indexed."""
+    from cnclip.index.index import Index
+
+    if args.texts or args.watch or args.ray or args.address:
+        raise CNClipError("--ocr-only reads words of photos already indexed; leave out --texts, --watch and --ray")
+    with Index.open(args.index) as index:
+        summary = _read_words(index, args, folder=args.folder)
+    if args.json:
+        print(as_json({"words": summary.to_dict()}))
+    return 0
 
 
 def _check_index_args(args: argparse.Namespace) -> None:
@@ -295,6 +348,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if stats["videos"]:
         print(f"videos   {stats['videos']:,}")
     print(f"texts    {stats['texts']:,}")
+    words = stats["words"]
+    if words["read"]:
+        left = words["photos"] - words["read"]
+        print(
+            f"words    {words['with_words']:,} photos with words; {words['read']:,} of {words['photos']:,} read"
+            + (f", {left:,} to read (cnclip index --ocr-only)" if left else "")
+            + (f", {words['failed']:,} could not be read" if words["failed"] else "")
+        )
+    else:
+        print("words    none read yet (cnclip index --ocr-only reads them)")
     print(
         f"model    {model['name'] or '-'} ({model['digest'][:12]}), {model['dim']}-d, from {model['source']}"
         if model

@@ -57,6 +57,17 @@ def add_search(sub: Subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
     p.add_argument("--grid", metavar="OUT.jpg", help="also write a contact sheet of the hits")
     p.add_argument("--html", metavar="OUT.html", help="also write an HTML page of the hits")
+    words = p.add_mutually_exclusive_group()
+    words.add_argument(
+        "--words",
+        dest="words",
+        action="store_const",
+        const="only",
+        default="auto",
+        help="only photos whose words (read by cnclip index) contain the query; by default they come first, "
+        "then the photos that look like it",
+    )
+    words.add_argument("--no-words", dest="words", action="store_const", const="off", help="rank by the picture alone")
     _add_filter_options(p)
     add_no_t2s(p)
     add_runtime_options(p)
@@ -99,7 +110,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             rows = [(h.score, h.text) for h in hits]
         else:
             hits = _search_photos(index, args, terms, where)
-            rows = [(h.score, h.path if h.t is None else f"{h.path}#t={h.t:g}") for h in hits]  # a video: its moment
+            rows = [(h.score, _hit_line(h)) for h in hits]
         payload = [h.to_dict() for h in hits]
     if args.json:
         print(as_json(payload))
@@ -109,11 +120,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hit_line(hit) -> str:
+    """A hit as `cnclip search` prints it: the path (a video: at its moment), and the line of
+    words it was found by, if any."""
+    line = hit.path if hit.t is None else f"{hit.path}#t={hit.t:g}"
+    if hit.words:
+        line += "\t「" + " / ".join(w["text"] for w in hit.words[:2]) + "」"
+    return line
+
+
 def _search_photos(index, args: argparse.Namespace, terms, where) -> list:
     """The hits of one text, one image or their combination; the contact sheets of them when asked for."""
     from cnclip.index.query import IMAGE, describe
 
     exclude_self = not args.include_self
+    if args.words != "auto" and (len(terms) > 1 or terms[0].kind == IMAGE):
+        raise CNClipError("--words and --no-words go with one text query; combined and image queries use pictures")
     if len(terms) > 1:
         hits = index.search_combined(terms, k=args.k, exclude_self=exclude_self, where=where)
         title = describe(terms)
@@ -121,7 +143,7 @@ def _search_photos(index, args: argparse.Namespace, terms, where) -> list:
         hits = index.search_image(args.image[0], k=args.k, exclude_self=exclude_self, where=where)
         title = f"相似图片：{os.path.basename(args.image[0])}"
     else:
-        hits = index.search_text(args.query, k=args.k, where=where)
+        hits = index.search_text(args.query, k=args.k, where=where, words=args.words)
         title = args.query
     _write_sheets(args, hits, title)
     return hits
@@ -145,7 +167,7 @@ def _write_sheets(args: argparse.Namespace, hits, title: str) -> None:
         return
     from cnclip.app.gallery import GalleryItem, write_grid, write_html
 
-    items = [GalleryItem(h.path, h.score, rank) for rank, h in enumerate(hits, 1)]
+    items = [GalleryItem(h.path, h.score, rank, words=h.words or ()) for rank, h in enumerate(hits, 1)]
     if args.grid:
         say(f"wrote {write_grid(items, args.grid, title=title)}")
     if args.html:

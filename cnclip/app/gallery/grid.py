@@ -100,7 +100,13 @@ def _draw_caption(draw: ImageDraw.ImageDraw, lay: _Layout, x: int, y: int, item:
     y += lay.gap // 2
     rank = f"#{item.rank}"
     draw_text(draw, (x, y), rank, font, _ACCENT)
-    draw_text(draw, (x + text_width(font, rank + "  "), y), f"{item.score:.3f}", font, _MUTED)
+    score = f"{item.score:.3f}"
+    score_x = x + text_width(font, rank + "  ")
+    draw_text(draw, (score_x, y), score, font, _MUTED)
+    if item.words:  # found by its words: they follow the score, in the accent colour
+        words_x = score_x + text_width(font, score + "  ")
+        words = fit_end(font, f"「{display(item.words_line())}」", lay.thumb - (words_x - x))
+        draw_text(draw, (words_x, y), words, font, _ACCENT)
     name = display(os.path.basename(item.path) or item.path)
     draw_text(draw, (x, y + lay.caption_line + 2), fit_middle(font, name, lay.thumb), font, _TEXT)
 

@@ -26,6 +26,12 @@ class GalleryItem:
     score: float
     rank: int
     label: str = ""  # shown after the rank on HTML cards, e.g. "最佳 · 4032×3024" for the best copy of a group
+    # the lines of words the hit was found by, each {"text", "spans": [[start, end], ...]} (Hit.words)
+    words: tuple[dict, ...] = ()
+
+    def words_line(self) -> str:
+        """The matched words as one caption line."""
+        return " / ".join(w["text"] for w in self.words)
 
 
 def display(text: str) -> str:

@@ -46,6 +46,8 @@ figcaption { padding: 8px 10px 10px; }
 a.name:hover { text-decoration: underline; }
 .empty { color: var(--muted); font-size: 1.2em; padding: 48px 0; text-align: center; }
 .label { color: var(--muted); overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.words { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.words mark { background: #ffe08a; color: inherit; }
 section h2 { margin: 28px 0 12px; font-size: 1.15em; font-weight: 600; }
 """.strip()
 
@@ -88,8 +90,21 @@ def _card(item: GalleryItem, thumb: int, embed: bool, anchor: str | None = None)
         + (f'<span class="label">{esc(item.label)}</span>' if item.label else "")
         + f'<span class="score">{item.score:.3f}</span></div>'
         f'<a class="name" href="{esc(uri)}" title="{esc(full)}">{esc(name)}</a>'
-        "</figcaption></figure>"
+        + (f'<div class="words">{_marked_words(item)}</div>' if item.words else "")
+        + "</figcaption></figure>"
     )
+
+
+def _marked_words(item: GalleryItem) -> str:
+    """The matched lines of words, the matches in <mark>."""
+    lines = []
+    for line in item.words:
+        text, out, at = line["text"], [], 0
+        for start, end in line.get("spans", ()):
+            out += [html.escape(text[at:start]), f"<mark>{html.escape(text[start:end])}</mark>"]
+            at = end
+        lines.append("".join(out) + html.escape(text[at:]))
+    return " / ".join(lines)
 
 
 def write_html(

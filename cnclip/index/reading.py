@@ -1,0 +1,99 @@
+"""The second stage of indexing: reading the words in every photo whose vector is committed.
+
+Vectors come first, so searching by what a photo looks like works while its words are read.
+Words are recorded per content (vector), a batch per transaction: a run killed at any point
+keeps every batch it committed and the next run reads only what is left; a copy or a restored
+photo is never read twice; a photo whose content changed is new content and is read again.
+A photo the reader fails on keeps its vector and gets one line (recorded, so it is not retried
+until its content changes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from cnclip import faults
+from cnclip.errors import CNClipError
+from cnclip.index.catalog import Catalog
+from cnclip.index.scan import Progress, from_catalog_path
+from cnclip.index.words import tokens
+from cnclip.model.ocr import READER, Line, WordReader
+
+log = logging.getLogger(__name__)
+
+BATCH = 16  # photos per committed transaction: at most this much reading is lost to a kill
+
+
+@dataclass
+class ReadSummary:
+    """What one reading pass did: photos read, of which with words, and those it could not read."""
+
+    read: int = 0
+    with_words: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
+    stopped: bool = False  # asked to stop before the end; the next run goes on
+
+    def to_dict(self) -> dict:
+        return {
+            "read": self.read,
+            "with_words": self.with_words,
+            "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "stopped": self.stopped,
+        }
+
+
+def _read_one(reader: WordReader, path: str) -> list[Line] | str:
+    try:
+        return reader.read_file(from_catalog_path(path))
+    except CNClipError as e:
+        return str(e)
+    except OSError as e:  # the file went away or became unreadable since it was embedded
+        return f"{from_catalog_path(path)}: {e.strerror or e}"
+
+
+def read_words(
+    catalog: Catalog,
+    reader: WordReader,
+    *,
+    root: str | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ReadSummary:
+    """Read the words of every photo under `root` (catalog path; None: the whole index) not read yet."""
+    counts = catalog.words_progress(root)
+    summary = ReadSummary()
+    todo, after = counts["photos"] - counts["read"], 0
+    # Two threads: one picture decodes while the one before it is read (the reader takes one
+    # picture at a time and keeps both cores busy).
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cnclip-words") as pool:
+        while not summary.stopped:
+            batch = catalog.photos_to_read(root, after=after, limit=BATCH)
+            if not batch:
+                break
+            after = batch[-1][0]
+            futures = [pool.submit(_read_one, reader, path) for _, path in batch]
+            rows = []
+            for (vector_id, path), future in zip(batch, futures, strict=True):
+                if should_stop is not None and should_stop():
+                    summary.stopped = True
+                    break
+                result = future.result()
+                if isinstance(result, str):
+                    log.warning("cannot read the words in %s: %s", from_catalog_path(path), result)
+                    summary.failed.append((from_catalog_path(path), result))
+                    rows.append((vector_id, [], result, ""))
+                    continue
+                summary.with_words += bool(result)
+                text = "\n".join(line.text for line in result)
+                rows.append((vector_id, [line.to_dict() for line in result], None, tokens(text)))
+            for future in futures:  # stopped: the ones not started yet are dropped, unrecorded
+                future.cancel()
+            catalog.put_words(READER, rows)
+            faults.point("words.after_batch")
+            summary.read += len(rows)
+            if progress is not None:
+                progress(Progress(summary.read, max(todo, summary.read)))
+    return summary

@@ -1,0 +1,130 @@
+"""Reading the words in a picture: PP-OCR text detection, direction and recognition in ONNX Runtime.
+
+The reader is RapidOCR (`rapidocr`, pinned in pyproject.toml), whose wheel carries the PP-OCRv6
+Chinese/English detection and recognition models and the direction classifier as ONNX files: it
+reads with no download, and on a bare server (it uses opencv-python-headless, which needs no
+libGL). Only this module touches RapidOCR, through its documented call and result fields, so a
+change in its options (which crashed Immich's OCR in 2025) shows up here and in
+tests/model/test_ocr.py, nowhere else. Torch-free: `cnclip index` can read words in a process
+that never loads torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from PIL import Image
+
+from cnclip.errors import CNClipError, ImageError
+from cnclip.model.transform import DEFAULT_MAX_PIXELS, load_image
+
+log = logging.getLogger(__name__)
+
+RAPIDOCR_VERSION = "3.10.0"
+# What an index records per photo read, so a later reader can tell which results are whose.
+READER = f"rapidocr-{RAPIDOCR_VERSION}/PP-OCRv6-small"
+# Pictures are read at most this many pixels on their long side: a 12 MP phone photo (4000 px)
+# is read at 1600 px, where 16 px words of a 1080 px screenshot and a sign across a photo are
+# still legible, at ~1/6 of the full-size cost (scripts/bench/ocr.py measures both).
+DEFAULT_READ_SIDE = 1600
+MIN_SCORE = 0.5  # recognitions below this confidence are noise more often than words
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of text found in a picture: the words, the recognizer's confidence (0-1), and
+    the four corners (x, y) of its box in the picture's pixels, clockwise from top left."""
+
+    text: str
+    score: float
+    box: tuple[tuple[int, int], ...]
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "score": round(self.score, 4), "box": [list(p) for p in self.box]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Line:
+        return cls(str(d["text"]), float(d["score"]), tuple((int(x), int(y)) for x, y in d["box"]))
+
+
+class WordReader:
+    """Reads the lines of text in pictures. The models load on first use (~0.6 s); one reader
+    serves many threads, one picture at a time (ONNX Runtime already uses every core)."""
+
+    def __init__(self, max_side: int = DEFAULT_READ_SIDE, min_score: float = MIN_SCORE) -> None:
+        if max_side < 32:
+            raise CNClipError(f"the reading size must be at least 32 px, not {max_side}")
+        self.max_side = max_side
+        self.min_score = min_score
+        self._engine = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        if self._engine is None:
+            try:
+                from rapidocr import RapidOCR
+            except ImportError as e:
+                raise CNClipError(
+                    f"reading words in photos needs rapidocr: pip install 'rapidocr=={RAPIDOCR_VERSION}' "
+                    "(or index with --no-ocr)"
+                ) from e
+            # Its own logger prints every model path at INFO; a library here stays quiet.
+            logging.getLogger("RapidOCR").setLevel(logging.ERROR)
+            self._engine = RapidOCR(
+                params={
+                    "Global.log_level": "error",
+                    "Global.text_score": self.min_score,
+                    # our `max_side` already bounds the picture; theirs would shrink it again at 2000
+                    "Global.max_side_len": max(self.max_side, 2000),
+                }
+            )
+        return self._engine
+
+    def read_file(self, path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Line]:
+        """The lines in an image file (decoded as for embedding: upright per EXIF, HEIC, ...).
+        Raises ImageError for a file that cannot be decoded."""
+        # JPEGs decode straight at about the reading size (DCT scaling), not at 12 MP
+        image = load_image(path, max_pixels=max_pixels, draft_size=self.max_side // 2)
+        return self.read(image)
+
+    def read(self, image: Image.Image) -> list[Line]:
+        """The lines of text in `image`, top to bottom as the detector orders them."""
+        image = image.convert("RGB")
+        scale = 1.0
+        if max(image.size) > self.max_side:
+            scale = self.max_side / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        engine = self._load()
+        with self._lock:
+            try:
+                result = engine(image)
+            except Exception as e:  # noqa: BLE001 - a third-party reader's failure is one photo's, not the run's
+                raise ImageError(f"the word reader failed on this picture ({type(e).__name__}: {e})") from e
+        texts = result.txts or ()
+        if not texts:
+            return []
+        lines = []
+        for text, score, box in zip(texts, result.scores, result.boxes, strict=True):
+            text = str(text).strip()
+            if not text or float(score) < self.min_score:
+                continue
+            corners = tuple((round(float(x) / scale), round(float(y) / scale)) for x, y in box)
+            lines.append(Line(text, float(score), corners))
+        return lines
+
+
+_default: WordReader | None = None
+_default_lock = threading.Lock()
+
+
+def default_reader() -> WordReader:
+    """The process's shared reader (its models load once)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = WordReader()
+        return _default

@@ -1,0 +1,98 @@
+"""The word reader with the real PP-OCR models from the rapidocr wheel, on generated pictures."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+from conftest import word_photo
+from PIL import Image
+
+from cnclip.errors import ImageError
+from cnclip.model.ocr import RAPIDOCR_VERSION, READER, Line, WordReader, default_reader
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return default_reader()
+
+
+def test_the_pinned_reader_is_the_one_installed():
+    # the adapter is written and tested against one release: a silent upgrade must show up here
+    assert importlib.metadata.version("rapidocr") == RAPIDOCR_VERSION
+    assert RAPIDOCR_VERSION in READER
+
+
+def test_reads_chinese_lines_exactly_with_boxes(tmp_path, reader):
+    path = word_photo(tmp_path / "note.png", ["请凭取件码领取包裹", "增值税普通发票 2024"])
+    lines = reader.read_file(path)
+    assert [line.text for line in lines] == ["请凭取件码领取包裹", "增值税普通发票 2024"]
+    assert all(0.9 < line.score <= 1.0 for line in lines)
+    # drawn at x=53, y=80 and y=160, 40 px high: the boxes are where the words are
+    (x0, y0), _, (x2, y2), _ = lines[0].box
+    assert abs(x0 - 53) < 15 and abs(y0 - 80) < 15 and y2 - y0 < 70 and x2 > 380
+
+
+def test_traditional_text_is_read_as_written(tmp_path, reader):
+    lines = reader.read_file(word_photo(tmp_path / "t.png", ["會議紀要"]))
+    assert [line.text for line in lines] == ["會議紀要"]
+
+
+def test_a_picture_without_words_reads_as_none(tmp_path, reader):
+    path = tmp_path / "blank.jpg"
+    Image.new("RGB", (800, 600), (90, 140, 200)).save(path)
+    assert reader.read_file(path) == []
+
+
+def test_large_pictures_are_read_smaller_and_boxes_map_back(tmp_path):
+    reader = WordReader(max_side=1000)
+    small = word_photo(tmp_path / "small.png", ["取件码"], size=(640, 480), font_size=40)
+    big = tmp_path / "big.png"
+    Image.open(small).resize((1920, 1440), Image.Resampling.BICUBIC).save(big)  # 3x, so words at 120 px
+    lines = reader.read_file(big)
+    assert [line.text for line in lines] == ["取件码"]
+    (x0, y0), _, (x2, y2), _ = lines[0].box
+    # in the big picture's pixels, though read at 1000 px: 3x the small picture's box
+    assert abs(x0 - 3 * 53) < 40 and abs(y0 - 3 * 80) < 40 and 90 < y2 - y0 < 220
+
+
+def test_a_file_that_is_no_image_is_one_clear_error(tmp_path, reader):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ImageError, match="broken.jpg"):
+        reader.read_file(bad)
+
+
+def test_a_reader_failure_is_an_image_error_not_a_crash(tmp_path, monkeypatch):
+    reader = WordReader()
+
+    def explode(image):
+        raise RuntimeError("onnxruntime: bad input shape")
+
+    monkeypatch.setattr(reader, "_engine", explode)  # as if loaded
+    with pytest.raises(ImageError, match="word reader failed.*bad input shape"):
+        reader.read(Image.new("RGB", (64, 64)))
+
+
+def test_lines_round_trip_through_json():
+    line = Line("发票", 0.98765, ((1, 2), (30, 2), (30, 20), (1, 20)))
+    assert Line.from_dict(line.to_dict()) == Line("发票", 0.9877, line.box)
+
+
+def test_reads_with_no_network_at_all(tmp_path):
+    """The models come with the install: a process whose every connection fails still reads."""
+    path = word_photo(tmp_path / "n.png", ["取件码"])
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise OSError('no network in this test')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
+        "from cnclip.model.ocr import WordReader\n"
+        f"print([l.text for l in WordReader().read_file({str(path)!r})])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['取件码']"
+    assert out.stderr == ""  # and says nothing while loading its models
