@@ -34,6 +34,7 @@ POINTS: dict[str, str] = {
     "vectors.between_files": "a vector file is saved, its meta file not yet",
     "ondisk.before_meta": "an on-disk index's lists are written, its meta file not yet",
     "download.mid": "part of a download is written to its .part file",
+    "words.after_batch": "a batch of photos' words is committed, the next not begun",
 }
 
 

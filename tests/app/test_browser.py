@@ -68,15 +68,17 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     yield from _serve(base, photos, seed=1)
 
 
-def _serve(base: Path, photos: Path, seed: int) -> Iterator[tuple[str, Path]]:
-    """Index `photos` with a tiny random model (seed `seed`) and run the real `cnclip serve` on it
-    with a token; yields (base URL, photos) and stops the server afterwards."""
+def _serve(base: Path, photos: Path, seed: int, words: bool = False) -> Iterator[tuple[str, Path]]:
+    """Index `photos` with a tiny random model (seed `seed`), reading their words if `words`, and
+    run the real `cnclip serve` on it with a token; yields (base URL, photos) and stops the server afterwards."""
     import torch
 
     torch.manual_seed(seed)
     model = cnclip.create_model("tiny-vit").save_pretrained(base / "model")
     with cnclip.Index.open(base / "idx", model=str(model), create=True) as index:
         index.add_folder(photos)
+        if words:
+            index.read_words()
     env = dict(os.environ, HF_HUB_OFFLINE="1", CNCLIP_TOKEN="")
     command = [sys.executable, "-m", "cnclip", "serve", "--index", str(base / "idx"), "--port", "0"]
     proc = subprocess.Popen([*command, "--token", TOKEN], stderr=subprocess.PIPE, text=True, env=env)
@@ -513,3 +515,45 @@ def test_on_a_phone_the_filters_fold_behind_one_button_that_counts_them(browser,
     _tap(browser, toggle)
     _wait(browser, lambda d: not d.find_element(By.ID, "filters").is_displayed(), "the filters to fold again")
     assert toggle.get_attribute("aria-expanded") == "false" and count.text == "1"
+
+
+@pytest.fixture(scope="module")
+def words_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """Six photos, two with 发票 written on them, their words read before serving."""
+    from conftest import word_photo
+
+    base = tmp_path_factory.mktemp("browser-words")
+    photos = base / "照片"
+    word_photo(photos / "发票.png", ["增值税普通发票"])
+    word_photo(photos / "号码.png", ["發票號碼 2024"], seed=1)
+    word_photo(photos / "快递.png", ["请凭取件码领取"], seed=2)
+    for i, image in enumerate(random_images(3, seed=23, size=(160, 120))):
+        image.save(photos / f"风景{i}.jpg", quality=90)
+    yield from _serve(base, photos, seed=2, words=True)
+
+
+def test_photos_found_by_their_words_show_them_marked(browser, words_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    url, _ = words_server
+    browser.get_log("browser")
+    browser.get(f"{url}?token={TOKEN}")
+    _wait(browser, lambda d: "索引共 6 张图片" in d.find_element(By.ID, "info").text, "the index summary")
+    browser.find_element(By.ID, "q").send_keys("发票", Keys.ENTER)
+    _wait(browser, lambda d: "找到 6 张图片" in d.find_element(By.ID, "status").text, "the search")
+    _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails")
+    names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .name")]
+    assert sorted(names[:2]) == ["发票.png", "号码.png"], names  # the photos with the words come first
+    lines = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .words")]
+    marks = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .words mark")]
+    assert sorted(lines) == ["增值税普通发票", "發票號碼 2024"] and marks.count("发票") == 1 and "發票" in marks
+    _shot(browser, "14-words")
+
+    Select(browser.find_element(By.ID, "words")).select_by_value("only")
+    browser.find_element(By.ID, "q").send_keys(Keys.ENTER)
+    _wait(browser, lambda d: "找到 2 张图片" in d.find_element(By.ID, "status").text, "the words-only search")
+    assert "words=only" in browser.current_url
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors

@@ -315,3 +315,22 @@ def test_html_unwritable_output_raises(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(CNClipError, match="afile"):
         write_html([], blocker / "g.html")
+
+
+def test_a_hit_found_by_its_words_has_them_in_its_caption(tmp_path: Path) -> None:
+    path = solid(tmp_path / "r.png", RED)
+    words = ({"text": "增值税发票", "spans": [[3, 5]]},)
+    plain = write_grid([GalleryItem(path, 0.5, 1)], tmp_path / "plain.png", thumb=128)
+    marked = write_grid([GalleryItem(path, 0.5, 1, words=words)], tmp_path / "words.png", thumb=128)
+    a, b = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (plain, marked))
+    rows = np.flatnonzero(np.abs(a - b).max(axis=(1, 2)) > 40)
+    red_rows = np.flatnonzero(colour_mask(Image.open(plain), RED).any(axis=1))
+    assert rows.size and rows.min() > red_rows.max()  # the words are drawn in the caption, under the photo
+    # in the accent colour, right of the score on the first caption line
+    assert (
+        colour_mask(Image.open(marked), (196, 82, 28), tol=60).sum()
+        > colour_mask(Image.open(plain), (196, 82, 28), tol=60).sum()
+    )
+
+    page = write_html([GalleryItem(path, 0.5, 1, words=words)], tmp_path / "p.html").read_text("utf-8")
+    assert '<div class="words">增值税<mark>发票</mark></div>' in page

@@ -701,3 +701,28 @@ def test_a_jpeg_reserves_its_reduced_decode_a_png_all_of_it(built):
         assert r.status_code == 200, r.text  # decoded at 1/8 scale: 250x250
         r = client.post("/api/search/image", files={"file": ("big.png", _flat_png(2000, 2000), "image/png")})
         assert "takes 30 MB to decode" in _assert_json_error(r, 413)
+
+
+def test_search_uses_the_words_in_photos_and_returns_the_matched_lines(tmp_path, model_dir):
+    from conftest import word_photo
+
+    photos = tmp_path / "photos"
+    word_photo(photos / "receipt.png", ["增值税普通发票"])
+    word_photo(photos / "notes" / "m.png", ["會議紀要"], seed=1)
+    write_photos(photos / "plain", 3, seed=5)
+    with cnclip.Index.open(tmp_path / "idx", model=str(model_dir), create=True) as index:
+        index.add_folder(photos)
+        assert index.read_words().with_words == 2
+    with TestClient(create_app(tmp_path / "idx"), base_url=LOCAL) as client:
+        first = client.get("/api/search", params={"q": "发票", "k": 5}).json()["results"]
+        assert first[0]["name"] == "receipt.png"
+        assert first[0]["words"] == [{"text": "增值税普通发票", "spans": [[5, 7]]}]
+        assert len(first) == 5 and all(r["words"] is None for r in first[1:])
+        only = client.get("/api/search", params={"q": "会议纪要", "words": "only"}).json()["results"]
+        assert [r["name"] for r in only] == ["m.png"]
+        off = client.get("/api/search", params={"q": "发票", "k": 5, "words": "off"}).json()["results"]
+        assert all(r["words"] is None for r in off)
+        filtered = client.get("/api/search", params={"q": "发票", "in": str(photos / "plain"), "words": "only"})
+        assert filtered.json()["results"] == []  # filters hold for word matches too
+        bad = client.get("/api/search", params={"q": "发票", "words": "sometimes"})
+        assert bad.status_code == 422

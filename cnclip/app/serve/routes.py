@@ -125,15 +125,23 @@ def _search_routes(api: APIRouter, worker: IndexWorker, image_size: int | None, 
         k: K = 20,
         not_: NotTexts = None,
         like: LikeId = None,
+        words: Annotated[
+            Literal["auto", "only", "off"],
+            Query(
+                description="the words read in photos: auto ranks photos with the words first, only returns "
+                "just those, off ranks by the picture alone (combined queries use pictures)"
+            ),
+        ] = "auto",
     ):
         """Text -> images, best first; with `not` and `like`, the text minus those texts plus that photo;
-        the filter parameters limit which files may be returned."""
+        the filter parameters limit which files may be returned. Photos found by their words carry
+        the lines matched (`words`, with the matched character ranges)."""
         started = time.perf_counter()
         check_query(q)
         nots = [check_query(text) for text in not_ or () if text.strip()]  # an empty form field adds nothing
         if not nots and like is None and filters == NO_FILTERS:
-            return search_response(worker.run(Index.search_text, q, k), started)
-        return search_response(worker.run(on_index.combined, q, nots, like, k, filters), started)
+            return search_response(worker.run(Index.search_text, q, k, None, words), started)
+        return search_response(worker.run(on_index.combined, q, nots, like, k, filters, words), started)
 
     @api.post("/search/image", response_model=SearchResponse)
     def search_image(file: Upload, filters: FilterParams, k: FormK = 20):

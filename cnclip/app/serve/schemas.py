@@ -17,6 +17,11 @@ from cnclip.index.index import Hit
 R = TypeVar("R", bound="ImageResult")
 
 
+class WordLine(BaseModel):
+    text: str  # a line of words read in the photo, as read
+    spans: list[list[int]]  # [start, end) character ranges of `text` that match the query
+
+
 class ImageResult(BaseModel):
     id: int
     path: str
@@ -25,6 +30,7 @@ class ImageResult(BaseModel):
     thumb: str
     image: str
     t: float | None = None  # a video: seconds into it of the best-matching frame (play from there)
+    words: list[WordLine] | None = None  # found by the words in it: the lines that hold the query
 
     @classmethod
     def of(cls: type[R], file_id: int, path: str, score: float, **fields: Any) -> R:
@@ -106,8 +112,12 @@ def since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
+def _word_lines(hit: Hit) -> list[WordLine] | None:
+    return None if hit.words is None else [WordLine(**line) for line in hit.words]
+
+
 def search_response(hits: Sequence[Hit], started: float) -> SearchResponse:
-    results = [ImageResult.of(h.id, h.path, h.score, t=h.t) for h in hits if h.id is not None]
+    results = [ImageResult.of(h.id, h.path, h.score, t=h.t, words=_word_lines(h)) for h in hits if h.id is not None]
     return SearchResponse(results=results, count=len(results), took_ms=since(started))
 
 

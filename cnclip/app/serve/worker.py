@@ -159,11 +159,14 @@ def _indexed_path(index: Index, file_id: int) -> str:
     return from_catalog_path(record.path)
 
 
-def combined(index: Index, q: str, nots: list[str], like: int | None, k: int, filters: Filters) -> list[Hit]:
-    """The text, minus each of `nots`, plus the indexed photo `like` (itself left out), filtered."""
+def combined(
+    index: Index, q: str, nots: list[str], like: int | None, k: int, filters: Filters, words: str = "auto"
+) -> list[Hit]:
+    """The text, minus each of `nots`, plus the indexed photo `like` (itself left out), filtered;
+    a text alone uses the words read in photos as `words` says (see `Index.search_text`)."""
     where = filters.where(index)
     if not nots and like is None:
-        return index.search_text(q, k, where=where)
+        return index.search_text(q, k, where=where, words=words)
     terms = [Term(TEXT, q)] + [Term(TEXT, text, -1.0) for text in nots]
     if like is not None:
         _indexed_path(index, like)  # 404 for an id not in the index, as /api/similar answers
