@@ -42,10 +42,11 @@ except ImportError:  # pragma: no cover - watchdog < 7
     DirAttribEvent, FileAttribEvent = DirCreatedEvent, FileModifiedEvent
 
 from cnclip.errors import CNClipError, IndexBusyError
-from cnclip.index import filesystem
-from cnclip.index.index import Index
+from cnclip.index import filesystem, reading
+from cnclip.index.index import Index, ocr_default
 from cnclip.index.scan import NOT_MOUNTED, Indexer, IndexSummary, Progress, ScanStopped, to_catalog_path
 from cnclip.index.video import VIDEO_EXTENSIONS
+from cnclip.model.ocr import default_reader
 from cnclip.model.transform import IMAGE_EXTENSIONS
 from cnclip.userpath import expand_user
 
@@ -90,6 +91,7 @@ class WatchBatch:
     folders: list[str]
     summary: IndexSummary
     online: int = 0  # offline files seen again (a drive back), back in searches without embedding
+    words: int = 0  # photos whose words were read after the scans
 
     def describe(self) -> str:
         """One line, e.g. `3 added, 1 removed (1 embedded, 2 reused)`; empty when nothing changed."""
@@ -101,12 +103,13 @@ class WatchBatch:
             (self.online, "back online"),
             (sum(item["files"] for item in s.offline), "offline"),
             (len(s.skipped), "skipped"),
+            (self.words, "read for words"),
         ]
         text = ", ".join(f"{n} {what}" for n, what in counts if n)
         return f"{text} ({s.embedded} embedded, {s.reused} reused)" if text else ""
 
     def to_dict(self) -> dict:
-        return {"folders": list(self.folders), "online": self.online} | self.summary.to_dict()
+        return {"folders": list(self.folders), "online": self.online, "words_read": self.words} | self.summary.to_dict()
 
 
 class Watcher:
@@ -118,8 +121,9 @@ class Watcher:
     go to `on_error` and the batch is tried again after a back-off (RETRY_FIRST_S doubling up to
     RETRY_MAX_S). `poll` (seconds) polls the folders instead of
     using OS events: for network drives, where events do not arrive. Other keyword `options` are
-    `Indexer`'s (batch_size, include_hidden, max_pixels, draft, prune, ...). Callbacks run on the
-    worker thread.
+    `Indexer`'s (batch_size, include_hidden, max_pixels, draft, prune, ...). `words`: read the words
+    in new and changed photos after each batch's scans (default: `$CNCLIP_OCR`, else yes).
+    Callbacks run on the worker thread.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class Watcher:
         max_delay: float = MAX_DELAY_S,
         on_batch: Callable[[WatchBatch], None] | None = None,
         on_error: Callable[[Exception], None] | None = None,
+        words: bool | None = None,
         **options,
     ):
         if not folders:
@@ -150,6 +155,7 @@ class Watcher:
         self.settle, self.max_delay = settle, max_delay
         self.on_batch, self.on_error = on_batch, on_error
         self.options = options
+        self.words = ocr_default() if words is None else words
         self.error: BaseException | None = None  # what ended the worker, if anything did
         self._model, self._runtime = model, runtime
         self._index_folder = os.path.abspath(expand_user(self.index_path))
@@ -389,6 +395,7 @@ class Watcher:
                         continue  # a watched folder that is not there and holds nothing yet
                 _add(summary, indexer.run(folder, self._check_stop, within=root))
             online = max(0, offline - index.catalog.offline_count())
+            words = self._read_words(index, {root for _, root in jobs})
         except ScanStopped:
             return True
         except Exception as e:  # noqa: BLE001 - reported, and tried again
@@ -398,7 +405,7 @@ class Watcher:
             return False
         finally:
             index.lock.release()
-        report = WatchBatch([folder for folder, _ in jobs], summary, online)
+        report = WatchBatch([folder for folder, _ in jobs], summary, online, words)
         if report.describe():
             log.info("watch: %s", report.describe())
         if self.on_batch is not None:
@@ -407,6 +414,24 @@ class Watcher:
             except Exception:  # noqa: BLE001 - a failing callback must not stop the watching
                 log.exception("the watch callback failed")
         return True
+
+    def _read_words(self, index: Index, roots: set[str]) -> int:
+        """The second stage, as `cnclip index` runs it: the words of photos under `roots` not read
+        yet. A failure here is logged and left for the next batch: the vectors are in."""
+        if not self.words:
+            return 0
+        read = 0
+        try:
+            for root in sorted(roots):
+                summary = reading.read_words(
+                    index.catalog, default_reader(), root=to_catalog_path(root), should_stop=self._stopping.is_set
+                )
+                read += summary.read
+                for path, reason in summary.failed:
+                    log.warning("watch: could not read the words in %s: %s", path, reason)
+        except CNClipError as e:
+            log.warning("watch: reading words stopped: %s; the next batch goes on", e)
+        return read
 
     def _retry_later(self, batch: dict[str, dict[str, bool]], error: Exception) -> None:
         """Keep a failed batch to apply again after the back-off, which doubles at each failure."""

@@ -463,3 +463,17 @@ def test_a_removed_file_that_was_no_photo_rescans_nothing(library, tiny_vit):
     with Index.open(idx, model=tiny_vit) as writer:
         assert watcher._apply(writer, {str(photos): {gone: False}})
     assert batches == []
+
+
+def test_new_photos_get_their_words_read_while_watching(library, tiny_vit):
+    from conftest import word_photo
+
+    index, photos, idx = library
+    batches: list[WatchBatch] = []
+    errors: list[Exception] = []
+    with Watcher(idx, [photos], model=tiny_vit, on_batch=batches.append, on_error=errors.append, words=True):
+        word_photo(photos / "快递.png", ["请凭取件码领取"])
+        _eventually(lambda: index.search_text("取件码", words="only"), "the new photo found by its words")
+        assert [h.path for h in index.search_text("取件码", words="only")] == [str(photos / "快递.png")]
+    assert errors == [] and sum(b.words for b in batches) == 4  # the three photos there before, then the new one
+    assert "read for words" in " ".join(b.describe() for b in batches)

@@ -269,6 +269,7 @@ def _watch(args: argparse.Namespace, index_folder, model) -> int:
         poll=args.watch_poll,
         on_batch=lambda batch: print_watch_batch(batch, args.json),
         on_error=lambda e: say(f"watch: {e}", flush=True),
+        words=_reads_words(args),
         **_scan_options(args),
     ).start()
     say(f"watching {args.folder} for changes (Ctrl+C stops)", flush=True)
