@@ -61,6 +61,7 @@ QUERY_CACHE_SIZE = 1024  # recent query embeddings kept per open index (2 KB eac
 PREPROCESSING = "squash-bicubic-clip-meanstd"
 VECTOR_KIND_META = "vector_kind"  # catalog meta: the vector index kind the user chose
 WORD_MODES = ("auto", "only", "off")  # how `search_text` uses the words read in photos
+AUTO_WORDS_MIN_CHARS = 2  # "auto" puts word matches first from this many characters (猫 alone: by the picture)
 OCR_ENV = "CNCLIP_OCR"  # 1/0: whether `cnclip index` reads words in photos by default (default 1)
 
 
@@ -562,13 +563,20 @@ class Index:
         """Text -> images, best first; `where` (from `filter`) limits which files may be returned.
 
         `words`: "auto" ranks the photos whose words (read by `read_words`) contain the query
-        first, by how much they also look like it, then every other photo by the picture alone;
-        "only" returns just the photos with the words; "off" ranks by the picture alone."""
+        first (a query of two characters or more), by how much they also look like it, then every
+        other photo by the picture alone; "only" returns just the photos with the words; "off"
+        ranks by the picture alone."""
         if words not in WORD_MODES:
             raise QueryError(f"words must be one of {', '.join(WORD_MODES)}, not {words!r}")
         vector = self.query_vector(query)
         wanted = None if words == "off" else WordQuery.parse(query)
-        if wanted is None or (words == "auto" and not self.catalog.has_words()):
+        if (
+            words == "auto"
+            and wanted is not None
+            and (wanted.chars < AUTO_WORDS_MIN_CHARS or not self.catalog.has_words())
+        ):
+            wanted = None  # one character is in too many photos' words to rank them above the pictures
+        if wanted is None:
             return [] if words == "only" else self._image_hits(vector, k, where)
         matched = self._word_hits(vector, wanted, k, where)
         if words == "only" or len(matched) >= k:

@@ -96,18 +96,20 @@ class WordQuery:
 
     terms: tuple[str, ...]
     fts: str  # the FTS5 MATCH expression
+    chars: int  # characters it matches on (letters, digits, Chinese), after normalising
 
     @classmethod
     def parse(cls, query: str) -> WordQuery | None:
         """The words query for a search text; None when it has nothing to match (only punctuation)."""
         if len(query) > MAX_QUERY_CHARS:
             raise QueryError(f"a words query is at most {MAX_QUERY_CHARS} characters, not {len(query)}")
-        terms, phrases = [], []
+        terms, phrases, chars = [], [], 0
         for term in query.split():
             runs = list(_runs(term))
             if not runs:
                 continue
             parts: list[str] = []
+            chars += sum(len(run) for _, run in runs)
             for i, (kind, run) in enumerate(runs):
                 last = i == len(runs) - 1
                 if kind == "cjk":
@@ -120,7 +122,7 @@ class WordQuery:
             terms.append(term)
         if not phrases:
             return None
-        return cls(tuple(terms), " AND ".join(f"({p})" for p in phrases))
+        return cls(tuple(terms), " AND ".join(f"({p})" for p in phrases), chars)
 
 
 def _normalised_with_positions(line: str) -> tuple[str, list[int]]:

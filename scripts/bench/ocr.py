@@ -39,7 +39,7 @@ from ann import machine  # noqa: E402
 import cnclip  # noqa: E402
 from cnclip.index.catalog import Catalog  # noqa: E402
 from cnclip.index.words import WordQuery, tokens  # noqa: E402
-from cnclip.model.ocr import READER, WordReader  # noqa: E402
+from cnclip.model.ocr import DEFAULT_READ_SIDE, READER, WordReader  # noqa: E402
 
 FLICKR = HERE.parents[2] / "shared" / "data" / "flickr8k-cn"
 SIZES = (16, 20, 24, 32, 48)
@@ -219,7 +219,7 @@ def bench_speed(args, work: Path) -> None:
         filler = [rows[r.randrange(len(rows))][1] for _ in range(12)]
         screenshot(chat_page("请凭取件码领取", filler, "WenQuanYi Zen Hei", 16, r), shots / f"{i}.png", chromium)
 
-    reader = WordReader()
+    reader = WordReader(max_side=args.read_side)
     table = [
         ("12 MP photo, no words (4000×3000 JPEG)", per_photo(reader, sorted(plain.iterdir()))),
         ("12 MP photo with two lines of words", per_photo(reader, sorted(worded.iterdir()))),
@@ -236,7 +236,7 @@ def bench_speed(args, work: Path) -> None:
         index.add_folder(plain, workers=2)
         embed_s = (time.perf_counter() - t) / args.photos
         t = time.perf_counter()
-        summary = index.read_words(plain)
+        summary = index.read_words(plain, reader=reader)
         read_plain_s = (time.perf_counter() - t) / max(1, summary.read)
     print(f"\n### Reading speed ({dt.date.today()}, {machine()}; reader {READER}, read at ≤{reader.max_side} px)\n")
     print("| picture | median s/picture | mean s/picture | pictures/s | found words in |")
@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screens", type=int, default=12, help="screenshots for --speed and --recall")
     ap.add_argument("--drawn", type=int, default=200, help="photos with drawn words for --recall")
     ap.add_argument("--distractors", type=int, default=200, help="photos without words for --recall")
+    ap.add_argument("--read-side", type=int, default=DEFAULT_READ_SIDE, help="long side pictures are read at")
     ap.add_argument("--n", type=int, default=100_000, help="files for --fts")
     ap.add_argument("--share", type=float, default=0.3, help="share of files with words for --fts")
     args = ap.parse_args(argv)

@@ -70,7 +70,7 @@ def test_create_makes_folder_and_records_schema(tmp_path):
     folder = tmp_path / "deep" / "er" / "idx"
     with Catalog.open(folder, create=True) as c:
         assert c.folder == folder and c.path == folder / CATALOG_FILE
-        assert c.schema_version == SCHEMA_VERSION == 5
+        assert c.schema_version == SCHEMA_VERSION == 6
         assert c.identity is None and c.count() == 0 and c.generation() == 0
         assert c._db.execute("PRAGMA page_size").fetchone()[0] == 32768
     conn = sqlite3.connect(folder / CATALOG_FILE)
@@ -155,6 +155,9 @@ def test_a_version_1_catalog_is_upgraded_with_its_files_and_vectors(tmp_path, mo
         np.testing.assert_array_equal(c.vector_for_path(f"{root}/a.jpg"), vec(1))
         assert c.offline_files() == [] and c.unused_vectors() == 0
         assert c.precision_counts() == {"unrecorded": 1}  # computed before precisions were kept
+        # words came with schema 6: the photo waits to be read, its vector is not touched
+        assert c.words_progress() == {"photos": 1, "read": 0, "with_words": 0, "failed": 0}
+        assert c.photos_to_read() == [(1, f"{root}/a.jpg")] and not c.has_words()
 
 
 def test_every_catalog_has_its_own_identity_for_life(tmp_path):

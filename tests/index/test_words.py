@@ -248,3 +248,12 @@ def test_gc_drops_the_words_with_their_vector(tiny_vit, tmp_path):
         assert conn.execute("SELECT count(*) FROM words").fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM words_fts WHERE words_fts MATCH '取件'").fetchone()[0] == 0
         assert np.array_equal(db.word_file_ids(WordQuery.parse("发票").fts), db.file_ids())
+
+
+def test_one_character_ranks_by_the_picture_unless_words_are_asked_for(indexed):
+    index, root, _, _ = indexed
+    assert all(h.words is None for h in index.search_text("票", k=6))  # 票 alone: in too many photos' words
+    assert {h.path for h in index.search_text("票", k=6, words="only")} == {
+        str(root / "fapiao.png"),
+        str(root / "haoma.png"),
+    }
