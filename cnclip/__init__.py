@@ -1,7 +1,7 @@
 """cnclip: Chinese-CLIP text-image retrieval.
 
-model = cnclip.load_model("ViT-B-16")        # zoo name, .pt / .safetensors path, folder or hub id
-vecs = model.embed_texts(["海边的日落"])        # float32 (N, D), rows L2-normalized
+encoder = cnclip.load_encoder("ViT-B-16")    # zoo name, .pt / .safetensors path, folder or hub id
+vecs = encoder.embed_texts(["海边的日落"])      # float32 (N, D), rows L2-normalized
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from cnclip.errors import CheckpointError, CNClipError, ImageError, ModelNotFoun
 _LAZY = {
     "create_model": "model.checkpoint",
     "load_model": "model.checkpoint",
+    "load_encoder": "model.checkpoint",
+    "Encoder": "model.encoder",
     "ModelConfig": "model.config",
     "available_models": "model.config",
     "get_model_config": "model.config",
@@ -35,9 +37,10 @@ _LAZY = {
 if TYPE_CHECKING:
     from cnclip.index.dupes import find_duplicates
     from cnclip.index.index import Hit, Index
-    from cnclip.model.checkpoint import create_model, load_model
+    from cnclip.model.checkpoint import create_model, load_encoder, load_model
     from cnclip.model.clip import CNClipModel
     from cnclip.model.config import ModelConfig, available_models, get_model_config
+    from cnclip.model.encoder import Encoder
     from cnclip.model.tokenizer import Tokenizer, tokenize
     from cnclip.model.transform import ImageTransform, load_image, preprocess
     from cnclip.model.zeroshot import TextHit, zero_shot
@@ -65,6 +68,7 @@ __all__ = [
     "TextHit",
     "zero_shot",
     "CNClipModel",
+    "Encoder",
     "CheckpointError",
     "ImageError",
     "ImageTransform",
@@ -77,6 +81,7 @@ __all__ = [
     "find_duplicates",
     "get_model_config",
     "load_image",
+    "load_encoder",
     "load_model",
     "preprocess",
     "tokenize",

@@ -134,6 +134,14 @@ def tiny_vit():
 
 
 @pytest.fixture(scope="session")
+def tiny_vit_encoder(tiny_vit):
+    """tiny_vit run as it is (PyTorch fp32 on the CPU)."""
+    from cnclip.model.encoder import Encoder
+
+    return Encoder.build(tiny_vit)
+
+
+@pytest.fixture(scope="session")
 def tiny_rn():
     import cnclip
 

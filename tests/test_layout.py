@@ -20,18 +20,6 @@ ENTRY_POINTS = {"cnclip.__main__"}  # `python -m cnclip` is the CLI itself
 # layers, not layer 0. Modules reach their siblings at the top with `from cnclip import atomic`,
 # which depends on atomic alone.
 FACADE = "cnclip"
-# The one circle left, until the model only computes and an encoder runs it (issue 24, step 1):
-# clip.py exports, saves and takes a runtime; runtime.py measures with calibrate.py, which times
-# the model. The test below fails on any other circle, and when this one is gone.
-KNOWN_CIRCLE = frozenset(
-    {
-        "cnclip.model.calibrate",
-        "cnclip.model.clip",
-        "cnclip.model.hf_format",
-        "cnclip.model.onnx_export",
-        "cnclip.model.runtime",
-    }
-)
 
 
 def _module_name(path: Path) -> str:
@@ -79,8 +67,8 @@ def _layer(name: str) -> str:
 
 def test_the_walk_sees_the_packages_and_function_level_imports():
     assert {"cnclip.model.clip", "cnclip.index.index", "cnclip.train.contrastive", "cnclip.app.cli"} <= set(MODULES)
-    # model.clip imports the ONNX exporter inside a method: the walk must count it
-    assert "cnclip.model.onnx_export" in _graph()["cnclip.model.clip"]
+    # model.clip imports the encoder inside a method (its deprecated helpers): the walk must count it
+    assert "cnclip.model.encoder" in _graph()["cnclip.model.clip"]
 
 
 def _circles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
@@ -118,12 +106,9 @@ def test_the_circle_finder_finds_circles():
     assert _circles({"a": {"b"}, "b": set()}) == []
 
 
-def test_import_graph_has_no_circle_but_the_known_one():
+def test_import_graph_has_no_circle():
     circles = _circles(_graph())
-    assert [c for c in circles if c != KNOWN_CIRCLE] == [], "import circles: " + "; ".join(
-        " <-> ".join(sorted(c)) for c in circles if c != KNOWN_CIRCLE
-    )
-    assert KNOWN_CIRCLE in circles, "the model's circle is gone: remove KNOWN_CIRCLE from tests/test_layout.py"
+    assert circles == [], "import circles: " + "; ".join(" <-> ".join(sorted(c)) for c in circles)
 
 
 def test_arrows_point_down():

@@ -43,6 +43,7 @@ from cnclip.userpath import expand_user
 
 if TYPE_CHECKING:  # the model's modules load torch, open_clip and transformers (~7 s): only when needed
     from cnclip.model.clip import CNClipModel
+    from cnclip.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,21 @@ class Hit:
         return {"path": self.path, "score": self.score} | extra
 
 
-def _load(source: str | os.PathLike, runtime: Runtime | None) -> CNClipModel:
+def _load(source: str | os.PathLike) -> CNClipModel:
     from cnclip.model.checkpoint import load_model
 
-    return load_model(source, device=runtime.device if runtime is not None else "cpu")
+    return load_model(source)  # on the CPU: the encoder puts what runs elsewhere where it runs
 
 
-def _apply(runtime: Runtime, model: CNClipModel) -> CNClipModel:
-    """`runtime.apply(model)`; where "auto" measures per machine (and may run the text tower in
-    PyTorch), the fp32 text tower is first exported for ONNX Runtime (once per model, seconds), so
-    that later one-shot searches need no torch at all (`Index._embed_texts`)."""
+def _encoder(runtime: Runtime | None, model: CNClipModel) -> Encoder:
+    """`runtime.build(model)` (without a runtime: the model as it is); where "auto" measures per
+    machine (and may run the text tower in PyTorch), the fp32 text tower is first exported for ONNX
+    Runtime (once per model, seconds), so that later one-shot searches need no torch at all
+    (`Index._embed_texts`)."""
+    from cnclip.model.encoder import Encoder
+
+    if runtime is None:
+        return Encoder.build(model)
     if runtime.calibrate and onnxruntime_available():
         from cnclip.model.onnx_export import export_cached
 
@@ -108,7 +114,7 @@ def _apply(runtime: Runtime, model: CNClipModel) -> CNClipModel:
             export_cached(model, "text")
         except (OSError, CNClipError) as e:  # searches still work, through the model
             log.warning("could not export the text tower for quick searches: %s", e)
-    return runtime.apply(model)
+    return runtime.build(model)
 
 
 def default_index_path() -> Path:
@@ -130,7 +136,7 @@ def default_index_choice() -> tuple[Path, str]:
     return user_data_path("cnclip", appauthor=False) / "index" / "default", "the per-user default"
 
 
-def model_identity(model: CNClipModel, source: str) -> ModelIdentity:
+def model_identity(model: CNClipModel | Encoder, source: str) -> ModelIdentity:
     return ModelIdentity(
         name=model.config.name,
         source=source,
@@ -167,7 +173,7 @@ class Index:
     def __init__(
         self,
         catalog: Catalog,
-        model: CNClipModel | None = None,
+        encoder: Encoder | None = None,
         runtime: Runtime | None = None,
         vector_kind: str = "auto",
         serving: bool = False,
@@ -176,7 +182,7 @@ class Index:
         self.catalog = catalog
         # Text queries (and added texts) go through Traditional->Simplified before the model.
         self.t2s = t2s_default() if t2s is None else t2s
-        self._model = model
+        self._encoder = encoder
         self._runtime = runtime
         # What `refresh` builds: "auto" (exact, IVF-Flat, or on disk past ONDISK_THRESHOLD) or a kind.
         # A kind the user chose is recorded in the catalog, so that every later reader keeps it.
@@ -206,7 +212,7 @@ class Index:
         cls,
         path: str | os.PathLike | None = None,
         *,
-        model: CNClipModel | str | None = None,
+        model: CNClipModel | Encoder | str | None = None,
         create: bool = False,
         runtime: Runtime | None = None,
         vector_kind: str = "auto",
@@ -215,26 +221,28 @@ class Index:
     ) -> Index:
         """Open (or with `create`, make) the index at `path` (default: `default_index_path()`).
 
-        `model` may be a loaded model or anything `load_model` takes; by default the index's own
-        model is loaded when first needed. A model other than the index's is refused. `runtime`
-        (e.g. `Runtime.resolve()`: ONNX Runtime on CPUs) is applied to the model; without it the
-        model runs as loaded (PyTorch fp32 on the CPU). `vector_kind` is the vector index kind
-        `refresh` builds ("auto" or one of `cnclip.index.vectors.KINDS`, e.g. "ivf-pq-ondisk"); a kind
-        given here is recorded in the index and kept by every later reader. `serving=True` is for
-        a long-running reader such as `cnclip serve` (see `refresh`). `t2s` converts text queries
-        from Traditional to Simplified Chinese first (default: `$CNCLIP_T2S`, else on).
+        `model` may be an `Encoder`, a loaded model or anything `load_model` takes; by default the
+        index's own model is loaded when first needed. A model other than the index's is refused.
+        A model runs as `runtime` says (e.g. `Runtime.resolve()`: ONNX Runtime on CPUs); without
+        one, as loaded (PyTorch fp32 on the CPU). An encoder runs as it was built. `vector_kind` is
+        the vector index kind `refresh` builds ("auto" or one of `cnclip.index.vectors.KINDS`, e.g.
+        "ivf-pq-ondisk"); a kind given here is recorded in the index and kept by every later
+        reader. `serving=True` is for a long-running reader such as `cnclip serve` (see
+        `refresh`). `t2s` converts text queries from Traditional to Simplified Chinese first
+        (default: `$CNCLIP_T2S`, else on).
         """
         # The model first: a model that fails to load must not leave an empty index folder behind.
-        loaded = _load(model, runtime) if isinstance(model, str | os.PathLike) else model
+        loaded = _load(model) if isinstance(model, str | os.PathLike) else model
         catalog = Catalog.open(Path(path) if path is not None else default_index_path(), create=create)
         try:
             index = cls(catalog, runtime=runtime, vector_kind=vector_kind, serving=serving, t2s=t2s)
             if loaded is not None:
-                # refused before the runtime is applied: on AMX "auto" measures the model (tens of
+                # refused before the encoder is built: on AMX "auto" measures the model (tens of
                 # seconds) first, which a model of another index must not cost
                 index._bind(loaded)
-                if runtime is not None:
-                    _apply(runtime, loaded)
+                from cnclip.model.encoder import Encoder  # torch is loaded already: a model is
+
+                index._encoder = loaded if isinstance(loaded, Encoder) else _encoder(runtime, loaded)
         except BaseException:
             catalog.close()
             raise
@@ -252,23 +260,25 @@ class Index:
     # -- the model --------------------------------------------------------------------------------
 
     @property
-    def model(self) -> CNClipModel:
-        if self._model is None:
+    def encoder(self) -> Encoder:
+        """What embeds for this index: its model, loaded when first needed and run as `runtime` says."""
+        if self._encoder is None:
             identity = self.catalog.identity
             if identity is None:
                 raise ModelMismatchError(f"{self.catalog.folder} has no model yet; index a folder first")
-            model = _load(identity.source, self._runtime)
-            self._bind(_apply(self._runtime, model) if self._runtime is not None else model)
-        return self._model
+            model = _load(identity.source)
+            self._bind(model)
+            self._encoder = _encoder(self._runtime, model)
+        return self._encoder
 
-    def _bind(self, model: CNClipModel) -> None:
+    def _bind(self, model: CNClipModel | Encoder) -> None:
+        """Record `model`'s identity in the catalog; a model other than the index's is refused."""
         recorded = self.catalog.identity
         # a model built in memory has no source: keep the recorded one, else its zoo name
         source = model.source or (recorded.source if recorded else None) or model.config.name or "unknown"
         identity = model_identity(model, source)
         if identity != recorded:  # only write when something changed: search must not queue behind `index`
             self.catalog.bind_model(identity)  # raises ModelMismatchError on a different model
-        self._model = model
 
     # -- adding -----------------------------------------------------------------------------------
 
@@ -287,7 +297,7 @@ class Index:
         expand_user(folder)  # `~user` of no such user: one line here, not a RuntimeError from the scan
         with self.lock.hold(wait):
             atomic.remove_stale_temps(self.catalog.folder)  # a killed writer's, now that no other writes
-            summary = Indexer(self.model, self.catalog, **options).run(folder, progress)
+            summary = Indexer(self.encoder, self.catalog, **options).run(folder, progress)
             self.refresh()
         return summary
 
@@ -298,7 +308,7 @@ class Index:
         new = [t for t in texts if t not in known]
         if not new:
             return 0
-        return self.catalog.add_texts(new, self.model.embed_texts(self._model_texts(new)), collection)
+        return self.catalog.add_texts(new, self.encoder.embed_texts(self._model_texts(new)), collection)
 
     def _model_texts(self, texts: list[str]) -> list[str]:
         """Texts as the model reads them: in Simplified characters unless `t2s` is off."""
@@ -448,7 +458,7 @@ class Index:
 
     def _build(self, snap: Catalog, kind: str, total: int) -> VectorStore:
         identity = snap.identity
-        dim = identity.dim if identity else self.model.embed_dim
+        dim = identity.dim if identity else self.encoder.embed_dim
         # A function, not an iterator: the on-disk kind reads the catalog twice.
         index = VectorIndex.build_streaming(
             snap.file_vectors, total=total, dim=dim, kind=kind, folder=self.catalog.folder
@@ -531,8 +541,8 @@ class Index:
     def runtime_choice(self) -> dict | None:
         """How this index's model runs here and why (None without a runtime or a model): the
         loaded model's, else the cached measurement for its weights, else that it is not measured yet."""
-        if self._model is not None and self._model.runtime is not None:
-            return self._model.runtime.to_dict()
+        if self._encoder is not None and self._encoder.runtime is not None:
+            return self._encoder.runtime.to_dict()
         identity = self.catalog.identity
         if self._runtime is None or identity is None:
             return None
@@ -545,7 +555,7 @@ class Index:
         """Text embeddings, without loading the model when its text tower was exported before and
         the runtime runs text in ONNX Runtime: the same vectors, seconds sooner."""
         identity = self.catalog.identity
-        if self._model is None and self._runtime is not None and identity is not None:
+        if self._encoder is None and self._runtime is not None and identity is not None:
             # a choice measured per model is read from its cache; not measured yet: load the model
             chosen = self._runtime.for_digest(identity.digest)
             onnx = chosen is not None and "text" in chosen.onnx_towers
@@ -557,7 +567,7 @@ class Index:
                 self._text_encoder = TextEncoder.cached(identity.digest)
             if self._text_encoder is not None:
                 return self._text_encoder.embed_texts(texts)
-        return self.model.embed_texts(texts)
+        return self.encoder.embed_texts(texts)
 
     def search_text(self, query: str, k: int = 10, where: SearchFilter | None = None, words: str = "auto") -> list[Hit]:
         """Text -> images, best first; `where` (from `filter`) limits which files may be returned.
@@ -667,12 +677,12 @@ class Index:
 
     def _image_vector(self, image) -> tuple[np.ndarray, str | None]:
         if isinstance(image, Image.Image):
-            return self.model.embed_images([image]), None
+            return self.encoder.embed_images([image]), None
         path = os.path.abspath(expand_user(image))
         stored = self.catalog.vector_for_path(to_catalog_path(path))
         if stored is not None:  # already indexed: no need to decode and embed it again
             return stored[None, :].astype(np.float32), path
-        return self.model.embed_images([load_image(path)]), None
+        return self.encoder.embed_images([load_image(path)]), None
 
     def _file_vector(self, file_id: int) -> tuple[np.ndarray, str]:
         record = self.catalog.files_by_ids([file_id]).get(file_id)

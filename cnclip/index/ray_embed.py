@@ -18,12 +18,16 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnclip import atomic
 from cnclip.errors import CNClipError
 from cnclip.model.embed import EmbeddedBatch
+
+if TYPE_CHECKING:
+    from cnclip.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -129,24 +133,23 @@ class _Embed:
         from cnclip.model.runtime import Runtime
 
         runtime = Runtime.resolve(device=device, backend=backend)
-        self.model = runtime.apply(load_model(source, device=runtime.device))
+        self.encoder = runtime.build(load_model(source))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from cnclip.model.clip import unit_rows
+        from cnclip.model.encoder import unit_rows
 
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        vectors = np.zeros((len(ok), self.model.embed_dim), dtype=np.float32)
+        vectors = np.zeros((len(ok), self.encoder.embed_dim), dtype=np.float32)
         if ok.any():
-            with torch.inference_mode():
-                vectors[ok] = unit_rows(self.model._image_features(torch.from_numpy(batch["pixels"][ok])))
+            vectors[ok] = unit_rows(self.encoder.image_features(torch.from_numpy(batch["pixels"][ok])))
         return {"path": batch["path"], "digest": batch["digest"], "shard": batch["shard"], "vector": vectors,
                 "error": batch["error"]}  # fmt: skip
 
 
 def embed_with_ray(
-    model,
+    encoder: Encoder,
     items: Sequence[tuple[str, str]],
     options: RayOptions,
     shard_dir: Path,
@@ -159,23 +162,23 @@ def embed_with_ray(
     """Embed `items` ((path, content hash) pairs) on Ray, one `EmbeddedBatch` per shard, in order.
 
     Shards already in `shard_dir` are read back instead of computed. The actors load the model
-    from `model.source` (a path or name every node can load). `on_shard(key)` runs after each
+    from `encoder.source` (a path or name every node can load). `on_shard(key)` runs after each
     shard is written (tests use it to interrupt a run).
     """
     if not items:
         return
-    if not model.source:
+    if not encoder.source:
         raise CNClipError("--ray needs a model the workers can load (a zoo name or a path), not one built in memory")
     report = report if report is not None else ShardReport()
     shard_dir.mkdir(parents=True, exist_ok=True)
-    how = f"size={model.config.vision.image_size};max_pixels={max_pixels};draft={draft}"
+    how = f"size={encoder.config.vision.image_size};max_pixels={max_pixels};draft={draft}"
     shards = []
     for start in range(0, len(items), options.shard_size):
         chunk = list(items[start : start + options.shard_size])
-        key = shard_key(model.weights_digest(), how, [d for _, d in chunk])
+        key = shard_key(encoder.weights_digest(), how, [d for _, d in chunk])
         shards.append((key, chunk))
     pending = [(key, chunk) for key, chunk in shards if not (shard_dir / f"{key}{SHARD_SUFFIX}").is_file()]
-    computed = _run_pipeline(model, pending, options, shard_dir, max_pixels, draft, on_shard)
+    computed = _run_pipeline(encoder, pending, options, shard_dir, max_pixels, draft, on_shard)
     for key, chunk in shards:
         digests, vectors, errors = read_shard(shard_dir / f"{key}{SHARD_SUFFIX}")
         if key in computed:
@@ -192,11 +195,11 @@ def embed_with_ray(
             else:
                 ok_paths.append(path)
                 ok_vectors.append(vector)
-        dim = model.embed_dim
+        dim = encoder.embed_dim
         yield EmbeddedBatch(ok_paths, np.array(ok_vectors, dtype=np.float32).reshape(-1, dim), failed)
 
 
-def _run_pipeline(model, pending, options: RayOptions, shard_dir, max_pixels, draft, on_shard) -> set[str]:
+def _run_pipeline(encoder, pending, options: RayOptions, shard_dir, max_pixels, draft, on_shard) -> set[str]:
     """Run Ray Data over the files of the `pending` shards; write each shard as it completes."""
     if not pending:
         return set()
@@ -215,7 +218,7 @@ def _run_pipeline(model, pending, options: RayOptions, shard_dir, max_pixels, dr
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // options.batch_size))
         ds = ds.map_batches(
             _decode_batch,
-            fn_kwargs={"image_size": model.config.vision.image_size, "max_pixels": max_pixels, "draft": draft},
+            fn_kwargs={"image_size": encoder.config.vision.image_size, "max_pixels": max_pixels, "draft": draft},
             batch_size=options.batch_size,
             batch_format="numpy",
             num_cpus=1,
@@ -223,7 +226,7 @@ def _run_pipeline(model, pending, options: RayOptions, shard_dir, max_pixels, dr
         ds = ds.map_batches(
             _Embed,
             fn_constructor_args=(
-                model.source,
+                encoder.source,
                 options.device or ("cuda" if options.gpus_per_worker else "cpu"),
                 options.backend,
             ),

@@ -34,7 +34,7 @@ from cnclip.model.transform import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:  # the model's modules load torch; searching an index must not need them
     from cnclip.index.ray_embed import RayOptions
-    from cnclip.model.clip import CNClipModel
+    from cnclip.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,11 @@ def content_hash(path: str) -> str:
 
 
 class Indexer:
-    """Brings `catalog` up to date with folders, embedding with `model` only what is new or changed."""
+    """Brings `catalog` up to date with folders, embedding with `encoder` only what is new or changed."""
 
     def __init__(
         self,
-        model: CNClipModel,
+        encoder: Encoder,
         catalog: Catalog,
         *,
         batch_size: int = 32,
@@ -150,7 +150,7 @@ class Indexer:
         videos: bool = True,
         should_stop: Callable[[], bool] | None = None,
     ):
-        self.model = model
+        self.encoder = encoder
         self.ray = ray
         self.on_shard = on_shard
         self.catalog = catalog
@@ -425,7 +425,7 @@ class Indexer:
 
             report = ShardReport()
             batches = embed_with_ray(
-                self.model,
+                self.encoder,
                 [(found.path, digest) for found, _, digest, _ in items],
                 self.ray,
                 Path(self.ray.shard_dir) if self.ray.shard_dir else self.catalog.folder / "shards",
@@ -438,7 +438,7 @@ class Indexer:
             from cnclip.model.embed import embed_files
 
             batches = embed_files(
-                self.model,
+                self.encoder,
                 paths,
                 batch_size=self.batch_size,
                 workers=self.workers,
@@ -446,7 +446,7 @@ class Indexer:
                 draft=self.draft,
             )
         # Ray's actors choose their own runtime: their precision is not known here
-        precision = None if self.ray is not None else self.model.image_precision
+        precision = None if self.ray is not None else self.encoder.image_precision
         for batch in batches:
             rows = []
             for path, vector in zip(batch.paths, batch.vectors, strict=True):
@@ -487,11 +487,11 @@ class Indexer:
                 batch.append((t, image))
                 if len(batch) == self.batch_size:
                     times += [t for t, _ in batch]
-                    vectors.append(self.model.embed_images([im for _, im in batch]))
+                    vectors.append(self.encoder.embed_images([im for _, im in batch]))
                     batch.clear()
             if batch:
                 times += [t for t, _ in batch]
-                vectors.append(self.model.embed_images([im for _, im in batch]))
+                vectors.append(self.encoder.embed_images([im for _, im in batch]))
         except VideoError as e:
             for f in (found, *(copy for copy, _ in copies)):
                 self._skip(summary, f.path, str(e))
@@ -504,7 +504,7 @@ class Indexer:
         frames = list(zip(times, matrix, strict=True))
         rows = []
         for f, f_known in ((found, known), *copies):
-            rows += _video_rows(f, digest, frames, None, self.model.image_precision)
+            rows += _video_rows(f, digest, frames, None, self.encoder.image_precision)
             self._count(summary, f_known)
         self.catalog.put_files(scan, rows)
         summary.embedded += 1

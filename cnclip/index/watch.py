@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from cnclip.index.catalog import Catalog
     from cnclip.model.clip import CNClipModel
+    from cnclip.model.encoder import Encoder
     from cnclip.model.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Watcher:
         index_path: str | os.PathLike,
         folders: Sequence[str | os.PathLike],
         *,
-        model: CNClipModel | None = None,
+        model: CNClipModel | Encoder | None = None,
         runtime: Runtime | None = None,
         poll: float | None = None,
         scan_first: bool = True,
@@ -387,7 +388,7 @@ class Watcher:
             if not jobs:
                 return True
             offline = index.catalog.offline_count()
-            indexer = Indexer(index.model, index.catalog, should_stop=self._stopping.is_set, **self.options)
+            indexer = Indexer(index.encoder, index.catalog, should_stop=self._stopping.is_set, **self.options)
             for folder, root in jobs:
                 folder = _nearest_existing(folder, root)  # gone since the plan: an earlier job took long
                 if folder == root and not os.path.isdir(root):

@@ -12,7 +12,6 @@ precision and searched in the other). The answer is cached as JSON under
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ from cnclip.model.onnx_runtime import cache_dir
 if TYPE_CHECKING:
     import torch
 
-    from cnclip.model.clip import CNClipModel
+    from cnclip.model.encoder import Encoder, TwoTowers
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def load_cached(digest: str) -> Calibration | None:
     return found if found.version == VERSION and set(found.choice) == {"image", "text"} else None
 
 
-def calibrated(model: CNClipModel) -> Calibration:
+def calibrated(model: TwoTowers) -> Calibration:
     """The choice for `model` on this machine: cached, else measured now (seconds) and cached."""
     digest = model.weights_digest()
     found = load_cached(digest)
@@ -155,38 +154,39 @@ def calibrated(model: CNClipModel) -> Calibration:
 # -- measuring --------------------------------------------------------------------------------------
 
 
-def measure(model: CNClipModel, timer: Callable[[], float] = time.perf_counter) -> Calibration:
-    """Time every candidate on both towers and check bf16's rankings against fp32; `choose`."""
+def measure(model: TwoTowers, timer: Callable[[], float] = time.perf_counter) -> Calibration:
+    """Time every candidate on both towers and check bf16's rankings against fp32; `choose`.
+
+    Each candidate is an `Encoder` of its own; `model` is left as it is."""
     import torch
 
-    model.use_onnx(())  # no open sessions in the copy below
-    model.eval()
     ceilings = {
         name: matmul_gflops(getattr(torch, dtype), timer) for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16"))
     }
     # bf16 emulated in software (a CPU whose flags claim more than it has) runs ~400x slower than
     # fp32: one batch would take minutes, so such a CPU is found out by one matrix product.
     with_bf16 = ceilings["bf16"] > ceilings["fp32"]
-    bf16 = copy.deepcopy(model).to(torch.bfloat16) if with_bf16 else None
-    pixels = model.preprocess.batch(probe_images(PROBE_IMAGES, model.config.vision.image_size))
-    ids = model.tokenizer(list(PROBE_TEXTS))
     candidates = [
         c for c in CANDIDATES if (c != "onnx-fp32" or onnxruntime_available()) and (c != "torch-bf16" or with_bf16)
     ]
+    encoders = {name: candidate(model, name) for name in candidates}
+    fp32 = encoders["torch-fp32"]
+    pixels = fp32.preprocess.batch(probe_images(PROBE_IMAGES, model.config.vision.image_size))
+    ids = fp32.tokenizer(list(PROBE_TEXTS))
     speeds: dict[str, dict[str, float]] = {"image": {}, "text": {}}
     fidelity: dict[str, float] = {}
     with torch.inference_mode():
-        for name in candidates:
-            image, text = _towers(model, bf16, name)
+        for name, encoder in encoders.items():
+            image, text = encoder.image_features, encoder.text_features
             speeds["image"][name] = _rate(lambda f=image: f(pixels[:IMAGE_ROWS]), IMAGE_ROWS, timer, 1.0, 5)
             speeds["text"][name] = _rate(lambda f=text: f(ids[:1]), 1, timer, 0.5, 20)
-        model.use_onnx(())
-        if bf16 is not None:
+        bf16 = encoders.get("torch-bf16")
+        if bf16 is not None:  # bf16 images run IMAGE_ROWS at a time, as they are timed and embedded
             fidelity = compare(
-                _unit(model.encode_image(pixels)),
-                _unit(model.encode_text(ids)),
-                _unit(_chunked(bf16.encode_image, pixels)),
-                _unit(bf16.encode_text(ids)),
+                _unit(fp32.image_features(pixels)),
+                _unit(fp32.text_features(ids)),
+                _unit(bf16.image_features(pixels)),
+                _unit(bf16.text_features(ids)),
             )
     choice, reason = choose(speeds, fidelity)
     if not with_bf16:
@@ -195,6 +195,15 @@ def measure(model: CNClipModel, timer: Callable[[], float] = time.perf_counter) 
             f"fp32's at {ceilings['fp32']:.1f}"
         )
     return Calibration(choice, speeds, fidelity, cpu_name(), reason, ceilings)
+
+
+def candidate(model: TwoTowers, name: str) -> Encoder:
+    """The encoder a candidate ("onnx-fp32", "torch-fp32", "torch-bf16") runs both towers with, on the CPU."""
+    from cnclip.model.encoder import Encoder
+
+    engine, precision = name.split("-")
+    onnx = ("image", "text") if engine == "onnx" else ()
+    return Encoder.build(model, device="cpu", precisions={"image": precision, "text": precision}, onnx_towers=onnx)
 
 
 def matmul_gflops(dtype: torch.dtype, timer: Callable[[], float] = time.perf_counter, n: int = 512) -> float:
@@ -206,21 +215,6 @@ def matmul_gflops(dtype: torch.dtype, timer: Callable[[], float] = time.perf_cou
     with torch.inference_mode():
         rate = _rate(lambda: a @ b, 1, timer, 0.2, 50)
     return 2 * n**3 * rate / 1e9
-
-
-def _towers(model: CNClipModel, bf16: CNClipModel | None, name: str) -> tuple[Callable, Callable]:
-    if name == "onnx-fp32":
-        model.use_onnx(("image", "text"))
-        return model._image_features, model._text_features
-    m = bf16 if name == "torch-bf16" else model
-    m.use_onnx(())
-    return m.encode_image, m.encode_text
-
-
-def _chunked(fn: Callable, pixels: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return torch.cat([fn(pixels[i : i + IMAGE_ROWS]) for i in range(0, len(pixels), IMAGE_ROWS)])
 
 
 def _unit(features: torch.Tensor) -> np.ndarray:

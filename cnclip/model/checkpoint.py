@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +23,9 @@ from cnclip.model.config import ModelConfig, TextConfig, VisionConfig, get_model
 from cnclip.model.hf_format import _IGNORED, CNCLIP_CONFIG, WEIGHTS_FILE, _count, hf_to_native
 from cnclip.model.tokenizer import Tokenizer
 from cnclip.userpath import expand_user
+
+if TYPE_CHECKING:
+    from cnclip.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +60,40 @@ def load_model(
         name_or_path = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     expected = get_model_config(config) if isinstance(config, str) else config
     source = str(name_or_path)
-    model = _load(source, expected, device)
     # what to reload this model from later (an index records it): local paths absolutely
     local = expand_user(source)
-    model.source = str(local.resolve()) if local.exists() else source
-    return model
+    return _load(source, expected, device, str(local.resolve()) if local.exists() else source)
 
 
-def _load(source: str, expected: ModelConfig | None, device) -> CNClipModel:
+def load_encoder(
+    name_or_path: str | os.PathLike | None = None,
+    device: str | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
+) -> Encoder:
+    """`load_model(name_or_path)` run the way `Runtime.resolve(device, backend, precision)` chooses
+    (by default what suits this machine): an `Encoder`, whose `embed_images` / `embed_texts` return
+    L2-normalized float32 numpy rows."""
+    from cnclip.model.runtime import Runtime
+
+    runtime = Runtime.resolve(device, backend, precision)  # a wrong choice is refused before loading
+    return runtime.build(load_model(name_or_path))
+
+
+def _load(source: str, expected: ModelConfig | None, device, record: str) -> CNClipModel:
+    """The model at `source`, which remembers `record` as where it came from."""
     path = expand_user(source)
     if path.is_dir():
-        return _load_folder(path, expected, device)
+        return _load_folder(path, expected, device, record)
     if path.is_file():
-        return _build(read_state_dict(path), expected, Tokenizer(), device, source, None)
+        return _build(read_state_dict(path), expected, Tokenizer(), device, source, None, record)
     if _looks_like_path(source):
         raise ModelNotFoundError(f"no checkpoint file or folder at {source}")
     if source in _zoo_names():
         zoo = get_model_config(source)
-        return _load(str(_fetch_official(zoo)), expected or zoo, device)
+        return _load(str(_fetch_official(zoo)), expected or zoo, device, record)
     if "/" in source:
-        return _load_folder(_download_hf_repo(source), expected, device)
+        return _load_folder(_download_hf_repo(source), expected, device, record)
     get_model_config(source)  # raises the unknown-name error listing the zoo
     raise AssertionError("unreachable")
 
@@ -101,7 +119,13 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
 
 def _build(
-    state: StateDict, expected: ModelConfig | None, tokenizer: Tokenizer, device, source: str, heads: tuple | None
+    state: StateDict,
+    expected: ModelConfig | None,
+    tokenizer: Tokenizer,
+    device,
+    source: str,
+    heads: tuple | None,
+    record: str | None = None,
 ) -> CNClipModel:
     found = infer_config(state, source)
     if heads is not None:  # head counts come from a folder's config; weights can't reveal them
@@ -119,7 +143,7 @@ def _build(
     # Build without allocating random weights, then adopt the checkpoint's tensors (mmap-backed when
     # the file allows it): loading a model then costs about one copy of the weights, not two.
     with torch.device("meta"):
-        model = CNClipModel(config, tokenizer=tokenizer)
+        model = CNClipModel(config, tokenizer=tokenizer, source=record)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -206,12 +230,12 @@ def infer_config(state: StateDict, source: str = "checkpoint") -> ModelConfig:
     return ModelConfig(embed_dim=embed_dim, vision=vision, text=text)
 
 
-def _load_folder(folder: Path, expected: ModelConfig | None, device) -> CNClipModel:
+def _load_folder(folder: Path, expected: ModelConfig | None, device, record: str) -> CNClipModel:
     weights = next((folder / f for f in (WEIGHTS_FILE, "pytorch_model.bin") if (folder / f).is_file()), None)
     if weights is None:
         pts = sorted(folder.glob("*.pt"))
         if len(pts) == 1:
-            return _load(str(pts[0]), expected, device)
+            return _load(str(pts[0]), expected, device, record)
         raise CheckpointError(
             f"{folder} has no {WEIGHTS_FILE} or pytorch_model.bin; point at the checkpoint file itself"
         )
@@ -228,7 +252,7 @@ def _load_folder(folder: Path, expected: ModelConfig | None, device) -> CNClipMo
         expected = expected or own
     elif (folder / "config.json").is_file():
         heads = _heads_from_hf_config(folder / "config.json")
-    return _build(read_state_dict(weights), expected, Tokenizer(vocab), device, str(folder), heads)
+    return _build(read_state_dict(weights), expected, Tokenizer(vocab), device, str(folder), heads, record)
 
 
 def _heads_from_hf_config(path: Path) -> tuple[int, int] | None:

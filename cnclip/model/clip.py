@@ -9,25 +9,24 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from cnclip.errors import CNClipError
 from cnclip.model.config import ModelConfig
-from cnclip.model.tokenizer import Tokenizer, default_tokenizer, text_batches
-from cnclip.model.transform import ImageTransform, load_image
+from cnclip.model.tokenizer import Tokenizer, default_tokenizer
 
 if TYPE_CHECKING:
-    from cnclip.model.runtime import Runtime
+    import numpy as np
 
-ImageInput = Image.Image | str | os.PathLike
+    from cnclip.model.encoder import Encoder
+    from cnclip.model.transform import ImageTransform
 
 
 def build_image_tower(config: ModelConfig) -> nn.Module:
@@ -75,22 +74,13 @@ def build_text_tower(config: ModelConfig) -> nn.Module:
     return BertModel(bert, add_pooling_layer=False)
 
 
-def unit_rows(features: torch.Tensor) -> np.ndarray:
-    """Features -> float32 numpy rows of unit length (normalized in fp32: bf16 rows are unit only to ~3 digits)."""
-    return F.normalize(features.float(), dim=-1).cpu().numpy()
-
-
-BF16_IMAGE_ROWS = 8
-
-
 class CNClipModel(nn.Module):
-    """Image and text towers projecting into one `embed_dim` space.
+    """Image and text towers projecting into one `embed_dim` space: tensors in, tensors out.
 
-    `encode_image` / `encode_text` work on tensors; `embed_images` / `embed_texts` take PIL images
-    and strings and return L2-normalized float32 numpy rows.
+    Running it on images and strings (engines, precisions, numpy rows) is `cnclip.model.encoder.Encoder`'s job.
     """
 
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None, source: str | None = None):
         super().__init__()
         self.config = config
         self.visual = build_image_tower(config)
@@ -99,15 +89,8 @@ class CNClipModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         if self.text_projection.device.type != "meta":
             nn.init.normal_(self.text_projection, std=config.text.hidden_size**-0.5)
-        self.tokenizer = tokenizer or default_tokenizer()
-        self.preprocess = ImageTransform(config.vision.image_size)
-        self.source: str | None = None  # what load_model was given (set there), so indexes can reload it
-        self.runtime: Runtime | None = None  # how it runs, once `Runtime.apply` made it so
-        # Set by `use_onnx`: towers embed_* runs through ONNX Runtime (export folder per tower), the
-        # ones of them quantized to int8, and their sessions, opened on first use.
-        self._onnx_towers: dict[str, str | os.PathLike | None] = {}
-        self._int8_towers: frozenset[str] = frozenset()
-        self._runners: dict[str, Callable[[torch.Tensor], np.ndarray]] = {}
+        self.tokenizer = tokenizer or default_tokenizer()  # the vocabulary travels with the weights
+        self.source = source  # what load_model was given, so indexes can reload it; None when built in memory
 
     # -- properties -------------------------------------------------------------------------------
 
@@ -121,16 +104,8 @@ class CNClipModel(nn.Module):
 
     @property
     def image_dtype(self) -> torch.dtype:
-        """The image tower's dtype: the towers may run in different precisions (see `Runtime.apply`)."""
+        """The image tower's dtype (an encoder may run a copy of a tower in another one)."""
         return next(self.visual.parameters()).dtype
-
-    @property
-    def image_precision(self) -> str:
-        """ "fp32", "bf16", "fp16" or "int8": what image vectors are computed in (indexes record it per vector)."""
-        if "image" in self._int8_towers:
-            return "int8"
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        return names.get(self.image_dtype, str(self.image_dtype).removeprefix("torch."))
 
     @property
     def embed_dim(self) -> int:
@@ -147,8 +122,8 @@ class CNClipModel(nn.Module):
                 if not tensor.is_floating_point():  # BatchNorm's step counters say nothing about the function
                     continue
                 h.update(name.encode())
-                values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-                h.update(values.reshape(-1).view(np.uint8))  # the bytes, without copying them
+                values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+                h.update(values.reshape(-1).view(torch.uint8).numpy())  # the bytes, without copying them
             self._digest = h.hexdigest()
         return self._digest
 
@@ -178,78 +153,6 @@ class CNClipModel(nn.Module):
         image_features = self.encode_image(image, normalize=True) if image is not None else None
         text_features = self.encode_text(text, normalize=True) if text is not None else None
         return image_features, text_features, self.logit_scale.exp()
-
-    # -- Python objects in, numpy out -------------------------------------------------------------
-
-    def use_onnx(
-        self, towers: Sequence[str] = ("text",), folder: str | os.PathLike | None = None, int8: Sequence[str] = ()
-    ) -> None:
-        """Run `embed_texts` (and/or `embed_images`) through ONNX Runtime on the CPU.
-
-        Each tower is exported once per model (cached by weights digest, see `cnclip.model.onnx_export`) and its
-        session opened when the tower is first used, so a tower that is never used costs nothing.
-        The output equals the torch towers' to float32 rounding; the towers also named in `int8`
-        run quantized (faster on CPUs, close but not equal). `towers=()` goes back to torch.
-        """
-        unknown = (set(towers) | set(int8)) - {"image", "text"}
-        if unknown:
-            raise CNClipError(f"unknown tower(s) {', '.join(sorted(unknown))}; choose from image, text")
-        if set(int8) - set(towers):
-            raise CNClipError("int8 runs in ONNX Runtime: name the tower in `towers` too")
-        if towers and self.device.type != "cpu":
-            raise CNClipError(f"ONNX Runtime runs here on the CPU; the model is on {self.device}")
-        self._onnx_towers = {tower: folder for tower in towers}
-        self._int8_towers = frozenset(int8)
-        self._runners = {}
-
-    @property
-    def onnx_towers(self) -> tuple[str, ...]:
-        """The towers `use_onnx` switched to ONNX Runtime."""
-        return tuple(self._onnx_towers)
-
-    def _runner(self, tower: str) -> Callable[[torch.Tensor], np.ndarray] | None:
-        towers = self._onnx_towers
-        if tower not in towers:
-            return None
-        if tower not in self._runners:
-            from cnclip.model.onnx_export import cached_tower
-
-            precision = "int8" if tower in self._int8_towers else "fp32"
-            self._runners[tower] = cached_tower(self, tower, towers[tower], precision)
-        return self._runners[tower]
-
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        runner = self._runner("image")
-        if runner is not None:
-            return torch.from_numpy(runner(pixels))
-        if self.image_dtype == torch.bfloat16 and self.device.type == "cpu":
-            # bf16 on AMX ran fastest 8 images at a time (measured; larger runs spill its tile caches)
-            n = BF16_IMAGE_ROWS
-            return torch.cat([self.encode_image(pixels[i : i + n]) for i in range(0, len(pixels), n)])
-        return self.encode_image(pixels)
-
-    def _text_features(self, token_ids: torch.Tensor) -> torch.Tensor:
-        runner = self._runner("text")
-        return torch.from_numpy(runner(token_ids)) if runner else self.encode_text(token_ids)
-
-    @torch.inference_mode()
-    def embed_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
-        """PIL images (or paths) -> float32 (N, embed_dim), rows L2-normalized."""
-        out = np.empty((len(images), self.embed_dim), dtype=np.float32)
-        for start in range(0, len(images), batch_size):
-            chunk = [
-                img if isinstance(img, Image.Image) else load_image(img) for img in images[start : start + batch_size]
-            ]
-            out[start : start + len(chunk)] = unit_rows(self._image_features(self.preprocess.batch(chunk)))
-        return out
-
-    @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Strings -> float32 (N, embed_dim), rows L2-normalized (see `text_batches` for the batching)."""
-        out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
-        for rows, ids in text_batches(self.tokenizer, texts, batch_size):
-            out[rows] = unit_rows(self._text_features(torch.from_numpy(ids)))
-        return out
 
     # -- training helpers -----------------------------------------------------------------------
 
@@ -281,8 +184,58 @@ class CNClipModel(nn.Module):
         prefix = "activation" if hasattr(self.bert, "activation_checkpointing_enable") else "gradient"
         getattr(self.bert, f"{prefix}_checkpointing_{'enable' if enable else 'disable'}")()
 
+    # -- deprecated: running the model is `cnclip.model.encoder.Encoder`'s job ----------------------
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave out the deprecated `use_onnx` encoder: ONNX sessions do not copy
+        state = dict(self.__dict__)
+        state.pop("_onnx_encoder", None)
+        return state
+
+    def _deprecated(self, name: str, replacement: str) -> Encoder:
+        warnings.warn(
+            f"CNClipModel.{name} is deprecated and will be removed in the next release; use {replacement} "
+            "(an Encoder from cnclip.load_encoder or Runtime.resolve().build(model))",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        encoder = self.__dict__.get("_onnx_encoder")
+        if encoder is not None:
+            return encoder
+        from cnclip.model.encoder import Encoder  # encoder.py does not import this module: no circle
+
+        return Encoder.build(self)  # the model as it is: its own towers, device and dtypes
+
+    def embed_images(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
+        """Deprecated: `Encoder.embed_images`."""
+        return self._deprecated("embed_images", "Encoder.embed_images").embed_images(images, batch_size)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Deprecated: `Encoder.embed_texts`."""
+        return self._deprecated("embed_texts", "Encoder.embed_texts").embed_texts(texts, batch_size)
+
+    @property
+    def preprocess(self) -> ImageTransform:
+        """Deprecated: `Encoder.preprocess`."""
+        return self._deprecated("preprocess", "Encoder.preprocess").preprocess
+
+    def use_onnx(
+        self, towers: Sequence[str] = ("text",), folder: str | os.PathLike | None = None, int8: Sequence[str] = ()
+    ) -> None:
+        """Deprecated: `Runtime(..., onnx_towers=...).build(model)` (or `--backend onnx`). Makes the
+        deprecated `embed_*` run `towers` in ONNX Runtime (`int8`: quantized); `towers=()` goes back to torch."""
+        self._deprecated("use_onnx", "Runtime.build")
+        self.__dict__.pop("_onnx_encoder", None)
+        if towers or int8:
+            from cnclip.model.encoder import Encoder
+
+            precisions = {t: "int8" if t in int8 else "fp32" for t in ("image", "text")}
+            self.__dict__["_onnx_encoder"] = Encoder.build(
+                self, precisions=precisions, onnx_towers=tuple(towers), onnx_folder=folder
+            )
+
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write a Hugging Face-compatible ChineseCLIP folder (ViT) or a cnclip folder (ResNet)."""
-        from cnclip.model.hf_format import save_pretrained
+        from cnclip.model.hf_format import save_pretrained  # hf_format does not import this module
 
-        return save_pretrained(self, folder)
+        return save_pretrained(self.state_dict(), self.config, self.tokenizer, folder)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cnclip.errors import ImageError
-from cnclip.model.clip import CNClipModel, unit_rows
+from cnclip.model.encoder import Encoder, unit_rows
 from cnclip.model.transform import DEFAULT_MAX_PIXELS, load_image, preprocess
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def default_workers() -> int:
 
 
 def embed_files(
-    model: CNClipModel,
+    encoder: Encoder,
     paths: Sequence[str],
     *,
     batch_size: int = 32,
@@ -59,7 +59,7 @@ def embed_files(
     draft: bool = True,
 ) -> Iterator[EmbeddedBatch]:
     """Embed `paths` in order, one `EmbeddedBatch` per `batch_size` files; bad files are reported, not raised."""
-    size = model.config.vision.image_size
+    size = encoder.config.vision.image_size
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="cnclip-decode") as pool:
         pending: deque[list[Future]] = deque()
@@ -82,8 +82,7 @@ def embed_files(
                 else:
                     ok_paths.append(path)
                     tensors.append(result)
-            vectors = np.empty((0, model.embed_dim), dtype=np.float32)
+            vectors = np.empty((0, encoder.embed_dim), dtype=np.float32)
             if tensors:
-                with torch.inference_mode():
-                    vectors = unit_rows(model._image_features(torch.stack(tensors)))
+                vectors = unit_rows(encoder.image_features(torch.stack(tensors)))
             yield EmbeddedBatch(ok_paths, vectors, failed)

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file as save_safetensors
@@ -19,10 +18,8 @@ from safetensors.torch import save_file as save_safetensors
 from cnclip import atomic
 from cnclip.errors import CheckpointError
 from cnclip.model.config import ModelConfig
+from cnclip.model.tokenizer import Tokenizer
 from cnclip.model.transform import OPENAI_MEAN, OPENAI_STD
-
-if TYPE_CHECKING:
-    from cnclip.model.clip import CNClipModel
 
 CNCLIP_CONFIG = "cnclip_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,8 +29,8 @@ _IGNORED = re.compile(r"(^|\.)(pooler\.|position_ids$|token_type_ids$)|num_batch
 StateDict = dict[str, torch.Tensor]
 
 
-def save_pretrained(model: CNClipModel, folder: str | os.PathLike) -> Path:
-    """Write `model` to `folder`.
+def save_pretrained(state: StateDict, config: ModelConfig, tokenizer: Tokenizer, folder: str | os.PathLike) -> Path:
+    """Write a model (its `state_dict()`, `config` and `tokenizer`) to `folder`.
 
     ViT models get a Hugging Face ChineseCLIP folder (`config.json`, `model.safetensors` in HF
     naming, `vocab.txt`, tokenizer and preprocessor configs) that `ChineseCLIPModel` and cnclip
@@ -42,15 +39,15 @@ def save_pretrained(model: CNClipModel, folder: str | os.PathLike) -> Path:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if not _IGNORED.search(k)}
+    cfg = config
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items() if not _IGNORED.search(k)}
     if cfg.vision.kind == "vit":
         state = native_to_hf(state, cfg)
         atomic.write_json(folder / "config.json", hf_config_dict(cfg))
     with atomic.replacing(folder / WEIGHTS_FILE) as tmp:
         save_safetensors(state, str(tmp), metadata={"format": "pt"})
     with atomic.replacing(folder / "vocab.txt") as tmp:
-        shutil.copyfile(model.tokenizer.vocab_path, tmp)
+        shutil.copyfile(tokenizer.vocab_path, tmp)
     atomic.write_json(
         folder / "tokenizer_config.json",
         {

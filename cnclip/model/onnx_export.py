@@ -16,7 +16,6 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,8 +31,8 @@ from cnclip.model.onnx_runtime import (
     save_text_tokenizer,
 )
 
-if TYPE_CHECKING:
-    from cnclip.model.clip import CNClipModel
+# The `model` arguments are `cnclip.model.clip.CNClipModel`s, typed as modules: the model does not
+# know about ONNX, and this module does not import the model's.
 
 __all__ = [
     "CACHE_ENV",
@@ -59,7 +58,7 @@ IMAGE_ROWS_PER_RUN = 4
 class _Tower(nn.Module):
     """One tower of a model as a module of its own, so the exporter traces just that tower."""
 
-    def __init__(self, model: CNClipModel, tower: str):
+    def __init__(self, model: nn.Module, tower: str):
         super().__init__()
         self.model = model
         self.encode = model.encode_text if tower == "text" else model.encode_image
@@ -68,7 +67,7 @@ class _Tower(nn.Module):
         return self.encode(inputs)
 
 
-def _example_ids(model: CNClipModel) -> torch.Tensor:
+def _example_ids(model: nn.Module) -> torch.Tensor:
     # Two rows of different lengths: the traced graph must contain the padding-mask path, which
     # transformers skips when a batch has no padding.
     ids = model.tokenizer(["一张照片", "海边的日落和沙滩上的脚印"])
@@ -76,7 +75,7 @@ def _example_ids(model: CNClipModel) -> torch.Tensor:
 
 
 def export_onnx(
-    model: CNClipModel, folder: str | os.PathLike, towers: tuple[str, ...] = TOWERS, opset: int = OPSET
+    model: nn.Module, folder: str | os.PathLike, towers: tuple[str, ...] = TOWERS, opset: int = OPSET
 ) -> dict[str, Path]:
     """Write `image.onnx` (pixels (N, 3, s, s) -> features (N, D)) and/or `text.onnx`
     (input_ids (N, L) int64, [PAD]=0 -> features (N, D)) into `folder`; returns their paths."""
@@ -169,7 +168,7 @@ def _move_model(src: Path, dst: Path) -> None:
     atomic.publish(src, dst)
 
 
-def export_cached(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> Path:
+def export_cached(model: nn.Module, tower: str, folder: str | os.PathLike | None = None) -> Path:
     """The path of `model`'s exported `tower`, exporting it if this model has none yet.
 
     Exports are kept under `folder` (default `cache_dir()/onnx`) by the model's weights digest,
@@ -191,7 +190,7 @@ def export_cached(model: CNClipModel, tower: str, folder: str | os.PathLike | No
     return path
 
 
-def quantized_cached(model: CNClipModel, tower: str, folder: str | os.PathLike | None = None) -> Path:
+def quantized_cached(model: nn.Module, tower: str, folder: str | os.PathLike | None = None) -> Path:
     """The path of `model`'s `tower` in int8, made once per model from its fp32 export.
 
     ONNX Runtime's dynamic quantization: matrix weights stored as 8-bit integers, activations
@@ -224,7 +223,7 @@ def _quiet_quantizer(record: logging.LogRecord) -> bool:
 
 
 def cached_tower(
-    model: CNClipModel, tower: str, folder: str | os.PathLike | None = None, precision: str = "fp32"
+    model: nn.Module, tower: str, folder: str | os.PathLike | None = None, precision: str = "fp32"
 ) -> OnnxTower:
     """An ONNX Runtime session for `model`'s `tower` in `precision` ("fp32" or "int8"), exported
     (and quantized) on first use (see `export_cached`, `quantized_cached`)."""

@@ -14,9 +14,13 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnclip.errors import CNClipError
 from cnclip.model.cpu import cpu_has_fast_bf16, onnxruntime_available
+
+if TYPE_CHECKING:
+    from cnclip.model.encoder import Encoder, TwoTowers
 
 BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -43,7 +47,6 @@ def cuda_available() -> bool:
 
 
 NO_FAST_BF16 = "no AMX or AVX-512 BF16 on this CPU, where bf16 runs ~3x slower than fp32"
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ class Runtime:
             reason = f"{precision} in {'ONNX Runtime' if towers else 'PyTorch'}, as asked for"
         return cls(device, precision, towers, reason=reason)
 
-    def for_model(self, model) -> Runtime:
+    def for_model(self, model: TwoTowers) -> Runtime:
         """This choice made concrete for `model`: where it says `calibrate`, the measured choice
         (cached per CPU and model; measured now, once, if not cached yet)."""
         if not self.calibrate:
@@ -155,26 +158,21 @@ class Runtime:
             reason=calibration.reason,
         )
 
-    def apply(self, model):
-        """Make `model` run this way; returns it (moved, each tower cast, its ONNX towers set;
-        sessions open on first use). The concrete choice is left in `model.runtime`."""
-        model.weights_digest()  # of the fp32 weights, before any cast: an index compares it
-        import torch
+    def build(self, model: TwoTowers, onnx_folder: str | os.PathLike | None = None) -> Encoder:
+        """An `Encoder` running `model` (a `CNClipModel`) this way: on this device, each tower in its
+        precision and engine (ONNX sessions open on first use; exports go to `onnx_folder`, default
+        the cache). `model` is left as it is. The concrete choice is the encoder's `runtime`."""
+        from cnclip.model.encoder import Encoder  # torch: only once a model exists
 
         chosen = self.for_model(model)
-        dtypes = {name: getattr(torch, dtype) for name, dtype in DTYPES.items()}
-        dtypes["int8"] = torch.float32  # PyTorch keeps the fp32 weights; the int8 tower runs in ONNX Runtime
-        precisions = chosen.precisions
-        if precisions["text"] == precisions["image"]:
-            model.to(device=chosen.device, dtype=dtypes[precisions["image"]])
-        else:  # each tower cast once from fp32 (a round trip through bf16 would lose the text tower's bits)
-            model.to(device=chosen.device)
-            model.visual.to(dtype=dtypes[precisions["image"]])
-            model.bert.to(dtype=dtypes[precisions["text"]])
-            model.text_projection.data = model.text_projection.data.to(dtypes[precisions["text"]])
-        model.use_onnx(chosen.onnx_towers, int8=[t for t in chosen.onnx_towers if precisions[t] == "int8"])
-        model.runtime = chosen
-        return model
+        return Encoder.build(
+            model,
+            device=chosen.device,
+            precisions=chosen.precisions,
+            onnx_towers=chosen.onnx_towers,
+            onnx_folder=onnx_folder,
+            runtime=chosen,
+        )
 
     def describe(self) -> str:
         if self.calibrate:

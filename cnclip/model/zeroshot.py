@@ -1,11 +1,12 @@
 """Zero-shot labels and text queries: prompt templates, label embeddings, label probabilities for an image.
 
-Torch-free at import: the model is passed in, so query checks cost nothing.
+Torch-free at import: the encoder is passed in, so query checks cost nothing.
 """
 
 from __future__ import annotations
 
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from cnclip.model.t2s import t2s_default, to_simplified_all
 if TYPE_CHECKING:
     from PIL import Image
 
-    from cnclip.model.clip import CNClipModel
+    from cnclip.model.encoder import Encoder
 
 MAX_QUERY_CHARS = 1000  # the model reads 50 tokens; far longer input is a mistake, not a query
 # Characters cnclip.model.tokenizer drops (besides whitespace and U+FFFD): a query of only these is no text.
@@ -46,7 +47,7 @@ class TextHit:
 
 
 def zero_shot(
-    model: CNClipModel,
+    encoder: Encoder,
     image: Image.Image,
     labels: Sequence[str],
     templates=PROMPT_TEMPLATES,
@@ -56,9 +57,14 @@ def zero_shot(
     renormalized, then softmax over logit_scale x cosine. `t2s`: labels in Traditional characters
     are read as Simplified (default: `$CNCLIP_T2S`, else on)."""
     labels = [check_query(label) for label in labels]
-    text = label_embeddings(model, labels, templates, t2s=t2s)
-    image_vec = model.embed_images([image])[0]
-    logits = float(model.logit_scale.detach().exp()) * (text @ image_vec)
+    if not hasattr(encoder, "image_features"):  # a CNClipModel, as before encoders: deprecated
+        from cnclip.model.encoder import Encoder
+
+        warnings.warn("zero_shot takes an Encoder (cnclip.load_encoder); a model is deprecated", DeprecationWarning, 2)
+        encoder = Encoder.build(encoder)
+    text = label_embeddings(encoder, labels, templates, t2s=t2s)
+    image_vec = encoder.embed_images([image])[0]
+    logits = encoder.logit_scale * (text @ image_vec)
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     order = np.argsort(-probs)
@@ -66,7 +72,7 @@ def zero_shot(
 
 
 def label_embeddings(
-    model: CNClipModel, labels: Sequence[str], templates=PROMPT_TEMPLATES, t2s: bool | None = None
+    encoder: Encoder, labels: Sequence[str], templates=PROMPT_TEMPLATES, t2s: bool | None = None
 ) -> np.ndarray:
     """float32 (len(labels), D) unit rows: each label's prompts embedded, averaged and renormalized."""
     if not labels:
@@ -74,7 +80,7 @@ def label_embeddings(
     if t2s_default() if t2s is None else t2s:
         labels = to_simplified_all(labels)
     prompts = [t.format(label) for label in labels for t in templates]
-    text = model.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+    text = encoder.embed_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
     return text / np.linalg.norm(text, axis=1, keepdims=True)
 
 

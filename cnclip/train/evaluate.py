@@ -6,13 +6,11 @@ Follows the official Chinese-CLIP protocol; shared by `cnclip eval` and the trai
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from cnclip.errors import CNClipError
 from cnclip.model.embed import embed_files
@@ -23,6 +21,7 @@ from cnclip.userpath import expand_user
 
 if TYPE_CHECKING:
     from cnclip.model.clip import CNClipModel
+    from cnclip.model.encoder import Encoder
     from cnclip.train.pairs import Pair
 
 RECALL_AT = (1, 5, 10)  # the official Chinese-CLIP retrieval metrics
@@ -132,7 +131,7 @@ def _owners(text_to_image: np.ndarray, texts: int, images: int) -> np.ndarray:
 
 
 def embed_pairs(
-    model: CNClipModel, pairs: Sequence[Pair], batch_size: int = 64, progress: ProgressFn | None = None
+    encoder: Encoder, pairs: Sequence[Pair], batch_size: int = 64, progress: ProgressFn | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Embed each distinct image once (first-seen order) and every caption.
 
@@ -143,28 +142,28 @@ def embed_pairs(
     paths = list(dict.fromkeys(p.image for p in pairs))
     if not paths:
         raise EvaluationError("no image-caption pairs to evaluate; check the data file")
-    with _eval_mode(model):
-        kept, image_features, failed = _embed_images(model, paths, batch_size, progress)
-        row = {path: i for i, path in enumerate(kept)}
-        captioned = [p for p in pairs if p.image in row]
-        if not captioned:
-            raise EvaluationError(f"none of the {len(paths)} images could be read, e.g. {failed[0]}")
-        text_features = model.embed_texts([p.text for p in captioned], batch_size=batch_size)
+    kept, image_features, failed = _embed_images(encoder, paths, batch_size, progress)
+    row = {path: i for i, path in enumerate(kept)}
+    captioned = [p for p in pairs if p.image in row]
+    if not captioned:
+        raise EvaluationError(f"none of the {len(paths)} images could be read, e.g. {failed[0]}")
+    text_features = encoder.embed_texts([p.text for p in captioned], batch_size=batch_size)
     text_to_image = np.array([row[p.image] for p in captioned], dtype=np.int64)
     return image_features, text_features, text_to_image, failed
 
 
 def evaluate_pairs(
-    model: CNClipModel,
+    encoder: Encoder,
     pairs: Sequence[Pair],
     batch_size: int = 64,
     *,
     progress: ProgressFn | None = None,
     on_skip: Callable[[str], None] | None = None,
 ) -> dict:
-    """`retrieval_metrics` of `model` on `pairs`, plus "images" and "texts" evaluated and the
-    number of images that "failed" to decode (each also passed to `on_skip` as "path: reason")."""
-    image_features, text_features, text_to_image, failed = embed_pairs(model, pairs, batch_size, progress)
+    """`retrieval_metrics` of `encoder` on `pairs`, plus "images" and "texts" evaluated and the
+    number of images that "failed" to decode (each also passed to `on_skip` as "path: reason").
+    A model being trained is evaluated through `Encoder.build(model)`, in eval mode."""
+    image_features, text_features, text_to_image, failed = embed_pairs(encoder, pairs, batch_size, progress)
     _report_skipped(failed, on_skip)
     metrics = retrieval_metrics(image_features, text_features, text_to_image)
     return {**metrics, "images": len(image_features), "texts": len(text_features), "failed": len(failed)}
@@ -177,14 +176,13 @@ def compare_precisions(
     towers in fp32, both in `precision`, and each mixed way (an index built in one precision and
     searched in the other), plus the mean share of each caption's top-`top` images that the
     fp32 ranking and each other ranking agree on. `model` should be fp32 (it is not changed)."""
-    import copy
-
     from cnclip.model.calibrate import overlap
+    from cnclip.model.encoder import Encoder
     from cnclip.model.runtime import Runtime
 
-    image32, text32, owners, _ = embed_pairs(model, pairs, batch_size)
+    image32, text32, owners, _ = embed_pairs(Encoder.build(model), pairs, batch_size)
     # resolved, not built: int8 runs the image tower in ONNX Runtime (and the text tower in fp32)
-    other = Runtime.resolve(str(model.device), precision=precision).apply(copy.deepcopy(model))
+    other = Runtime.resolve(str(model.device), precision=precision).build(model)
     image_lo, text_lo, _, _ = embed_pairs(other, pairs, batch_size)
     combos = {
         "fp32": (image32, text32),
@@ -203,7 +201,7 @@ def compare_precisions(
 
 
 def zero_shot_accuracy(
-    model: CNClipModel,
+    encoder: Encoder,
     folder: str | os.PathLike,
     labels: str | os.PathLike | None = None,
     *,
@@ -229,9 +227,8 @@ def zero_shot_accuracy(
         truth += [index] * len(found)
     if not paths:
         raise EvaluationError(f"{folder}: no image files in its class folders")
-    with _eval_mode(model):
-        label_vectors = label_embeddings(model, names, templates)
-        kept, image_vectors, failed = _embed_images(model, paths, batch_size, progress)
+    label_vectors = label_embeddings(encoder, names, templates)
+    kept, image_vectors, failed = _embed_images(encoder, paths, batch_size, progress)
     _report_skipped(failed, on_skip)
     if not kept:
         raise EvaluationError(f"none of the {len(paths)} images could be read, e.g. {failed[0]}")
@@ -310,13 +307,13 @@ def _image_files(folder: Path) -> list[str]:
 
 
 def _embed_images(
-    model: CNClipModel, paths: Sequence[str], batch_size: int, progress: ProgressFn | None
+    encoder: Encoder, paths: Sequence[str], batch_size: int, progress: ProgressFn | None
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """The paths that decoded (in order), their unit rows, and "path: reason" for the others."""
     kept: list[str] = []
-    chunks = [np.empty((0, model.embed_dim), dtype=np.float32)]
+    chunks = [np.empty((0, encoder.embed_dim), dtype=np.float32)]
     failed: list[str] = []
-    for batch in embed_files(model, paths, batch_size=batch_size):
+    for batch in embed_files(encoder, paths, batch_size=batch_size):
         kept += batch.paths
         chunks.append(batch.vectors)
         # ImageError messages already start with the file name
@@ -330,16 +327,3 @@ def _report_skipped(failed: list[str], on_skip: Callable[[str], None] | None) ->
     if on_skip is not None:
         for line in failed:
             on_skip(line)
-
-
-@contextmanager
-def _eval_mode(model: CNClipModel) -> Iterator[None]:
-    """Dropout off while evaluating (the trainer calls in with the model in training mode)."""
-    training = isinstance(model, torch.nn.Module) and model.training
-    if training:
-        model.eval()
-    try:
-        yield
-    finally:
-        if training:
-            model.train()

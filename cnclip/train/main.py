@@ -175,10 +175,11 @@ def train(args: argparse.Namespace, dist: DistInfo) -> dict:
     )
     evaluate = None
     if val_pairs is not None:
+        from cnclip.model.encoder import Encoder
         from cnclip.train.evaluate import evaluate_pairs
 
-        def evaluate(m):
-            return evaluate_pairs(m, val_pairs, batch_size=args.eval_batch_size)
+        def evaluate(m):  # the trainer calls in with `m` in eval mode
+            return evaluate_pairs(Encoder.build(m), val_pairs, batch_size=args.eval_batch_size)
 
     progress = trainer.run(evaluate)
     summary = {

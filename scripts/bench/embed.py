@@ -38,6 +38,7 @@ import cnclip  # noqa: E402
 from cnclip.model.calibrate import matmul_gflops  # noqa: E402
 from cnclip.model.config import get_model_config  # noqa: E402
 from cnclip.model.cpu import cpu_has_fast_bf16  # noqa: E402
+from cnclip.model.encoder import Encoder  # noqa: E402
 
 QUERIES = ["海边的日落", "一只在沙发上睡觉的橘猫", "城市夜景", "我家的狗在公园里奔跑", "生日蛋糕和蜡烛", "雪山"]
 
@@ -102,26 +103,22 @@ def sgemm_gflops(n: int = 3072, repeats: int = 3, dtype: torch.dtype = torch.flo
 
 def bf16_rows(ours, our_pixels, ref_vecs, args) -> list[tuple[str, float, float]]:
     """PyTorch bf16 (8 images per run, as `embed_images` runs it) and what "auto" chose here."""
-    import copy
-
     from cnclip.model.runtime import Runtime
 
     rows = []
     if cpu_has_fast_bf16():
-        bf16 = Runtime("cpu", "bf16").apply(copy.deepcopy(ours))
-        with torch.inference_mode():
-            r = rate(lambda: bf16._image_features(our_pixels), args.batch, args.repeats)
-            rows.append(
-                (
-                    "cnclip, PyTorch bf16 (8 per run)",
-                    r,
-                    cosine_min(bf16._image_features(our_pixels).float().numpy(), ref_vecs),
-                )
+        bf16 = Runtime("cpu", "bf16").build(ours)
+        r = rate(lambda: bf16.image_features(our_pixels), args.batch, args.repeats)
+        rows.append(
+            (
+                "cnclip, PyTorch bf16 (8 per run)",
+                r,
+                cosine_min(bf16.image_features(our_pixels).float().numpy(), ref_vecs),
             )
-    auto = Runtime.resolve().apply(copy.deepcopy(ours))
-    with torch.inference_mode():
-        r = rate(lambda: auto._image_features(our_pixels), args.batch, args.repeats)
-        cos = cosine_min(auto._image_features(our_pixels).float().numpy(), ref_vecs)
+        )
+    auto = Runtime.resolve().build(ours)
+    r = rate(lambda: auto.image_features(our_pixels), args.batch, args.repeats)
+    cos = cosine_min(auto.image_features(our_pixels).float().numpy(), ref_vecs)
     rows.append((f'cnclip "auto" here: {auto.runtime.describe()}', r, cos))
     print(f'"auto" chose: {auto.runtime.reason}\n')
     return rows
@@ -147,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         images = [photo(rng, (640, 480)) for _ in range(args.batch)]
         official_preprocess = image_transform(size)
         ref_pixels = torch.stack([official_preprocess(_convert_to_rgb(im)) for im in images])
-        our_pixels = ours.preprocess.batch(images)
+        fp32 = Encoder.build(ours)
+        our_pixels = fp32.preprocess.batch(images)
 
         rows = []
         with torch.inference_mode():
@@ -156,17 +154,20 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("official `cn_clip`, fp32", ref_rate, 1.0))
             our_rate = rate(lambda: ours.encode_image(our_pixels), args.batch, args.repeats)
             rows.append(("cnclip, PyTorch fp32", our_rate, cosine_min(ours.encode_image(our_pixels).numpy(), ref_vecs)))
-        ours.use_onnx(("image", "text"), folder=work / "onnx")
-        runner = ours._runner("image")
+        onnx = Encoder.build(ours, onnx_towers=("image", "text"), onnx_folder=work / "onnx")
+        runner = onnx.image_features
         onnx_rate = rate(lambda: runner(our_pixels), args.batch, args.repeats)
-        rows.append(("cnclip, ONNX Runtime fp32", onnx_rate, cosine_min(runner(our_pixels), ref_vecs)))
-        ours.use_onnx(("image",), folder=work / "onnx", int8=("image",))
-        runner = ours._runner("image")
+        rows.append(("cnclip, ONNX Runtime fp32", onnx_rate, cosine_min(runner(our_pixels).numpy(), ref_vecs)))
+        int8 = Encoder.build(ours, precisions={"image": "int8"}, onnx_towers=("image",), onnx_folder=work / "onnx")
+        runner = int8.image_features
         int8_rate = rate(lambda: runner(our_pixels), args.batch, args.repeats)
         rows.append(
-            ("cnclip, ONNX Runtime int8 (`--precision int8`)", int8_rate, cosine_min(runner(our_pixels), ref_vecs))
+            (
+                "cnclip, ONNX Runtime int8 (`--precision int8`)",
+                int8_rate,
+                cosine_min(runner(our_pixels).numpy(), ref_vecs),
+            )
         )
-        ours.use_onnx(())
         rows += bf16_rows(ours, our_pixels, ref_vecs, args)
 
         def official_text(q: str) -> np.ndarray:
@@ -175,15 +176,13 @@ def main(argv: list[str] | None = None) -> int:
 
         ref_text = np.concatenate([official_text(q) for q in QUERIES])
         text_rows = [("official `cn_clip`, fp32, padded to 52", p50_ms(official_text, QUERIES, args.repeats * 3), 1.0)]
-        ours.use_onnx(())
         text_rows.append(
-            ("cnclip, PyTorch fp32", p50_ms(lambda q: ours.embed_texts([q]), QUERIES, args.repeats * 3),
-             cosine_min(ours.embed_texts(QUERIES), ref_text))
+            ("cnclip, PyTorch fp32", p50_ms(lambda q: fp32.embed_texts([q]), QUERIES, args.repeats * 3),
+             cosine_min(fp32.embed_texts(QUERIES), ref_text))
         )  # fmt: skip
-        ours.use_onnx(("text",), folder=work / "onnx")
         text_rows.append(
-            ("cnclip, ONNX Runtime fp32", p50_ms(lambda q: ours.embed_texts([q]), QUERIES, args.repeats * 3),
-             cosine_min(ours.embed_texts(QUERIES), ref_text))
+            ("cnclip, ONNX Runtime fp32", p50_ms(lambda q: onnx.embed_texts([q]), QUERIES, args.repeats * 3),
+             cosine_min(onnx.embed_texts(QUERIES), ref_text))
         )  # fmt: skip
 
         print(f"### Embedding speed, {args.shape} shape — {dt.date.today().isoformat()}\n")
@@ -241,10 +240,15 @@ def index_rows(work: Path, reference, official_preprocess, to_rgb, ours, args) -
                 best[runtime] = max(best[runtime], len(paths) / (time.perf_counter() - t))
                 continue
             towers = () if runtime == "torch" else ("image",)
-            ours.use_onnx(towers, folder=work / "onnx", int8=("image",) if runtime.endswith("int8") else ())
-            ours._runner("image")  # open the session outside the timing, as the torch model is loaded outside it
+            precision = "int8" if runtime.endswith("int8") else "fp32"
+            encoder = Encoder.build(
+                ours, precisions={"image": precision}, onnx_towers=towers, onnx_folder=work / "onnx"
+            )
+            # open the session outside the timing, as the torch model is loaded outside it
+            side = ours.config.vision.image_size
+            encoder.image_features(torch.zeros(1, 3, side, side))
             shutil.rmtree(work / "index", ignore_errors=True)
-            with cnclip.Index.open(work / "index", model=ours, create=True) as index:
+            with cnclip.Index.open(work / "index", model=encoder, create=True) as index:
                 t = time.perf_counter()
                 summary = index.add_folder(folder, batch_size=args.batch)
                 elapsed = time.perf_counter() - t

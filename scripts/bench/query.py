@@ -10,7 +10,7 @@ the weights.
     nice .venv/bin/python scripts/bench/query.py --n 1000000 --keep /var/tmp/q1m   # reuse next time
 
 Prints a Markdown table: p50/p95 of the whole call and of its parts (text encoding, vector search),
-with the text tower run by torch and then by ONNX Runtime (`model.use_onnx`).
+with the text tower run by torch and then by ONNX Runtime (`Encoder.build(model, onnx_towers=("text",))`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def fill_catalog(folder: Path, model: cnclip.CNClipModel, n: int, mix: Mixture) 
             log(f"catalog: {start + len(rows):,}/{n:,} after {time.perf_counter() - t:.0f} s")
 
 
-def time_queries(index: cnclip.Index, model: cnclip.CNClipModel, vectors, rounds: int):
+def time_queries(index: cnclip.Index, encoder: cnclip.Encoder, vectors, rounds: int):
     """(whole call, text encoding, vector search) seconds per query, one query per call."""
     for q in QUERIES[:5]:  # warm-up: first calls allocate and page in
         index.search_text(q)
@@ -74,7 +74,7 @@ def time_queries(index: cnclip.Index, model: cnclip.CNClipModel, vectors, rounds
             t0 = time.perf_counter()
             index.search_text(q, k=10)
             t1 = time.perf_counter()
-            v = model.embed_texts([q])
+            v = encoder.embed_texts([q])
             t2 = time.perf_counter()
             vectors.search(v, 10)
             t3 = time.perf_counter()
@@ -108,22 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.keep or Path(tempfile.mkdtemp(prefix="cnclip-query-bench-", dir="/var/tmp"))
     try:
         fill_catalog(folder, model, args.n, mix)
-        with cnclip.Index.open(folder, model=model) as index:
-            t = time.perf_counter()
-            vectors = index.refresh()
-            log(f"vector index ready in {time.perf_counter() - t:.1f} s: {vectors.info()}")
-            runs = {}
-            for runtime in ("torch", "onnxruntime"):
-                if runtime == "onnxruntime":
-                    t = time.perf_counter()
-                    model.use_onnx(("text",))
-                    log(f"text tower exported / loaded for ONNX Runtime in {time.perf_counter() - t:.1f} s")
-                runs[runtime] = time_queries(index, model, vectors, args.rounds)
-                log(f"{runtime}: p50 {np.median(runs[runtime][0]) * 1e3:.1f} ms")
-                check = model.embed_texts(QUERIES)
-                if runtime == "torch":
-                    reference = check
-            cosine = float((reference * check).sum(axis=1).min())
+        runs = {}
+        for runtime in ("torch", "onnxruntime"):
+            encoder = cnclip.Encoder.build(model, onnx_towers=("text",) if runtime == "onnxruntime" else ())
+            if runtime == "onnxruntime":
+                t = time.perf_counter()
+                encoder.embed_texts(QUERIES[:1])
+                log(f"text tower exported / loaded for ONNX Runtime in {time.perf_counter() - t:.1f} s")
+            with cnclip.Index.open(folder, model=encoder) as index:
+                t = time.perf_counter()
+                vectors = index.refresh()
+                log(f"vector index ready in {time.perf_counter() - t:.1f} s: {vectors.info()}")
+                runs[runtime] = time_queries(index, encoder, vectors, args.rounds)
+            log(f"{runtime}: p50 {np.median(runs[runtime][0]) * 1e3:.1f} ms")
+            check = encoder.embed_texts(QUERIES)
+            if runtime == "torch":
+                reference = check
+        cosine = float((reference * check).sum(axis=1).min())
         info = vectors.info()
     finally:
         if args.keep is None:

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     s2t = opencc.OpenCC("s2t")
     traditional = [s2t.convert(t) for t in texts]
     back = to_simplified_all(traditional)
-    model = cnclip.load_model(args.model)
+    model = cnclip.load_encoder(args.model, device="cpu", backend="torch", precision="fp32")
 
     def with_texts(new: list[str]) -> list[Pair]:
         return [Pair(p.image, t) for p, t in zip(pairs, new, strict=True)]

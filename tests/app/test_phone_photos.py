@@ -19,7 +19,7 @@ FAKE_MOV = b"\x00\x00\x00\x14ftypqt  \x00\x00\x02\x00qt  " + bytes(64)
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return cnclip.load_model(model_dir)
+    return cnclip.load_encoder(model_dir, device="cpu", backend="torch", precision="fp32")
 
 
 def _photos(tmp_path, *names: str, seed: int, size=(96, 72)):

@@ -57,7 +57,7 @@ def test_bad_t2s_setting_is_one_line(built):
 def test_api_query_vector_and_texts(built, monkeypatch):
     monkeypatch.delenv(T2S_ENV, raising=False)
     base, model_dir, _ = built
-    model = cnclip.load_model(model_dir)
+    model = cnclip.load_encoder(model_dir, device="cpu", backend="torch", precision="fp32")
     with cnclip.Index.open(base / "idx") as index:
         assert index.t2s is True
         np.testing.assert_allclose(index.query_vector(TRADITIONAL), model.embed_texts([SIMPLIFIED]), atol=1e-6)

@@ -20,15 +20,15 @@ def folder(tmp_path):
     return root
 
 
-def test_python_api_end_to_end(tiny_vit, folder, tmp_path):
-    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+def test_python_api_end_to_end(tiny_vit_encoder, folder, tmp_path):
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit_encoder, create=True) as index:
         summary = index.add_folder(folder, workers=1)
         assert summary.added == 6 and summary.embedded == 6
         hits = index.search_text("海边的日落", k=4)
         assert len(hits) == 4 and all(isinstance(h, cnclip.Hit) for h in hits)
         # scores are cosines of the query against the stored vectors
-        query = tiny_vit.embed_texts(["海边的日落"])[0]
-        best = tiny_vit.embed_images([hits[0].path])[0]
+        query = tiny_vit_encoder.embed_texts(["海边的日落"])[0]
+        best = tiny_vit_encoder.embed_images([hits[0].path])[0]
         assert hits[0].score == pytest.approx(float(query @ best), abs=1e-5)
 
         same = index.search_image(folder / "0.png", k=6)
@@ -45,7 +45,7 @@ def test_python_api_end_to_end(tiny_vit, folder, tmp_path):
     # recorded by name only, so pass it again) and a different model is refused
     with pytest.raises(ModelMismatchError):
         cnclip.Index.open(tmp_path / "idx", model=cnclip.create_model("tiny-vit"))
-    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit) as index:
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit_encoder) as index:
         assert len(index.search_text("猫", k=100)) == 6
 
 
@@ -69,9 +69,9 @@ def test_zero_shot_probabilities(tiny_vit):
     assert np.isfinite([h.score for h in hits]).all()
 
 
-def test_refresh_updates_the_saved_vector_index_in_place(tiny_vit, folder, tmp_path, monkeypatch):
+def test_refresh_updates_the_saved_vector_index_in_place(tiny_vit_encoder, folder, tmp_path, monkeypatch):
     builds = record_builds(monkeypatch, VectorIndex, "build_streaming")
-    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit_encoder, create=True) as index:
         index.add_folder(folder, workers=1)
         assert builds == [6]  # first time: built from the catalog
         (folder / "0.png").unlink()
@@ -82,12 +82,12 @@ def test_refresh_updates_the_saved_vector_index_in_place(tiny_vit, folder, tmp_p
         synced = index.refresh()
         assert synced.ntotal == 8
         np.testing.assert_array_equal(synced.ids(), index.catalog.file_ids())
-        query = tiny_vit.embed_texts(["一只猫"])
+        query = tiny_vit_encoder.embed_texts(["一只猫"])
         rebuilt = VectorIndex.build(*_catalog_arrays(index.catalog), kind="exact")
         for got, want in zip(synced.search(query, 8), rebuilt.search(query, 8), strict=True):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     # a fresh process sees the saved, synced index as current: no build
-    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit) as index:
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit_encoder) as index:
         assert index.refresh().ntotal == 8 and builds == [6]
 
 
@@ -96,13 +96,13 @@ def _catalog_arrays(catalog):
     return np.concatenate([i for i, _ in chunks]), np.concatenate([v for _, v in chunks])
 
 
-def test_repeated_queries_reuse_their_embedding(tiny_vit, folder, tmp_path, monkeypatch):
-    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+def test_repeated_queries_reuse_their_embedding(tiny_vit_encoder, folder, tmp_path, monkeypatch):
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit_encoder, create=True) as index:
         index.add_folder(folder, workers=1)
         first = index.search_text(" 海边的日落 ", k=3)
         calls = []
-        real = tiny_vit.embed_texts
-        monkeypatch.setattr(tiny_vit, "embed_texts", lambda texts: calls.append(texts) or real(texts))
+        real = tiny_vit_encoder.embed_texts
+        monkeypatch.setattr(tiny_vit_encoder, "embed_texts", lambda texts: calls.append(texts) or real(texts))
         assert index.search_text("海边的日落", k=3) == first and calls == []  # same query after trimming
         index.search_text("一只猫", k=3)
         assert calls == [["一只猫"]]
@@ -126,7 +126,7 @@ def _searches_only(index, names: set[str]) -> None:
     hits = index.search_image(query, k=20)
     ids, vectors = (np.concatenate(parts) for parts in zip(*index.catalog.file_vectors(), strict=True))
     paths = index.catalog.files_by_ids(ids)
-    scores = vectors @ index.model.embed_images([query])[0]
+    scores = vectors @ index.encoder.embed_images([query])[0]
     expected = [
         (paths[i].path.rsplit("/", 1)[-1], s) for i, s in sorted(zip(ids, scores, strict=True), key=lambda p: -p[1])
     ]
@@ -170,7 +170,9 @@ def test_a_catalog_restored_from_a_backup_does_not_trust_a_newer_vector_file(tin
         _searches_only(index, {f"{i}.png" for i in range(6)})
 
 
-def test_a_restored_catalog_that_has_gone_its_own_way_does_not_sync_an_old_vector_file(tiny_vit, folder, tmp_path):
+def test_a_restored_catalog_that_has_gone_its_own_way_does_not_sync_an_old_vector_file(
+    tiny_vit_encoder, folder, tmp_path
+):
     """Restored, then changed past the vector file's position without touching the vector file
     (photos deleted, others added): the journal entry at that position differs, so it is rebuilt,
     not synced (a sync would keep the deleted photos)."""
@@ -178,7 +180,7 @@ def test_a_restored_catalog_that_has_gone_its_own_way_does_not_sync_an_old_vecto
     from cnclip.index.scan import Indexer
 
     idx = tmp_path / "idx"
-    with cnclip.Index.open(idx, model=tiny_vit, create=True) as index:
+    with cnclip.Index.open(idx, model=tiny_vit_encoder, create=True) as index:
         index.add_folder(folder)
         backup = tmp_path / "backup.sqlite3"
         index.catalog._db.execute(f"VACUUM INTO '{backup}'")
@@ -190,11 +192,11 @@ def test_a_restored_catalog_that_has_gone_its_own_way_does_not_sync_an_old_vecto
     (folder / "0.png").unlink()
     (folder / "2.png").unlink()
     with Catalog.open(idx) as catalog:  # the catalog alone moves on: 2 removals, then 6 additions
-        indexer = Indexer(tiny_vit, catalog)
+        indexer = Indexer(tiny_vit_encoder, catalog)
         indexer.run(folder)
         indexer.run(other)
         assert catalog.change_seq() > 12
-    with cnclip.Index.open(idx, model=tiny_vit) as index:
+    with cnclip.Index.open(idx, model=tiny_vit_encoder) as index:
         _searches_only(index, {"1.png", "3.png", "4.png", "5.png"} | {f"b{i}.png" for i in range(6)})
 
 

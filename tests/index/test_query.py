@@ -147,7 +147,7 @@ def _stored(index) -> tuple[list[str], np.ndarray]:
     return [records[i].path for i in ids.tolist()], vectors
 
 
-def test_search_combined_ranks_by_the_weighted_sum_of_model_embeddings(index, tiny_vit, photos):
+def test_search_combined_ranks_by_the_weighted_sum_of_model_embeddings(index, tiny_vit_encoder, photos):
     outside = random_images(1, seed=77)[0]  # an image that is not in the index
     terms = [
         Term(TEXT, "海边的日落"),
@@ -156,8 +156,8 @@ def test_search_combined_ranks_by_the_weighted_sum_of_model_embeddings(index, ti
         Term(IMAGE, outside, 0.7),
         Term(IMAGE, photos / "3.png", -0.3),
     ]
-    texts = tiny_vit.embed_texts(["海边的日落", "夜景", "人群"])
-    images = tiny_vit.embed_images([outside, str(photos / "3.png")])
+    texts = tiny_vit_encoder.embed_texts(["海边的日落", "夜景", "人群"])
+    images = tiny_vit_encoder.embed_images([outside, str(photos / "3.png")])
     weights = np.array([1, 0.5, -0.8, 0.7, -0.3])[:, None]
     rows = np.concatenate([texts, images]).astype(np.float64)
     summed = (weights * rows / np.linalg.norm(rows, axis=1, keepdims=True)).sum(axis=0)
@@ -186,11 +186,11 @@ def test_a_file_id_term_is_the_indexed_photo(index, photos):
         index.search_combined([Term(TEXT, "雪山"), Term(FILE, 99999)])
 
 
-def test_text_terms_go_through_the_query_cache_and_traditional_to_simplified(index, tiny_vit, monkeypatch):
+def test_text_terms_go_through_the_query_cache_and_traditional_to_simplified(index, tiny_vit_encoder, monkeypatch):
     simplified = index.search_combined([Term(TEXT, "城市夜景"), Term(TEXT, "汽车", -1.0)], k=5)
     calls = []
-    real = tiny_vit.embed_texts
-    monkeypatch.setattr(tiny_vit, "embed_texts", lambda texts: calls.append(texts) or real(texts))
+    real = tiny_vit_encoder.embed_texts
+    monkeypatch.setattr(tiny_vit_encoder, "embed_texts", lambda texts: calls.append(texts) or real(texts))
     # 城市夜景 / 汽车 in Traditional characters: read as Simplified, then found in the cache
     assert index.search_combined([Term(TEXT, "城市夜景"), Term(TEXT, "汽車", -1.0)], k=5) == simplified
     assert calls == []

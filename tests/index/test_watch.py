@@ -206,19 +206,19 @@ def test_a_watcher_on_a_missing_index_says_so_and_ends(tmp_path, tiny_vit):
         Watcher(tmp_path / "no-index", [])
 
 
-def test_stopping_during_a_batch_of_videos_ends_after_the_video_in_flight(library, tiny_vit, monkeypatch):
+def test_stopping_during_a_batch_of_videos_ends_after_the_video_in_flight(library, tiny_vit_encoder, monkeypatch):
     index, photos, idx = library
     for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
         write_video(photos / f"v{i}.mp4", [color], seconds_each=2)
-    watcher = Watcher(idx, [photos], model=tiny_vit)  # its first pass finds the three new videos
-    embedded, real = [], tiny_vit.embed_images
+    watcher = Watcher(idx, [photos], model=tiny_vit_encoder)  # its first pass finds the three new videos
+    embedded, real = [], tiny_vit_encoder.embed_images
 
     def embed_images(images, **kw):
         embedded.append(len(images))
         assert watcher._stopping.wait(WITHIN_S)  # Ctrl+C while the first video is embedded
         return real(images, **kw)
 
-    monkeypatch.setattr(tiny_vit, "embed_images", embed_images)
+    monkeypatch.setattr(tiny_vit_encoder, "embed_images", embed_images)
     watcher.start()
     _eventually(lambda: embedded, "the first video is embedded")
     watcher.stop(WITHIN_S)
@@ -371,12 +371,12 @@ def test_stopping_during_the_first_pass_interrupts_its_hashing(library, tiny_vit
     assert len(_found(index)) == 3 and index.catalog.count() == 3  # what was committed stays: no sweep ran
 
 
-def test_a_stopped_scan_ends_its_walk_and_keeps_what_was_committed(tmp_path, tiny_vit, monkeypatch):
+def test_a_stopped_scan_ends_its_walk_and_keeps_what_was_committed(tmp_path, tiny_vit_encoder, monkeypatch):
     photos = tmp_path / "photos"
     kept = write_photos(photos, 2, seed=26)
     for i in range(50):
         write_photos(photos / f"f{i:02}", 1, seed=27, prefix="x")
-    with Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+    with Index.open(tmp_path / "idx", model=tiny_vit_encoder, create=True) as index:
         index.add_folder(photos)  # all indexed; now they change, as if a whole drive was touched
         for folder in photos.glob("f*"):
             os.utime(folder / "x0.png", ns=(1, 1))
@@ -388,7 +388,7 @@ def test_a_stopped_scan_ends_its_walk_and_keeps_what_was_committed(tmp_path, tin
             return real(path)
 
         monkeypatch.setattr(index.catalog, "lookup", lookup)
-        indexer = scan.Indexer(tiny_vit, index.catalog, should_stop=lambda: checks.append(1) or len(checks) > 5)
+        indexer = scan.Indexer(tiny_vit_encoder, index.catalog, should_stop=lambda: checks.append(1) or len(checks) > 5)
         with pytest.raises(scan.ScanStopped):
             indexer.run(photos)
         assert len(looked_up) < 10  # the walk ended after a few folders, not after all 51

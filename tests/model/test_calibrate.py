@@ -15,6 +15,7 @@ from cnclip.index.index import Index
 from cnclip.model import calibrate
 from cnclip.model.calibrate import Calibration, choose, compare, overlap
 from cnclip.model.cpu import CPU_BF16_ENV
+from cnclip.model.encoder import Encoder
 from cnclip.model.runtime import Runtime
 
 FAITHFUL = {
@@ -140,18 +141,19 @@ def _amx(monkeypatch, choice: dict[str, str]) -> Runtime:
 
 def test_a_measured_choice_casts_each_tower(measured_model, monkeypatch):
     images = random_images(9, seed=3)
-    want_images = measured_model.embed_images(images)
-    want_text = measured_model.embed_texts(["海边的日落"])
+    fp32 = Encoder.build(measured_model)
+    want_images = fp32.embed_images(images)
+    want_text = fp32.embed_texts(["海边的日落"])
     runtime = _amx(monkeypatch, {"image": "torch-bf16", "text": "onnx-fp32"})
     assert runtime.for_digest(measured_model.weights_digest()) is None  # not measured yet
-    model = runtime.apply(measured_model)
-    assert model.image_dtype == torch.bfloat16 and model.dtype == torch.float32
-    assert model.onnx_towers == ("text",) and model.image_precision == "bf16"
-    assert model.runtime.to_dict()["image"] == {"engine": "torch", "precision": "bf16"}
-    assert model.runtime.reason.startswith("measured: ")
-    got = model.embed_images(images)  # 9 images: bf16 runs 8 at a time, the rest after
+    encoder = runtime.build(measured_model)
+    assert measured_model.image_dtype == torch.float32 and measured_model.dtype == torch.float32  # left as it was
+    assert encoder.onnx_towers == ("text",) and encoder.image_precision == "bf16"
+    assert encoder.runtime.to_dict()["image"] == {"engine": "torch", "precision": "bf16"}
+    assert encoder.runtime.reason.startswith("measured: ")
+    got = encoder.embed_images(images)  # 9 images: bf16 runs 8 at a time, the rest after
     assert np.all((got * want_images).sum(1) > 0.999)
-    np.testing.assert_allclose(model.embed_texts(["海边的日落"]), want_text, atol=1e-5)
+    np.testing.assert_allclose(encoder.embed_texts(["海边的日落"]), want_text, atol=1e-5)
     chosen = runtime.for_digest(measured_model.weights_digest())  # now cached: no model needed
     assert chosen is not None and chosen.onnx_towers == ("text",) and chosen.precision == "bf16"
 
@@ -216,7 +218,7 @@ def test_a_one_shot_search_runs_the_text_tower_in_onnx_runtime_whatever_serve_wo
         raise AssertionError("a one-shot text query loaded the model")
 
     with monkeypatch.context() as patch, Index.open(tmp_path / "idx", runtime=runtime) as index:
-        patch.setattr(Index, "model", property(no_model))
+        patch.setattr(Index, "encoder", property(no_model))
         assert len(index.search_text("一只猫", k=3)) == 3
 
     def no_onnx(self, texts, batch_size=64):

@@ -14,7 +14,9 @@ from reference import hf_model, official_model, save_official_checkpoint
 import cnclip
 from cnclip.errors import CheckpointError, ModelNotFoundError, VocabularyError
 from cnclip.model.config import get_model_config
+from cnclip.model.encoder import Encoder
 from cnclip.model.tokenizer import DEFAULT_VOCAB
+from cnclip.model.transform import ImageTransform
 
 TEXTS = ["一只猫", "海边的日落", "iPhone 15 拍的夜景", ""]
 
@@ -39,7 +41,7 @@ def test_load_hf_folder_matches_transformers(tmp_path):
     (tmp_path / "vocab.txt").write_bytes((DEFAULT_VOCAB).read_bytes())
     model = cnclip.load_model(tmp_path)
     assert model.config.name == "tiny-vit"
-    pixels = model.preprocess.batch(random_images(3))
+    pixels = ImageTransform(model.config.vision.image_size).batch(random_images(3))
     for ours, theirs in zip(
         _our_features(model, pixels, TEXTS), _hf_features(hf, pixels, TEXTS, model.tokenizer), strict=True
     ):
@@ -57,7 +59,7 @@ def test_a_vision_mlp_other_than_4x_its_width_loads_both_ways(tmp_path):
     (tmp_path / "theirs" / "vocab.txt").write_bytes(DEFAULT_VOCAB.read_bytes())
     model = cnclip.load_model(tmp_path / "theirs")
     assert model.config.vision.mlp_width == 100
-    pixels = model.preprocess.batch(random_images(2))
+    pixels = ImageTransform(model.config.vision.image_size).batch(random_images(2))
     for ours, theirs in zip(
         _our_features(model, pixels, TEXTS), _hf_features(hf, pixels, TEXTS, model.tokenizer), strict=True
     ):
@@ -77,7 +79,7 @@ def test_transformers_loads_our_folder(tmp_path):
     }
     hf = ChineseCLIPModel.from_pretrained(folder).eval()
     images = random_images(3)
-    pixels = model.preprocess.batch(images)
+    pixels = ImageTransform(model.config.vision.image_size).batch(images)
     for ours, theirs in zip(
         _our_features(model, pixels, TEXTS), _hf_features(hf, pixels, TEXTS, model.tokenizer), strict=True
     ):
@@ -95,16 +97,16 @@ def test_round_trip_is_exact(name, tmp_path):
     torch.manual_seed(1)
     model = cnclip.create_model(name)
     images = random_images(2)
-    before = model.embed_images(images), model.embed_texts(TEXTS)
+    before = Encoder.build(model).embed_images(images), Encoder.build(model).embed_texts(TEXTS)
     again = cnclip.load_model(model.save_pretrained(tmp_path / "m"))
     assert again.config == model.config
-    after = again.embed_images(images), again.embed_texts(TEXTS)
+    after = Encoder.build(again).embed_images(images), Encoder.build(again).embed_texts(TEXTS)
     for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
     assert again.weights_digest() == model.weights_digest()
     # and once more through the loaded copy: saving is stable
     third = cnclip.load_model(again.save_pretrained(tmp_path / "m2"))
-    np.testing.assert_array_equal(third.embed_texts(TEXTS), before[1])
+    np.testing.assert_array_equal(Encoder.build(third).embed_texts(TEXTS), before[1])
 
 
 def test_safetensors_file_loads(tmp_path):
@@ -113,7 +115,7 @@ def test_safetensors_file_loads(tmp_path):
     model = cnclip.create_model("tiny-rn")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
     loaded = cnclip.load_model(tmp_path / "w.safetensors")
-    np.testing.assert_array_equal(loaded.embed_texts(TEXTS), model.embed_texts(TEXTS))
+    np.testing.assert_array_equal(Encoder.build(loaded).embed_texts(TEXTS), Encoder.build(model).embed_texts(TEXTS))
 
 
 def test_folder_vocab_wins(tmp_path):

@@ -14,6 +14,8 @@ from reference import official_model, official_state_shapes, save_official_check
 
 import cnclip
 from cnclip.model.config import get_model_config
+from cnclip.model.encoder import Encoder
+from cnclip.model.transform import ImageTransform
 
 TEXTS = ["一只猫", "海边的日落", "a dog 在草地上奔跑 🐶", "", "一张" + "很长的描述" * 20]
 
@@ -33,10 +35,11 @@ def _assert_parity(model, ref, images):
         ours_txt = model.encode_text(cnclip.tokenize(TEXTS))
     torch.testing.assert_close(ours_img, ref_img, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours_txt, ref_txt, atol=1e-5, rtol=1e-5)
-    # the high-level API: PIL and strings in, normalized numpy out
+    # the high-level API, an encoder: PIL and strings in, normalized numpy out
     norm = lambda t: torch.nn.functional.normalize(t, dim=-1).numpy()  # noqa: E731
-    np.testing.assert_allclose(model.embed_images(images), norm(ref_img), atol=1e-5)
-    np.testing.assert_allclose(model.embed_texts(TEXTS), norm(ref_txt), atol=1e-5)
+    encoder = Encoder.build(model)
+    np.testing.assert_allclose(encoder.embed_images(images), norm(ref_img), atol=1e-5)
+    np.testing.assert_allclose(encoder.embed_texts(TEXTS), norm(ref_txt), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
@@ -71,7 +74,7 @@ def test_official_parity_full_vit_b_16(tmp_path):
 
 
 def test_forward_returns_normalized_features_and_scale(tiny_vit, images):
-    pixels = tiny_vit.preprocess.batch(images)
+    pixels = ImageTransform(tiny_vit.config.vision.image_size).batch(images)
     ids = cnclip.tokenize(["一只猫", "一只狗"])
     img, txt, scale = tiny_vit(pixels, ids)
     assert img.shape == (len(images), 32) and txt.shape == (2, 32)
@@ -81,18 +84,19 @@ def test_forward_returns_normalized_features_and_scale(tiny_vit, images):
     assert only_text[0] is None and only_text[1].shape == (2, 32)
 
 
-def test_embed_texts_dynamic_padding_equals_full_padding(tiny_vit):
+def test_embed_texts_dynamic_padding_equals_full_padding(tiny_vit, tiny_vit_encoder):
     texts = ["猫", "一只在沙发上睡觉的橘猫", "海边的日落，天空是橙色的"]
     fixed = torch.nn.functional.normalize(tiny_vit.encode_text(cnclip.tokenize(texts)), dim=-1).detach().numpy()
-    np.testing.assert_allclose(tiny_vit.embed_texts(texts, batch_size=2), fixed, atol=1e-5)
+    np.testing.assert_allclose(tiny_vit_encoder.embed_texts(texts, batch_size=2), fixed, atol=1e-5)
 
 
-def test_embed_accepts_paths_and_rejects_bare_string(tiny_vit, images, tmp_path):
+def test_embed_accepts_paths_and_rejects_bare_string(tiny_vit_encoder, images, tmp_path):
     path = tmp_path / "a.png"
     images[0].save(path)
-    np.testing.assert_allclose(tiny_vit.embed_images([path]), tiny_vit.embed_images(images[:1]), atol=1e-6)
+    encoder = tiny_vit_encoder
+    np.testing.assert_allclose(encoder.embed_images([path]), encoder.embed_images(images[:1]), atol=1e-6)
     with pytest.raises(TypeError, match="list of strings"):
-        tiny_vit.embed_texts("一只猫")
+        encoder.embed_texts("一只猫")
 
 
 def test_lock_towers(tiny_vit):

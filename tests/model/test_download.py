@@ -27,6 +27,7 @@ import cnclip
 from cnclip.errors import CheckpointError, ModelNotFoundError
 from cnclip.model import checkpoint, download
 from cnclip.model.config import get_model_config
+from cnclip.model.transform import ImageTransform
 
 FILE = "clip_cn_tiny.pt"
 HUB_PATH = f"/OFA-Sys/chinese-clip-tiny/resolve/main/{FILE}"
@@ -445,7 +446,7 @@ def test_load_model_by_zoo_name_downloads_and_loads(cache, weights, monkeypatch)
         model = cnclip.load_model("tiny-dl")
     assert model.source == "tiny-dl"
     reference = cnclip.load_model(cache / FILE)
-    pixels = model.preprocess.batch(random_images(2))
+    pixels = ImageTransform(model.config.vision.image_size).batch(random_images(2))
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(pixels), reference.encode_image(pixels))
 

@@ -11,6 +11,7 @@ from conftest import indexed_vectors, random_images, run_cli
 
 import cnclip
 from cnclip.errors import CNClipError
+from cnclip.model.encoder import Encoder
 from cnclip.model.runtime import Runtime
 
 TEXTS = ["海边的日落", "一只橘猫"]
@@ -25,32 +26,31 @@ def model(tmp_path, monkeypatch):
 
 def test_int8_quantizes_the_image_tower_only(tmp_path, model):
     images = random_images(6, seed=5)
-    fp32_images, fp32_texts = model.embed_images(images), model.embed_texts(TEXTS)
+    fp32 = Encoder.build(model)
+    fp32_images, fp32_texts = fp32.embed_images(images), fp32.embed_texts(TEXTS)
     runtime = Runtime.resolve(precision="int8")
     assert runtime == Runtime("cpu", "int8", ("image", "text"), text_precision="fp32")
-    runtime.apply(model)
-    assert model.image_precision == "int8" and model.dtype == torch.float32
-    got = model.embed_images(images)
+    encoder = runtime.build(model)
+    assert encoder.image_precision == "int8" and model.dtype == torch.float32
+    got = encoder.embed_images(images)
     cosines = (got * fp32_images).sum(1)
     assert np.all(cosines > 0.999) and np.any(cosines < 0.999999), cosines  # close, and really quantized
-    np.testing.assert_allclose(model.embed_texts(TEXTS), fp32_texts, atol=1e-5)  # queries unchanged
+    np.testing.assert_allclose(encoder.embed_texts(TEXTS), fp32_texts, atol=1e-5)  # queries unchanged
     made = {p.name for p in (tmp_path / "cache").rglob("*.onnx")}
     assert made == {"image.onnx", "image.int8.onnx", "text.onnx"}
-    assert model.runtime.to_dict()["image"] == {"engine": "onnx", "precision": "int8"}
-    assert model.runtime.to_dict()["text"] == {"engine": "onnx", "precision": "fp32"}
+    assert encoder.runtime.to_dict()["image"] == {"engine": "onnx", "precision": "int8"}
+    assert encoder.runtime.to_dict()["text"] == {"engine": "onnx", "precision": "fp32"}
 
 
 def test_the_quantized_tower_is_made_once_per_model(tmp_path, model):
     image = random_images(1, seed=2)
-    Runtime.resolve(precision="int8").apply(model)
-    first = model.embed_images(image)
+    first = Runtime.resolve(precision="int8").build(model).embed_images(image)
     (quantized,) = (tmp_path / "cache").rglob("image.int8.onnx")
     stamp = quantized.stat().st_mtime_ns
-    Runtime.resolve(precision="int8").apply(model)  # sessions reopened, files reused
-    np.testing.assert_array_equal(model.embed_images(image), first)
+    again = Runtime.resolve(precision="int8").build(model)  # sessions reopened, files reused
+    np.testing.assert_array_equal(again.embed_images(image), first)
     assert quantized.stat().st_mtime_ns == stamp
-    Runtime.resolve(precision="fp32").apply(model)
-    assert model.image_precision == "fp32"
+    assert Runtime.resolve(precision="fp32").build(model).image_precision == "fp32"
 
 
 def test_int8_needs_the_cpu_and_onnx_runtime(monkeypatch):
@@ -60,7 +60,7 @@ def test_int8_needs_the_cpu_and_onnx_runtime(monkeypatch):
     with pytest.raises(CNClipError, match="--precision int8 needs onnxruntime; pip install onnxruntime"):
         Runtime.resolve(precision="int8")
     with pytest.raises(CNClipError, match="int8 runs in ONNX Runtime"):
-        cnclip.create_model("tiny-vit").use_onnx(("text",), int8=("image",))
+        Encoder.build(cnclip.create_model("tiny-vit"), precisions={"image": "int8"}, onnx_towers=("text",))
 
 
 def test_cnclip_index_in_int8_records_it_and_searches_like_fp32(tmp_path, tiny_vit):
@@ -87,7 +87,7 @@ def test_cnclip_index_in_int8_records_it_and_searches_like_fp32(tmp_path, tiny_v
     out = run_cli("search", TEXTS[0], "--index", tmp_path / "idx-int8", "--json", "-k", "6", env=env)
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)
-    query = tiny_vit.embed_texts(TEXTS[:1])[0]
+    query = Encoder.build(tiny_vit).embed_texts(TEXTS[:1])[0]
     assert sorted(h["path"] for h in hits) == sorted(vectors["int8"])
     for hit in hits:
         assert abs(hit["score"] - float(query @ vectors["int8"][hit["path"]])) < 1e-4
@@ -109,4 +109,4 @@ def test_compare_precisions_judges_int8_images_against_fp32(tmp_path, model):
     assert compared["fp32"]["top10_overlap"] == 1.0
     assert compared["fp32 images, int8 text"]["top10_overlap"] == 1.0  # queries are not quantized
     assert 0.5 < compared["int8 images, fp32 text"]["top10_overlap"] <= 1.0
-    assert model.image_precision == "fp32"  # the model given is not changed
+    assert model.dtype == torch.float32 and model.image_dtype == torch.float32  # the model given is not changed

@@ -9,7 +9,9 @@ from conftest import random_images, run_cli
 
 import cnclip
 from cnclip.errors import CNClipError
+from cnclip.model.encoder import Encoder
 from cnclip.model.onnx_export import OnnxTower, export_cached, export_onnx
+from cnclip.model.transform import ImageTransform
 
 TEXTS = ["猫", "海边的日落和沙滩上的脚印", "一只在沙发上睡觉的橘猫，旁边有一本书", "iPhone 截图 2024"]
 
@@ -25,32 +27,32 @@ def test_exported_towers_equal_torch(shape, request, tmp_path):
             want = model.encode_text(batch).numpy()
         np.testing.assert_allclose(OnnxTower(paths["text"])(batch), want, atol=1e-5, rtol=1e-4)
     for n in (1, 5):  # batch sizes other than the exported example's
-        pixels = model.preprocess.batch(random_images(n, seed=n))
+        pixels = ImageTransform(model.config.vision.image_size).batch(random_images(n, seed=n))
         with torch.inference_mode():
             want = model.encode_image(pixels).numpy()
         np.testing.assert_allclose(OnnxTower(paths["image"])(pixels), want, atol=1e-5, rtol=1e-4)
 
 
-def test_use_onnx_gives_the_same_embeddings_and_caches_the_export(tmp_path):
+def test_onnx_towers_give_the_same_embeddings_and_cache_the_export(tmp_path):
     torch.manual_seed(1)
     model = cnclip.create_model("tiny-vit")
     images = random_images(3, seed=2)
-    want_text, want_image = model.embed_texts(TEXTS), model.embed_images(images)
-    model.use_onnx(("text", "image"), folder=tmp_path)
-    np.testing.assert_allclose(model.embed_texts(TEXTS), want_text, atol=1e-5)
-    np.testing.assert_allclose(model.embed_images(images), want_image, atol=1e-5)
+    fp32 = Encoder.build(model)
+    want_text, want_image = fp32.embed_texts(TEXTS), fp32.embed_images(images)
+    onnx = Encoder.build(model, onnx_towers=("text", "image"), onnx_folder=tmp_path)
+    np.testing.assert_allclose(onnx.embed_texts(TEXTS), want_text, atol=1e-5)
+    np.testing.assert_allclose(onnx.embed_images(images), want_image, atol=1e-5)
     exported = sorted(tmp_path.rglob("*.onnx"))
     assert [p.name for p in exported] == ["image.onnx", "text.onnx"]
     stamps = [p.stat().st_mtime_ns for p in exported]
-    model.use_onnx(("text",), folder=tmp_path)  # cached by weights digest: not exported again
+    Encoder.build(model, onnx_towers=("text",), onnx_folder=tmp_path).embed_texts(TEXTS)  # cached by weights digest
     assert [p.stat().st_mtime_ns for p in exported] == stamps
     other = cnclip.create_model("tiny-vit")  # other weights get their own export, on first use
-    other.use_onnx(("text",), folder=tmp_path)
+    other_onnx = Encoder.build(other, onnx_towers=("text",), onnx_folder=tmp_path)
     assert len(list(tmp_path.rglob("text.onnx"))) == 1
-    other.embed_texts(TEXTS[:1])
+    other_onnx.embed_texts(TEXTS[:1])
     assert len(list(tmp_path.rglob("text.onnx"))) == 2
-    model.use_onnx(())  # back to torch
-    np.testing.assert_array_equal(model.embed_texts(TEXTS), want_text)
+    np.testing.assert_array_equal(Encoder.build(model).embed_texts(TEXTS), want_text)  # the model is unchanged
 
 
 def test_an_export_made_by_another_export_version_is_not_reused(tmp_path, tiny_vit, monkeypatch):
@@ -83,7 +85,7 @@ def test_export_onnx_cli(tmp_path, tiny_vit):
 
 def test_image_runs_split_into_small_batches_give_the_same_features(tmp_path, tiny_vit):
     path = export_onnx(tiny_vit, tmp_path, ("image",))["image"]
-    pixels = tiny_vit.preprocess.batch(random_images(7, seed=3))
+    pixels = ImageTransform(tiny_vit.config.vision.image_size).batch(random_images(7, seed=3))
     whole = OnnxTower(path)(pixels)
     for rows in (1, 3, 4, 7, 50):
         split = OnnxTower(path, rows_per_run=rows)
@@ -111,7 +113,7 @@ def test_export_past_the_protobuf_limit_leaves_one_data_file(tmp_path, tiny_vit,
         "image.onnx", "image.onnx.data", "text.onnx", "text.onnx.data"
     ]  # fmt: skip
     assert paths["image"].stat().st_size < 100_000  # the weights live in the .data file
-    pixels = tiny_vit.preprocess.batch(random_images(2, seed=4))
+    pixels = ImageTransform(tiny_vit.config.vision.image_size).batch(random_images(2, seed=4))
     ids = tiny_vit.tokenizer(TEXTS)
     with torch.inference_mode():
         want_image, want_text = tiny_vit.encode_image(pixels).numpy(), tiny_vit.encode_text(ids).numpy()

@@ -14,6 +14,7 @@ from conftest import random_images, run_cli
 
 import cnclip
 from cnclip.errors import CNClipError
+from cnclip.model.encoder import Encoder
 from cnclip.model.onnx_export import export_cached
 from cnclip.model.onnx_runtime import TEXT_TOKENIZER, TextEncoder, export_folder
 
@@ -40,10 +41,9 @@ def test_text_encoder_equals_the_model_through_onnx_runtime(tmp_path):
     assert (folder / TEXT_TOKENIZER).exists() and (folder / "vocab.txt").exists()
     encoder = TextEncoder.cached(model.weights_digest(), tmp_path)
     texts = TEXTS * 30  # > one batch of 64, of varied lengths
-    model.use_onnx(("text",), folder=tmp_path)
-    np.testing.assert_allclose(encoder.embed_texts(texts), model.embed_texts(texts), atol=1e-6)
-    model.use_onnx(())
-    np.testing.assert_allclose(encoder.embed_texts(TEXTS), model.embed_texts(TEXTS), atol=1e-5)
+    onnx = Encoder.build(model, onnx_towers=("text",), onnx_folder=tmp_path)
+    np.testing.assert_allclose(encoder.embed_texts(texts), onnx.embed_texts(texts), atol=1e-6)
+    np.testing.assert_allclose(encoder.embed_texts(TEXTS), Encoder.build(model).embed_texts(TEXTS), atol=1e-5)
     assert encoder.embed_texts([]).shape == (0, model.embed_dim)
     with pytest.raises(TypeError, match="wrap a single query"):
         encoder.embed_texts("猫")

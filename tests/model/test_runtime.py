@@ -12,6 +12,7 @@ from conftest import indexed_vectors, random_images, run_cli
 import cnclip
 from cnclip.errors import CNClipError
 from cnclip.index.index import Index
+from cnclip.model.encoder import Encoder
 from cnclip.model.runtime import Runtime
 
 TEXTS = ["海边的日落", "一只橘猫"]
@@ -67,11 +68,11 @@ def test_onnx_runtime_is_opened_only_for_the_tower_used(tmp_path, monkeypatch):
     torch.manual_seed(5)
     model = cnclip.create_model("tiny-vit")
     images = random_images(3, seed=4)
-    want = model.embed_images(images)
-    Runtime("cpu", "fp32", ("image", "text")).apply(model)
-    assert model.onnx_towers == ("image", "text")
+    want = Encoder.build(model).embed_images(images)
+    encoder = Runtime("cpu", "fp32", ("image", "text")).build(model)
+    assert encoder.onnx_towers == ("image", "text")
     assert list(tmp_path.rglob("*.onnx")) == []  # nothing exported until a tower is used
-    np.testing.assert_allclose(model.embed_images(images), want, atol=1e-5)
+    np.testing.assert_allclose(encoder.embed_images(images), want, atol=1e-5)
     assert [p.name for p in tmp_path.rglob("*.onnx")] == ["image.onnx"]
 
 
@@ -85,12 +86,12 @@ def test_bf16_keeps_the_index_identity_and_close_embeddings(tmp_path, tiny_vit):
     with Index.open(tmp_path / "idx", model=model, create=True) as index:
         index.add_folder(folder)
         want = index.search_text(TEXTS[0], k=4)
-    fp32 = model.embed_texts(TEXTS)
-    Runtime("cpu", "bf16").apply(model)
-    assert model.dtype == torch.bfloat16
-    got = model.embed_texts(TEXTS)
+    fp32 = Encoder.build(model).embed_texts(TEXTS)
+    bf16 = Runtime("cpu", "bf16").build(model)
+    assert bf16.precisions == {"image": "bf16", "text": "bf16"} and model.dtype == torch.float32
+    got = bf16.embed_texts(TEXTS)
     assert got.dtype == np.float32 and np.all((got * fp32).sum(1) > 0.99)
-    with Index.open(tmp_path / "idx", model=model) as index:  # same weights: the index accepts it
+    with Index.open(tmp_path / "idx", model=bf16) as index:  # same weights: the index accepts it
         assert [h.path for h in index.search_text(TEXTS[0], k=4)][:1] == [want[0].path]
 
 

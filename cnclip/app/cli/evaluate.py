@@ -50,8 +50,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if pairs is not None and args.t2s:
         pairs = simplified_captions(pairs)
     chosen = runtime(args)
-    model = chosen.apply(load_model(args.model, device=chosen.device))
-    result = _evaluate(model, pairs, args)
+    encoder = chosen.build(load_model(args.model))
+    result = _evaluate(encoder, pairs, args)
     if args.json:
         print(as_json(result))
     elif pairs is not None:
@@ -62,7 +62,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(model, pairs: list | None, args: argparse.Namespace) -> dict:
+def _evaluate(encoder, pairs: list | None, args: argparse.Namespace) -> dict:
     """The metrics of `pairs`, or of --zero-shot FOLDER without them; images that would not load named on stderr."""
     from cnclip.index.scan import Progress
     from cnclip.train.evaluate import evaluate_pairs, zero_shot_accuracy
@@ -72,9 +72,9 @@ def _evaluate(model, pairs: list | None, args: argparse.Namespace) -> dict:
     options = {"batch_size": args.batch_size, "progress": lambda done, total: bar(Progress(done, total))}
     try:
         if pairs is not None:
-            result = evaluate_pairs(model, pairs, on_skip=skipped.append, **options)
+            result = evaluate_pairs(encoder, pairs, on_skip=skipped.append, **options)
         else:
-            result = zero_shot_accuracy(model, args.zero_shot, args.labels, on_skip=skipped.append, **options)
+            result = zero_shot_accuracy(encoder, args.zero_shot, args.labels, on_skip=skipped.append, **options)
     finally:
         bar.close()
     for line in skipped:

@@ -118,8 +118,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
             words = _read_words(index, args)
             if args.json:
                 print(as_json(summary.to_dict() | {"words": words.to_dict()}))
-        model = index.model if args.watch else None
-    return _watch(args, index.catalog.folder, model) if args.watch else 0
+        encoder = index.encoder if args.watch else None
+    return _watch(args, index.catalog.folder, encoder) if args.watch else 0
 
 
 def _reads_words(args: argparse.Namespace) -> bool:
@@ -226,16 +226,14 @@ def _scan_options(args: argparse.Namespace) -> dict:
 def _prepare_text_search(index, chosen, quiet: bool) -> None:
     """Export the text tower now (once per model) when searches will run it in ONNX Runtime: then
     `cnclip search` answers without loading the model at all."""
-    if "text" not in (index.model.runtime or chosen).onnx_towers:
+    encoder = index.encoder
+    if "text" not in (encoder.runtime or chosen).onnx_towers:
         return
     from cnclip.model.onnx_runtime import export_folder
 
-    model = index.model
-    if not (export_folder(model.weights_digest()) / "text.onnx").exists() and not quiet:
+    if not (export_folder(encoder.weights_digest()) / "text.onnx").exists() and not quiet:
         say("preparing the text tower for fast searches (once per model) ...")
-    from cnclip.model.onnx_export import export_cached
-
-    export_cached(model, "text")
+    encoder.prepare("text")
 
 
 def _print_summary(summary, json_out: bool) -> None:
@@ -258,14 +256,14 @@ def _print_summary(summary, json_out: bool) -> None:
     )
 
 
-def _watch(args: argparse.Namespace, index_folder, model) -> int:
+def _watch(args: argparse.Namespace, index_folder, encoder) -> int:
     """`cnclip index DIR --watch` after its first pass: apply changes as they happen, until Ctrl+C."""
     from cnclip.index.watch import Watcher
 
     watcher = Watcher(
         index_folder,
         [args.folder],
-        model=model,
+        model=encoder,
         poll=args.watch_poll,
         on_batch=lambda batch: print_watch_batch(batch, args.json),
         on_error=lambda e: say(f"watch: {e}", flush=True),

@@ -198,11 +198,11 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     chosen = runtime(args)
     name = args.model or os.environ.get(MODEL_ENV)  # then the index's model
     if name:
-        model = chosen.apply(load_model(name, device=chosen.device))
+        encoder = chosen.build(load_model(name))
     else:
         with Index.open(args.index, runtime=chosen) as index:
-            model = index.model
-    hits = zero_shot(model, load_image(args.file), labels, t2s=args.t2s)[: args.k]
+            encoder = index.encoder
+    hits = zero_shot(encoder, load_image(args.file), labels, t2s=args.t2s)[: args.k]
     if args.json:
         print(as_json([{"label": h.text, "score": h.score} for h in hits]))
     else:

@@ -167,7 +167,7 @@ def _search_routes(api: APIRouter, worker: IndexWorker, image_size: int | None, 
         started = time.perf_counter()
         names = split_labels(labels)
         with decoded_upload(file, uploads, image_size) as image:
-            hits = worker.run(lambda index: zero_shot(index.model, image, names, t2s=index.t2s))[:k]
+            hits = worker.run(lambda index: zero_shot(index.encoder, image, names, t2s=index.t2s))[:k]
         found = [LabelResult(label=h.text, score=round(h.score, 6)) for h in hits]
         return TagResponse(labels=found, count=len(found), took_ms=since(started))
 

@@ -118,9 +118,9 @@ NO_FILTERS = Filters()
 
 def warm_up(index: Index) -> int:
     """Load the model, run the text tower once and bring the vector index up to date; the model's input size."""
-    index.model.embed_texts(["预热"])
+    index.encoder.embed_texts(["预热"])
     index.refresh()
-    return index.model.config.vision.image_size
+    return index.encoder.config.vision.image_size
 
 
 def frame_time(index: Index, file_id: int) -> float | None:
