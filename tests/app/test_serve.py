@@ -117,7 +117,8 @@ def test_search_with_not_and_like_combines_text_and_photo(client, built):
     expected = _combined(built, terms, 6)
     assert [(h["id"], h["score"]) for h in body["results"]] == [(i, pytest.approx(s, abs=1e-5)) for i, s in expected]
     assert body["count"] == 6 and like not in [h["id"] for h in body["results"]]  # "more like this" leaves it out
-    assert set(body["results"][0]) == {"id", "path", "name", "score", "thumb", "image", "t"}  # t: a video's moment
+    # t: a video's moment; words: the lines a photo was found by
+    assert set(body["results"][0]) == {"id", "path", "name", "score", "thumb", "image", "t", "words"}
 
     only_not = client.get("/api/search", params={"q": "雪山", "not": "城市", "k": 8}).json()
     expected = _combined(built, [("text", "雪山"), ("text", "城市", -1.0)], 8)

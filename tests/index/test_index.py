@@ -61,12 +61,19 @@ def test_query_errors_and_missing_index(tiny_vit, folder, tmp_path):
             index.search_text("猫", k=0)
 
 
-def test_zero_shot_probabilities(tiny_vit):
-    hits = cnclip.zero_shot(tiny_vit, random_images(1)[0], ["猫", "狗", "海滩"])
+def test_zero_shot_probabilities(tiny_vit_encoder):
+    hits = cnclip.zero_shot(tiny_vit_encoder, random_images(1)[0], ["猫", "狗", "海滩"])
     assert sorted(h.text for h in hits) == ["海滩", "狗", "猫"]
     assert sum(h.score for h in hits) == pytest.approx(1.0, abs=1e-6)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert np.isfinite([h.score for h in hits]).all()
+
+
+def test_zero_shot_with_a_model_still_works_and_warns(tiny_vit, tiny_vit_encoder):
+    image = random_images(1)[0]
+    with pytest.warns(DeprecationWarning, match="takes an Encoder"):
+        old = cnclip.zero_shot(tiny_vit, image, ["猫", "狗"])
+    assert old == cnclip.zero_shot(tiny_vit_encoder, image, ["猫", "狗"])
 
 
 def test_refresh_updates_the_saved_vector_index_in_place(tiny_vit_encoder, folder, tmp_path, monkeypatch):
