@@ -106,11 +106,10 @@ def _photos(root):
 
 
 class CountingReader(WordReader):
-    """The real reader, counting what it reads, failing on names listed in `fail`."""
+    """The process's real reader (its models loaded once), counting what it reads, failing on names in `fail`."""
 
     def __init__(self, fail=()):
         super().__init__()
-        self._engine = default_reader()._load()  # the models once for the whole module
         self.paths: list[str] = []
         self.fail = set(fail)
 
@@ -118,7 +117,7 @@ class CountingReader(WordReader):
         self.paths.append(str(path))
         if any(str(path).endswith(name) for name in self.fail):
             raise ImageError(f"{path}: the reader gave up (test)")
-        return super().read_file(path)
+        return default_reader().read_file(path)
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def test_a_reader_failure_is_an_image_error_not_a_crash(tmp_path, monkeypatch):
     def explode(image):
         raise RuntimeError("onnxruntime: bad input shape")
 
-    monkeypatch.setattr(reader, "_engine", explode)  # as if loaded
+    monkeypatch.setattr(reader, "_load", lambda side=None: explode)
     with pytest.raises(ImageError, match="word reader failed.*bad input shape"):
         reader.read(Image.new("RGB", (64, 64)))
 
