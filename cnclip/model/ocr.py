@@ -129,8 +129,8 @@ class WordReader:
         lines = []
         for text, score, box in zip(texts, result.scores, result.boxes, strict=True):
             text = str(text).strip()
-            if not text or float(score) < self.min_score:
-                continue
+            if not text or float(score) < self.min_score or (len(text) == 1 and text.isascii()):
+                continue  # a lone Latin letter or digit is texture read as text more often than a word
             corners = tuple((round(float(x) / scale), round(float(y) / scale)) for x, y in box)
             lines.append(Line(text, float(score), corners))
         return lines

@@ -96,3 +96,8 @@ def test_reads_with_no_network_at_all(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['取件码']"
     assert out.stderr == ""  # and says nothing while loading its models
+
+
+def test_a_lone_latin_letter_is_dropped_a_lone_chinese_character_kept(tmp_path, reader):
+    assert reader.read_file(word_photo(tmp_path / "a.png", ["a"], font_size=64)) == []
+    assert [line.text for line in reader.read_file(word_photo(tmp_path / "fu.png", ["福"], font_size=64))] == ["福"]
