@@ -1163,12 +1163,12 @@ class Catalog:
     # ---------------------------------------------------------------- words read in photos
 
     def photos_to_read(self, root: str | None = None, after: int = 0, limit: int = 64) -> list[tuple[int, str]]:
-        """Up to `limit` (vector id, path) of online photos (not video frames) under `root` whose
+        """Up to `limit` (vector id, path) of online photos and video frames under `root` whose
         content was never read for words, one path per vector, in vector id order after `after`."""
         lo, hi = _prefix_range(_absolute(root)) if root else ("", "\U0010ffff")
         rows = self._db.execute(
             "SELECT f.vector_id, min(f.path) FROM files f WHERE f.vector_id > ? AND f.offline IS NULL "
-            "AND f.path >= ? AND f.path < ? AND instr(f.path, '#t=') = 0 "
+            "AND f.path >= ? AND f.path < ? "
             "AND NOT EXISTS (SELECT 1 FROM words w WHERE w.vector_id = f.vector_id) "
             "GROUP BY f.vector_id ORDER BY f.vector_id LIMIT ?",
             (after, lo, hi, limit),
@@ -1219,13 +1219,14 @@ class Catalog:
         return out
 
     def words_progress(self, root: str | None = None) -> dict[str, int]:
-        """How far reading words is (under `root`, or everywhere): online photos (by content), how
-        many of them were read, how many have words, how many could not be read."""
+        """How far reading words is (under `root`, or everywhere): online pictures by content
+        (photos and video frames), how many of them were read, how many have words, how many
+        could not be read."""
         lo, hi = _prefix_range(_absolute(root)) if root else ("", "\U0010ffff")
         photos, read, with_words, failed = self._db.execute(
             "SELECT count(*), count(w.vector_id), count(CASE WHEN w.lines != '[]' THEN 1 END), "
             "count(w.error) FROM (SELECT DISTINCT vector_id FROM files WHERE vector_id IS NOT NULL "
-            "AND offline IS NULL AND path >= ? AND path < ? AND instr(path, '#t=') = 0) p "
+            "AND offline IS NULL AND path >= ? AND path < ?) p "
             "LEFT JOIN words w ON w.vector_id = p.vector_id",
             (lo, hi),
         ).fetchone()

@@ -1,4 +1,5 @@
-"""The second stage of indexing: reading the words in every photo whose vector is committed.
+"""The second stage of indexing: reading the words in every photo (and video key frame) whose
+vector is committed.
 
 Vectors come first, so searching by what a photo looks like works while its words are read.
 Words are recorded per content (vector), a batch per transaction: a run killed at any point
@@ -19,6 +20,7 @@ from cnclip import faults
 from cnclip.errors import CNClipError
 from cnclip.index.catalog import Catalog
 from cnclip.index.scan import Progress, from_catalog_path
+from cnclip.index.video import VideoError, frame_at, split_frame_path
 from cnclip.index.words import tokens
 from cnclip.model.ocr import READER, Line, WordReader
 
@@ -46,12 +48,15 @@ class ReadSummary:
 
 
 def _read_one(reader: WordReader, path: str) -> list[Line] | str:
+    """The lines in one photo, or in one key frame of a video (its frame decoded again: a seek to
+    the key frame it was embedded from); a one-line reason when it cannot be read."""
+    file, t = split_frame_path(from_catalog_path(path))
     try:
-        return reader.read_file(from_catalog_path(path))
-    except CNClipError as e:
-        return str(e)
+        return reader.read_file(file) if t is None else reader.read(frame_at(file, t))
+    except (CNClipError, VideoError) as e:
+        return str(e) if t is None else f"{file} at {t:g} s: {e}"
     except OSError as e:  # the file went away or became unreadable since it was embedded
-        return f"{from_catalog_path(path)}: {e.strerror or e}"
+        return f"{file}: {e.strerror or e}"
 
 
 def read_words(

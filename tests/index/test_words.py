@@ -256,3 +256,45 @@ def test_one_character_ranks_by_the_picture_unless_words_are_asked_for(indexed):
         str(root / "fapiao.png"),
         str(root / "haoma.png"),
     }
+
+
+def _word_video(path, frames, seconds_each=6, fps=4, size=(480, 320)):
+    """An MPEG-4 video showing each picture of `frames` for `seconds_each` seconds."""
+    import av
+
+    container = av.open(str(path), "w")
+    stream = container.add_stream("mpeg4", rate=fps)
+    stream.width, stream.height = size
+    stream.pix_fmt = "yuv420p"
+    stream.gop_size = fps * 2
+    stream.bit_rate = 2_000_000
+    for picture in frames:
+        frame = np.asarray(picture.convert("RGB").resize(size))
+        for _ in range(seconds_each * fps):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def test_words_in_a_video_find_it_at_their_moment(tiny_vit, tmp_path):
+    from PIL import Image
+
+    pictures = [
+        Image.open(word_photo(tmp_path / "f0.png", ["城市夜景"], size=(480, 320), font_size=40)),
+        Image.open(word_photo(tmp_path / "f1.png", ["请凭取件码领取"], size=(480, 320), font_size=40, seed=3)),
+    ]
+    root = tmp_path / "videos"
+    root.mkdir()
+    video = _word_video(root / "clip.mp4", pictures)
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+        index.add_folder(root, workers=1)
+        summary = index.read_words(reader=CountingReader())
+        assert summary.failed == [] and summary.with_words >= 2
+        [hit] = index.search_text("取件码", words="only")
+        assert hit.path == str(video) and hit.t is not None and hit.t >= 5.0  # the second scene, from 6 s
+        assert hit.words == ({"text": "请凭取件码领取", "spans": [[2, 5]]},)
+        [first] = index.search_text("城市夜景", words="only")
+        assert first.path == str(video) and first.t < 6.0
