@@ -540,7 +540,7 @@ def test_photos_found_by_their_words_show_them_marked(browser, words_server):
     url, _ = words_server
     browser.get_log("browser")
     browser.get(f"{url}?token={TOKEN}")
-    _wait(browser, lambda d: "索引共 6 张图片" in d.find_element(By.ID, "info").text, "the index summary")
+    _wait(browser, lambda d: "索引共 6 张图片（3 张有文字）" in d.find_element(By.ID, "info").text, "the index summary")
     browser.find_element(By.ID, "q").send_keys("发票", Keys.ENTER)
     _wait(browser, lambda d: "找到 6 张图片" in d.find_element(By.ID, "status").text, "the search")
     _wait(browser, lambda d: d.execute_script(LOADED_THUMBS), "thumbnails")

@@ -727,3 +727,4 @@ def test_search_uses_the_words_in_photos_and_returns_the_matched_lines(tmp_path,
         assert filtered.json()["results"] == []  # filters hold for word matches too
         bad = client.get("/api/search", params={"q": "发票", "words": "sometimes"})
         assert bad.status_code == 422
+        assert client.get("/api/health").json()["words"] == {"photos": 5, "read": 5, "with_words": 2, "failed": 0}

@@ -225,6 +225,7 @@ def _status_routes(api: APIRouter, worker: IndexWorker, runtime: Runtime | None)
             "count": stats["images"],
             "videos": stats["videos"],
             "texts": stats["texts"],
+            "words": stats["words"],  # pictures read for words, with words (as of the last change of files)
             "model": stats["model"],
             "vector_index": stats["vector_index"],
             "last_update": None if last is None else dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(),

@@ -300,6 +300,7 @@ async function showInfo() {
     $("info").textContent =
       `索引共 ${health.count.toLocaleString("zh-CN")} 张图片` +
       (health.videos ? `、${health.videos.toLocaleString("zh-CN")} 个视频` : "") +
+      (health.words && health.words.with_words ? `（${health.words.with_words.toLocaleString("zh-CN")} 张有文字）` : "") +
       ` · 模型 ${model} · 更新于 ${updated} · ${health.runtime}`;
     return true;
   } catch (error) {
