@@ -92,6 +92,7 @@ class Encoder:
         precisions: Mapping[str, str] | None = None,
         onnx_towers: Sequence[str] = (),
         runtime: RuntimeChoice | None = None,
+        digest: str | None = None,
     ):
         self.config = model.config
         self.tokenizer = model.tokenizer
@@ -104,8 +105,10 @@ class Encoder:
         self.runtime = runtime  # the concrete choice this encoder runs (None: built from the model as it is)
         self._image = image
         self._text = text
-        self._model = model  # for the weights digest, computed on first need
-        self._digest: str | None = None
+        self._digest = digest
+        # the model only while its digest is still to compute: towers run from a converted copy
+        # then leave the caller free to drop the original (a GPU run keeps no fp32 copy in RAM)
+        self._model: TwoTowers | None = model if digest is None else None
 
     @classmethod
     def build(
@@ -134,6 +137,8 @@ class Encoder:
             raise CNClipError(f"ONNX Runtime runs here on the CPU; the model is on {device}")
         dtypes = {t: None if t in onnx_towers else DTYPES[chosen[t]] for t in TOWERS}
         runs = converted(model, device, dtypes)
+        # of the weights as given (fp32 as loaded), before the original may be dropped
+        digest = model.weights_digest() if runs is not model else None
         towers: dict[str, Tower] = {"image": runs.encode_image, "text": runs.encode_text}
         for tower in onnx_towers:
             towers[tower] = OnnxOnFirstUse(model, tower, onnx_folder, chosen[tower])
@@ -145,6 +150,7 @@ class Encoder:
             precisions=chosen,
             onnx_towers=onnx_towers,
             runtime=runtime,
+            digest=digest,
         )
 
     # -- identity ---------------------------------------------------------------------------------
@@ -166,6 +172,7 @@ class Encoder:
         """The model's weights digest (fp32 values; an index compares it), computed once."""
         if self._digest is None:
             self._digest = self._model.weights_digest()
+            self._model = None
         return self._digest
 
     def prepare(self, tower: str) -> None:

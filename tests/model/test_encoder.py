@@ -120,3 +120,19 @@ def test_int8_and_onnx_need_onnx_towers_on_the_cpu(model):
         Encoder.build(model, precisions={"image": "int8"})
     with pytest.raises(cnclip.CNClipError, match="unknown tower"):
         Encoder.build(model, onnx_towers=("audio",))
+
+
+def test_a_converted_encoder_lets_the_original_model_go():
+    """A bf16 (or GPU) encoder runs from its own copy: the fp32 model it came from can be freed."""
+    import gc
+    import weakref
+
+    torch.manual_seed(5)
+    model = cnclip.create_model("tiny-vit")
+    digest, original = model.weights_digest(), weakref.ref(model)
+    encoder = Encoder.build(model, precisions={"image": "bf16", "text": "bf16"})
+    del model
+    gc.collect()
+    assert original() is None
+    assert encoder.weights_digest() == digest
+    assert np.isfinite(encoder.embed_texts(["一只猫"])).all()
