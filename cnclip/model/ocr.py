@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 RAPIDOCR_VERSION = "3.10.0"
 # What an index records per photo read, so a later reader can tell which results are whose.
 READER = f"rapidocr-{RAPIDOCR_VERSION}/PP-OCRv6-small"
-# Pictures are read at most this many pixels on their long side: a 12 MP phone photo (4000 px)
-# is read at 1600 px, where the words found are recognised from crops still sharp enough.
-DEFAULT_READ_SIDE = 1600
+# Pictures are read at most this many pixels on their long side: a 12 MP JPEG (4000 px) decodes
+# straight at 2000 px (DCT scaling), where the lines found are cut out sharp enough to recognise.
+DEFAULT_READ_SIDE = 2000
 # The detector, the cost of every picture with or without words, sees less: 736 px on the long
 # side (0.14 s for a 4:3 photo on 2 cores, against 0.61 s at 1600 px), and more for tall or wide
 # pictures (screenshots, panoramas), so that their lines keep about as many pixels of height.
@@ -97,6 +97,9 @@ class WordReader:
                     # finds are cut from the picture as given, for recognition
                     "Det.limit_type": "max",
                     "Det.limit_side_len": side,
+                    # ONNX Runtime's memory arena keeps buffers between pictures: the detector ran
+                    # 15 % faster (0.076 s against 0.089 s a photo here); RapidOCR turns it off
+                    "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,
                 }
             )
         return self._engines[side]
@@ -106,16 +109,18 @@ class WordReader:
         Raises ImageError for a file that cannot be decoded."""
         # JPEGs decode straight at about the reading size (DCT scaling), not at 12 MP
         image = load_image(path, max_pixels=max_pixels, draft_size=self.max_side // 2)
-        return self.read(image)
+        return self.read(image, full_size=_upright_size(path))
 
-    def read(self, image: Image.Image) -> list[Line]:
-        """The lines of text in `image`, top to bottom as the detector orders them."""
+    def read(self, image: Image.Image, full_size: tuple[int, int] | None = None) -> list[Line]:
+        """The lines of text in `image`, top to bottom as the detector orders them; boxes in the
+        pixels of `full_size` when the image was decoded smaller than that (default: its own)."""
         image = image.convert("RGB")
-        scale = 1.0
+        scale = 1.0 if full_size is None else max(image.size) / max(full_size)
         if max(image.size) > self.max_side:
-            scale = self.max_side / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            shrink = self.max_side / max(image.size)
+            size = (max(1, round(image.width * shrink)), max(1, round(image.height * shrink)))
             image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+            scale *= shrink
         tall = max(image.size) >= TALL_ASPECT * min(image.size)
         engine = self._load(self.tall_detect_side if tall else self.detect_side)
         with self._lock:
@@ -134,6 +139,17 @@ class WordReader:
             corners = tuple((round(float(x) / scale), round(float(y) / scale)) for x, y in box)
             lines.append(Line(text, float(score), corners))
         return lines
+
+
+def _upright_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The picture's size as shown (EXIF rotation applied), from its header; None if unreadable."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return (height, width) if turned else (width, height)
 
 
 _default: WordReader | None = None

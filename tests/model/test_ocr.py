@@ -101,3 +101,23 @@ def test_reads_with_no_network_at_all(tmp_path):
 def test_a_lone_latin_letter_is_dropped_a_lone_chinese_character_kept(tmp_path, reader):
     assert reader.read_file(word_photo(tmp_path / "a.png", ["a"], font_size=64)) == []
     assert [line.text for line in reader.read_file(word_photo(tmp_path / "fu.png", ["福"], font_size=64))] == ["福"]
+
+
+def test_boxes_are_in_the_files_pixels_when_a_jpeg_decodes_smaller(tmp_path, reader):
+    small = word_photo(tmp_path / "small.png", ["取件码"], size=(640, 480), font_size=40)
+    big = tmp_path / "big.jpg"
+    Image.open(small).resize((3200, 2400), Image.Resampling.BICUBIC).save(big, quality=92)  # decodes at 1/2
+    [line] = reader.read_file(big)
+    (x0, y0), _, (x2, y2), _ = line.box
+    assert line.text == "取件码" and abs(x0 - 5 * 53) < 60 and abs(y0 - 5 * 80) < 60 and 150 < y2 - y0 < 360
+
+
+def test_boxes_follow_the_exif_rotation(tmp_path, reader):
+    small = word_photo(tmp_path / "small.png", ["取件码"], size=(640, 480), font_size=40)
+    turned = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: the file holds the picture turned back
+    Image.open(small).rotate(90, expand=True).resize((1440, 1920)).save(turned, quality=92, exif=exif)
+    [line] = reader.read_file(turned)
+    assert line.text == "取件码"
+    assert all(0 <= x <= 1920 and 0 <= y <= 1440 for x, y in line.box)  # in the upright 1920x1440 picture
