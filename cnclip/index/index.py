@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -270,6 +271,16 @@ class Index:
             self._bind(model)
             self._encoder = _encoder(self._runtime, model)
         return self._encoder
+
+    @property
+    def model(self) -> Encoder:
+        """Deprecated for one release: `encoder`, which embeds as `Index.model` did."""
+        warnings.warn(
+            "Index.model is Index.encoder now (an Encoder: embed_texts and embed_images as before)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.encoder
 
     def _bind(self, model: CNClipModel | Encoder) -> None:
         """Record `model`'s identity in the catalog; a model other than the index's is refused."""

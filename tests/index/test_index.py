@@ -223,3 +223,11 @@ def test_the_default_index_is_found_from_any_folder(tmp_path, monkeypatch):
     assert path.resolve() == tmp_path / "elsewhere" / "index" / "default" and "current folder" in why
     monkeypatch.setenv("CNCLIP_INDEX", str(tmp_path / "mine"))
     assert default_index_choice() == (tmp_path / "mine", "$CNCLIP_INDEX")
+
+
+def test_index_model_is_the_encoder_for_one_more_release(tiny_vit, tmp_path):
+    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
+        with pytest.warns(DeprecationWarning, match="Index.encoder"):
+            old = index.model
+        assert old is index.encoder
+        np.testing.assert_array_equal(old.embed_texts(["猫"]), index.encoder.embed_texts(["猫"]))
