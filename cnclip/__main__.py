@@ -1,7 +1,5 @@
 """`python -m cnclip`: the same as the `cnclip` command."""
 
-import sys
+from cnclip.app.cli import run
 
-from cnclip.app.cli import main
-
-sys.exit(main())
+run()
