@@ -187,9 +187,9 @@ def run_cli(
     )
 
 
-def write_video(path, colors, seconds_each: int = 4, fps: int = 6, size=(96, 64), gop_seconds: int = 2):
-    """A short MPEG-4 video (PyAV): `seconds_each` seconds of each colour in turn, a key frame every
-    `gop_seconds`; returns `path`."""
+def write_video(path, scenes, seconds_each: int = 4, fps: int = 6, size=(96, 64), gop_seconds: int = 2, bit_rate=None):
+    """A short MPEG-4 video (PyAV): `seconds_each` seconds of each scene in turn, a key frame every
+    `gop_seconds`; a scene is a colour (with a lattice of its complement) or a PIL picture. Returns `path`."""
     import av
 
     container = av.open(str(path), "w")
@@ -197,9 +197,14 @@ def write_video(path, colors, seconds_each: int = 4, fps: int = 6, size=(96, 64)
     stream.width, stream.height = size
     stream.pix_fmt = "yuv420p"
     stream.gop_size = fps * gop_seconds
-    for color in colors:
-        frame = np.full((size[1], size[0], 3), color, np.uint8)
-        frame[::5, ::7] = 255 - np.array(color, np.uint8)  # texture, so frames are more than a mean colour
+    if bit_rate is not None:
+        stream.bit_rate = bit_rate  # enough for words in the frames to stay legible
+    for scene in scenes:
+        if isinstance(scene, Image.Image):
+            frame = np.asarray(scene.convert("RGB").resize(size))
+        else:
+            frame = np.full((size[1], size[0], 3), scene, np.uint8)
+            frame[::5, ::7] = 255 - np.array(scene, np.uint8)  # texture, so frames are more than a mean colour
         for _ in range(seconds_each * fps):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

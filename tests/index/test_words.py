@@ -7,7 +7,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from conftest import random_images, word_photo
+from conftest import random_images, word_photo, write_video
 
 import cnclip
 from cnclip.errors import ImageError, QueryError
@@ -258,27 +258,6 @@ def test_one_character_ranks_by_the_picture_unless_words_are_asked_for(indexed):
     }
 
 
-def _word_video(path, frames, seconds_each=6, fps=4, size=(480, 320)):
-    """An MPEG-4 video showing each picture of `frames` for `seconds_each` seconds."""
-    import av
-
-    container = av.open(str(path), "w")
-    stream = container.add_stream("mpeg4", rate=fps)
-    stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
-    stream.gop_size = fps * 2
-    stream.bit_rate = 2_000_000
-    for picture in frames:
-        frame = np.asarray(picture.convert("RGB").resize(size))
-        for _ in range(seconds_each * fps):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return path
-
-
 def test_words_in_a_video_find_it_at_their_moment(tiny_vit, tmp_path):
     from PIL import Image
 
@@ -288,7 +267,7 @@ def test_words_in_a_video_find_it_at_their_moment(tiny_vit, tmp_path):
     ]
     root = tmp_path / "videos"
     root.mkdir()
-    video = _word_video(root / "clip.mp4", pictures)
+    video = write_video(root / "clip.mp4", pictures, seconds_each=6, fps=4, size=(480, 320), bit_rate=2_000_000)
     with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
         index.add_folder(root, workers=1)
         summary = index.read_words(reader=CountingReader())
