@@ -713,8 +713,11 @@ def test_search_uses_the_words_in_photos_and_returns_the_matched_lines(tmp_path,
     write_photos(photos / "plain", 3, seed=5)
     with cnclip.Index.open(tmp_path / "idx", model=str(model_dir), create=True) as index:
         index.add_folder(photos)
-        assert index.read_words().with_words == 2
     with TestClient(create_app(tmp_path / "idx"), base_url=LOCAL) as client:
+        assert client.get("/api/health").json()["words"]["read"] == 0
+        with cnclip.Index.open(tmp_path / "idx") as writer:  # another process reads the words meanwhile
+            assert writer.read_words().with_words == 2
+        assert client.get("/api/health").json()["words"] == {"photos": 5, "read": 5, "with_words": 2, "failed": 0}
         first = client.get("/api/search", params={"q": "发票", "k": 5}).json()["results"]
         assert first[0]["name"] == "receipt.png"
         assert first[0]["words"] == [{"text": "增值税普通发票", "spans": [[5, 7]]}]

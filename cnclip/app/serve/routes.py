@@ -213,7 +213,7 @@ def _file_routes(api: APIRouter, worker: IndexWorker, thumbs: LRUCache[int, byte
 
 
 def _status_routes(api: APIRouter, worker: IndexWorker, runtime: Runtime | None) -> None:
-    stats_cache: LRUCache[int, dict] = LRUCache(1)  # by catalog generation
+    stats_cache: LRUCache[tuple, dict] = LRUCache(1)  # by the catalog's change token
 
     @api.get("/health")
     def health() -> dict:
@@ -225,7 +225,7 @@ def _status_routes(api: APIRouter, worker: IndexWorker, runtime: Runtime | None)
             "count": stats["images"],
             "videos": stats["videos"],
             "texts": stats["texts"],
-            "words": stats["words"],  # pictures read for words, with words (as of the last change of files)
+            "words": stats["words"],  # pictures read for words, and with words
             "model": stats["model"],
             "vector_index": stats["vector_index"],
             "last_update": None if last is None else dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(),

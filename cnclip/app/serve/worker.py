@@ -134,14 +134,15 @@ def servable(index: Index, file_id: int) -> tuple[FileRecord | None, dict[str, f
     return index.catalog.files_by_ids([file_id]).get(file_id), index.catalog.roots()
 
 
-def stats(index: Index, cache: LRUCache[int, dict]) -> tuple[dict, dict[str, float]]:
-    """`Index.stats()` (which reads the saved vector index) once per catalog generation, and the scanned folders."""
-    generation = index.catalog.generation()
-    found = cache.get(generation)
+def stats(index: Index, cache: LRUCache[tuple, dict]) -> tuple[dict, dict[str, float]]:
+    """`Index.stats()` (which reads the saved vector index) once per committed change to the
+    catalog (new files, or a batch of words read while the files stay the same), and the scanned folders."""
+    token = index.catalog.change_token()  # read first: a write after it makes the entry stale
+    found = cache.get(token)
     if found is None:
         index.refresh()  # so the saved vector index it reports is the current one
         found = index.stats()
-        cache.put(generation, found)
+        cache.put(token, found)
     return found, index.catalog.roots()
 
 
