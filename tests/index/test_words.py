@@ -179,11 +179,19 @@ def test_filters_apply_to_word_matches(indexed):
     assert hits and all("/plain/" in h.path and h.words is None for h in hits)
 
 
-def test_a_copy_is_not_read_again_and_changed_words_are(tiny_vit, tmp_path):
+def _indexed_words(model, tmp_path, pictures: dict[str, list[str]]):
+    """(open Index, photo folder): `pictures` (name -> lines) drawn, indexed with `model`, words not read yet."""
     root = tmp_path / "photos"
-    word_photo(root / "a.png", ["取件码"])
-    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
-        index.add_folder(root, workers=1)
+    for seed, (name, lines) in enumerate(pictures.items()):
+        word_photo(root / name, lines, seed=seed)
+    index = cnclip.Index.open(tmp_path / "idx", model=model, create=True)
+    index.add_folder(root, workers=1)
+    return index, root
+
+
+def test_a_copy_is_not_read_again_and_changed_words_are(tiny_vit, tmp_path):
+    index, root = _indexed_words(tiny_vit, tmp_path, {"a.png": ["取件码"]})
+    with index:
         reader = CountingReader()
         index.read_words(reader=reader)
         shutil.copy(root / "a.png", root / "copy.png")
@@ -202,11 +210,8 @@ def test_a_copy_is_not_read_again_and_changed_words_are(tiny_vit, tmp_path):
 
 
 def test_a_photo_the_reader_fails_on_keeps_its_vector(tiny_vit, tmp_path):
-    root = tmp_path / "photos"
-    word_photo(root / "good.png", ["取件码"])
-    word_photo(root / "bad.png", ["发票"], seed=1)
-    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
-        index.add_folder(root, workers=1)
+    index, root = _indexed_words(tiny_vit, tmp_path, {"good.png": ["取件码"], "bad.png": ["发票"]})
+    with index:
         reader = CountingReader(fail={"bad.png"})
         summary = index.read_words(reader=reader)
         assert summary.read == 2 and [p for p, _ in summary.failed] == [str(root / "bad.png")]
@@ -233,11 +238,8 @@ def test_reading_stops_between_photos_and_the_next_run_goes_on(tiny_vit, tmp_pat
 
 
 def test_gc_drops_the_words_with_their_vector(tiny_vit, tmp_path):
-    root = tmp_path / "photos"
-    word_photo(root / "a.png", ["取件码"])
-    word_photo(root / "b.png", ["发票"], seed=1)
-    with cnclip.Index.open(tmp_path / "idx", model=tiny_vit, create=True) as index:
-        index.add_folder(root, workers=1)
+    index, root = _indexed_words(tiny_vit, tmp_path, {"a.png": ["取件码"], "b.png": ["发票"]})
+    with index:
         index.read_words(reader=CountingReader())
         (root / "a.png").unlink()
         index.add_folder(root, workers=1)
