@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import time
 # Before anything imports huggingface_hub: tests must never reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-for name in ("CNCLIP_MODEL", "CNCLIP_DEVICE", "CNCLIP_BACKEND"):
+for name in ("CNCLIP_MODEL", "CNCLIP_DEVICE", "CNCLIP_BACKEND", "CNCLIP_OCR_ENGINE"):
     os.environ.pop(name, None)
 
 import numpy as np  # noqa: E402
@@ -50,6 +51,12 @@ def solid_photo(path, rgb, size=(48, 40)):
     arr[::7, ::5] = (255 - np.array(rgb)).astype(np.uint8)
     Image.fromarray(arr).save(path)
     return path
+
+
+# The word reader's second engine, OpenVINO, is installed on x86-64 only (pyproject.toml).
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+NO_OPENVINO = "OpenVINO is installed on x86-64 only (pyproject.toml)"
+needs_openvino = pytest.mark.skipif(not X86, reason=NO_OPENVINO)
 
 
 def word_photo(path, lines, size=(640, 480), font_size=40, background=(236, 230, 214), seed=0):

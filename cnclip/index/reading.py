@@ -37,6 +37,7 @@ class ReadSummary:
     with_words: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
     stopped: bool = False  # asked to stop before the end; the next run goes on
+    engine: str = ""  # what ran the reader's models (onnxruntime, openvino)
 
     def to_dict(self) -> dict:
         return {
@@ -44,6 +45,7 @@ class ReadSummary:
             "with_words": self.with_words,
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
             "stopped": self.stopped,
+            "engine": self.engine,
         }
 
 
@@ -69,7 +71,7 @@ def read_words(
 ) -> ReadSummary:
     """Read the words of every photo under `root` (catalog path; None: the whole index) not read yet."""
     counts = catalog.words_progress(root)
-    summary = ReadSummary()
+    summary = ReadSummary(engine=reader.engine)
     todo, after = counts["photos"] - counts["read"], 0
     # Two threads: one picture decodes while the one before it is read (the reader takes one
     # picture at a time and keeps both cores busy).

@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from conftest import random_images, run_cli, word_photo
+from conftest import needs_openvino, random_images, run_cli, word_photo
 from PIL import Image
 
 OCR = {"CNCLIP_OCR": "1"}  # the suite's default is off (tests/conftest.py); these tests are about it
@@ -42,7 +42,8 @@ def _search(idx, *args):
 def test_index_reads_the_words_after_the_vectors(indexed):
     _, summary, stderr = indexed
     assert summary["added"] == 6 and summary["embedded"] == 6
-    assert summary["words"] == {"read": 6, "with_words": 3, "failed": [], "stopped": False}
+    # the suite pins CNCLIP_CPU_BF16=0 (tests/conftest.py): the reader runs in ONNX Runtime
+    assert summary["words"] == {"read": 6, "with_words": 3, "failed": [], "stopped": False, "engine": "onnxruntime"}
     assert "Traceback" not in stderr
 
 
@@ -121,3 +122,17 @@ def test_a_file_the_reader_cannot_read_gets_one_line_and_stays_searchable(tmp_pa
     assert words["read"] == 2 and [f["path"] for f in words["failed"]] == [str(photos / "soon-broken.png")]
     paths = {h["path"] for h in json.loads(run_cli("search", "红色", "--index", idx, "-k", "5", "--json").stdout)}
     assert str(photos / "soon-broken.png") in paths  # its vector is still there
+
+
+@needs_openvino
+def test_a_cpu_with_fast_bf16_reads_in_openvino_and_says_so(tmp_path, model_dir):
+    """As an AMX or AVX-512 BF16 machine would run it (CNCLIP_CPU_BF16=1 makes that choice here)."""
+    photos, idx = tmp_path / "photos", tmp_path / "idx"
+    word_photo(photos / "kuaidi.png", ["请凭取件码领取"])
+    Image.new("RGB", (320, 240), (90, 140, 200)).save(photos / "sky.jpg")
+    assert run_cli("index", photos, "--index", idx, "--model", model_dir, "-q", "--no-ocr").returncode == 0
+    out = run_cli("index", "--index", idx, "--ocr-only", env={"CNCLIP_CPU_BF16": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "words: 2 photos read, 1 with words (openvino)" in out.stderr
+    [hit] = json.loads(run_cli("search", "取件码", "--index", idx, "--words", "--json").stdout)
+    assert hit["path"] == str(photos / "kuaidi.png") and hit["words"] == [{"text": "请凭取件码领取", "spans": [[2, 5]]}]

@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import os
 import subprocess
 import sys
 
 import pytest
-from conftest import word_photo
+from conftest import NO_OPENVINO, X86, needs_openvino, word_photo
 from PIL import Image
 
-from cnclip.errors import ImageError
-from cnclip.model.ocr import RAPIDOCR_VERSION, READER, Line, WordReader, default_reader
+from cnclip.errors import CNClipError, ImageError
+from cnclip.model.ocr import (
+    ENGINES,
+    RAPIDOCR_VERSION,
+    READER,
+    Line,
+    WordReader,
+    default_engine,
+    model_files,
+)
 
 
-@pytest.fixture(scope="module")
-def reader():
-    return default_reader()
+@pytest.fixture(scope="module", params=ENGINES)
+def reader(request):
+    """Each test reads with both engines, whichever one this CPU would pick."""
+    if request.param == "openvino" and not X86:
+        pytest.skip(NO_OPENVINO)
+    return WordReader(engine=request.param)
 
 
 def test_the_pinned_reader_is_the_one_installed():
@@ -81,8 +94,12 @@ def test_lines_round_trip_through_json():
     assert Line.from_dict(line.to_dict()) == Line("发票", 0.9877, line.box)
 
 
-def test_reads_with_no_network_at_all(tmp_path):
-    """The models come with the install: a process whose every connection fails still reads."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_reads_with_no_network_at_all(tmp_path, engine):
+    """The models come with the install: a process whose every connection fails still reads (the
+    OpenVINO engine too, which RapidOCR would otherwise point at converted models to download)."""
+    if engine == "openvino" and not X86:
+        pytest.skip(NO_OPENVINO)
     path = word_photo(tmp_path / "n.png", ["取件码"])
     code = (
         "import socket\n"
@@ -92,7 +109,8 @@ def test_reads_with_no_network_at_all(tmp_path):
         "from cnclip.model.ocr import WordReader\n"
         f"print([l.text for l in WordReader().read_file({str(path)!r})])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "CNCLIP_OCR_ENGINE": engine}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['取件码']"
     assert out.stderr == ""  # and says nothing while loading its models
@@ -121,3 +139,63 @@ def test_boxes_follow_the_exif_rotation(tmp_path, reader):
     [line] = reader.read_file(turned)
     assert line.text == "取件码"
     assert all(0 <= x <= 1920 and 0 <= y <= 1440 for x, y in line.box)  # in the upright 1920x1440 picture
+
+
+def _without_openvino(monkeypatch) -> None:
+    """As if OpenVINO were not installed (an ARM machine, or a trimmed install)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+
+
+def test_the_engine_follows_the_cpu_unless_named(monkeypatch):
+    monkeypatch.delenv("CNCLIP_OCR_ENGINE", raising=False)
+    monkeypatch.setenv("CNCLIP_CPU_BF16", "0")
+    assert default_engine() == "onnxruntime"  # AVX2 alone: OpenVINO's fp32 is not worth a second engine
+    if X86:  # where it is installed, a CPU with fast bf16 reads in OpenVINO, which computes in bf16 there
+        monkeypatch.setenv("CNCLIP_CPU_BF16", "1")
+        assert default_engine() == "openvino"
+        _without_openvino(monkeypatch)
+        assert default_engine() == "onnxruntime"  # not installed: ONNX Runtime, no error
+        monkeypatch.undo()
+    monkeypatch.setenv("CNCLIP_CPU_BF16", "1")
+    monkeypatch.setenv("CNCLIP_OCR_ENGINE", "onnxruntime")
+    assert default_engine() == "onnxruntime"
+    assert WordReader().engine == "onnxruntime"
+
+
+def test_an_unknown_engine_is_one_clear_error(monkeypatch):
+    with pytest.raises(CNClipError, match="'tensorrt' is not a reader engine; use one of: onnxruntime, openvino"):
+        WordReader(engine="tensorrt")
+    monkeypatch.setenv("CNCLIP_OCR_ENGINE", "paddle")
+    with pytest.raises(CNClipError, match=r"\$CNCLIP_OCR_ENGINE='paddle' is not a reader engine"):
+        WordReader()
+
+
+def test_openvino_without_openvino_installed_says_how_to_get_it(monkeypatch):
+    _without_openvino(monkeypatch)
+    with pytest.raises(CNClipError, match="pip install openvino"):
+        WordReader(engine="openvino")
+
+
+def test_the_wheel_carries_every_model_the_openvino_engine_is_given():
+    files = model_files()
+    assert set(files) == {"Det", "Rec", "Cls"}
+    assert all(f.is_file() and f.stat().st_size > 100_000 for f in files.values()), files
+
+
+@needs_openvino
+def test_both_engines_read_the_same_lines_in_the_same_places(tmp_path):
+    path = word_photo(tmp_path / "both.png", ["请凭取件码领取包裹", "增值税普通发票 2024", "會議紀要"])
+    ort, ov = (WordReader(engine=e).read_file(path) for e in ("onnxruntime", "openvino"))
+    assert (
+        [line.text for line in ort]
+        == [line.text for line in ov]
+        == [
+            "请凭取件码领取包裹",
+            "增值税普通发票 2024",
+            "會議紀要",
+        ]
+    )
+    for a, b in zip(ort, ov, strict=True):  # bf16 where the CPU has it: a few pixels, a little score
+        assert abs(a.score - b.score) < 0.05
+        assert max(abs(pa - pb) for p, q in zip(a.box, b.box, strict=True) for pa, pb in zip(p, q, strict=True)) <= 6

@@ -138,7 +138,7 @@ def _read_words(index, args: argparse.Namespace, folder: str | None = None):
     for path, reason in summary.failed:
         say(f"could not read the words in {path}: {reason} (its picture stays searchable)")
     if not args.json:
-        say(f"words: {summary.read} photos read, {summary.with_words} with words")
+        say(f"words: {summary.read} photos read, {summary.with_words} with words ({summary.engine})")
     return summary
 
 
