@@ -44,3 +44,8 @@ class QueryError(CNClipError, ValueError):
 
 class IndexBusyError(CNClipError, RuntimeError):
     """Another process is writing the index (its writer lock is held)."""
+
+
+class ReaderError(CNClipError, RuntimeError):
+    """The word reader cannot run at all (not installed, its models do not load, no such engine).
+    Unlike a picture it fails on, nothing is recorded: the next run reads every photo again."""

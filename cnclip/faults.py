@@ -35,6 +35,7 @@ POINTS: dict[str, str] = {
     "ondisk.before_meta": "an on-disk index's lists are written, its meta file not yet",
     "download.mid": "part of a download is written to its .part file",
     "words.after_batch": "a batch of photos' words is committed, the next not begun",
+    "words.load_reader": "the word reader is about to load its models",
 }
 
 

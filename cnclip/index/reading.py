@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cnclip import faults
-from cnclip.errors import CNClipError
+from cnclip.errors import CNClipError, ReaderError
 from cnclip.index.catalog import Catalog
 from cnclip.index.scan import Progress, from_catalog_path
 from cnclip.index.video import VideoError, frame_at, split_frame_path
@@ -55,6 +55,8 @@ def _read_one(reader: WordReader, path: str) -> list[Line] | str:
     file, t = split_frame_path(from_catalog_path(path))
     try:
         return reader.read_file(file) if t is None else reader.read(frame_at(file, t))
+    except ReaderError:
+        raise  # no photo's fault: nothing is recorded, and the run stops with this one line
     except (CNClipError, VideoError) as e:
         return str(e) if t is None else f"{file} at {t:g} s: {e}"
     except OSError as e:  # the file went away or became unreadable since it was embedded

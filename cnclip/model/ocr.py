@@ -20,9 +20,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from cnclip.errors import CNClipError, ImageError
+from cnclip import faults
+from cnclip.errors import CNClipError, ImageError, ReaderError
 from cnclip.model.cpu import cpu_has_fast_bf16
 from cnclip.model.transform import DEFAULT_MAX_PIXELS, load_image
 
@@ -41,6 +43,8 @@ DETECT_SIDE = 736
 TALL_ASPECT = 1.6  # from this ratio of long to short side a picture counts as tall
 TALL_DETECT_SIDE = 960
 MIN_SCORE = 0.5  # recognitions below this confidence are noise more often than words
+# Every call names all three stages: RapidOCR keeps the ones a call names for the calls after it.
+_STAGES = {"use_det": True, "use_cls": True, "use_rec": True}
 
 ENGINES = ("onnxruntime", "openvino")
 ENGINE_ENV = "CNCLIP_OCR_ENGINE"  # onnxruntime/openvino: which one runs the reader's models
@@ -61,7 +65,7 @@ def default_engine() -> str:
     forced = os.environ.get(ENGINE_ENV, "").strip().lower()
     if forced:
         if forced not in ENGINES:
-            raise CNClipError(f"${ENGINE_ENV}={forced!r} is not a reader engine; use one of: {', '.join(ENGINES)}")
+            raise ReaderError(f"${ENGINE_ENV}={forced!r} is not a reader engine; use one of: {', '.join(ENGINES)}")
         return forced
     if cpu_has_fast_bf16() and importlib.util.find_spec("openvino") is not None:
         return "openvino"
@@ -72,7 +76,7 @@ def model_files() -> dict[str, Path]:
     """The reader's ONNX models inside the installed rapidocr wheel, by RapidOCR's stage name."""
     spec = importlib.util.find_spec("rapidocr")
     if spec is None or spec.origin is None:
-        raise CNClipError(f"reading words in photos needs rapidocr: pip install 'rapidocr=={RAPIDOCR_VERSION}'")
+        raise ReaderError(f"reading words in photos needs rapidocr: pip install 'rapidocr=={RAPIDOCR_VERSION}'")
     folder = Path(spec.origin).parent / "models"
     return {stage: folder / name for stage, name in _MODEL_FILES.items()}
 
@@ -109,11 +113,13 @@ class WordReader:
     ) -> None:
         if min(max_side, detect_side, tall_detect_side) < 32:
             raise CNClipError("reading sizes must be at least 32 px")
+        # OpenVINO picked for this CPU (not asked for) falls back to ONNX Runtime if it cannot load
+        self._fallback = engine is None and not os.environ.get(ENGINE_ENV, "").strip()
         self.engine = default_engine() if engine is None else engine
         if self.engine not in ENGINES:
-            raise CNClipError(f"{self.engine!r} is not a reader engine; use one of: {', '.join(ENGINES)}")
+            raise ReaderError(f"{self.engine!r} is not a reader engine; use one of: {', '.join(ENGINES)}")
         if self.engine == "openvino" and importlib.util.find_spec("openvino") is None:
-            raise CNClipError("the openvino reader engine needs OpenVINO: pip install openvino (or use onnxruntime)")
+            raise ReaderError("the openvino reader engine needs OpenVINO: pip install openvino (or use onnxruntime)")
         self.max_side = max_side
         self.min_score = min_score
         self.detect_side, self.tall_detect_side = detect_side, tall_detect_side
@@ -121,42 +127,72 @@ class WordReader:
         self._lock = threading.Lock()
 
     def _load(self, detect_side: int | None = None):
-        """The engine whose detector sees `detect_side` pixels on the long side (default: photos')."""
+        """The engine whose detector sees `detect_side` pixels on the long side (default: photos'),
+        its models loaded. Raises ReaderError when they cannot be: that is no picture's fault."""
         side = detect_side or self.detect_side
         if side not in self._engines:
             try:
-                from rapidocr import EngineType, RapidOCR
-            except ImportError as e:
-                raise CNClipError(
-                    f"reading words in photos needs rapidocr: pip install 'rapidocr=={RAPIDOCR_VERSION}' "
-                    "(or index with --no-ocr)"
-                ) from e
-            # Its own logger prints every model path at INFO; a library here stays quiet.
-            logging.getLogger("RapidOCR").setLevel(logging.ERROR)
-            engine_params = {}
-            if self.engine == "openvino":
-                for stage, file in model_files().items():
-                    engine_params[f"{stage}.engine_type"] = EngineType.OPENVINO
-                    engine_params[f"{stage}.model_path"] = str(file)
-                # one picture at a time, as fast as it can go (not throughput over parallel requests)
-                engine_params["EngineConfig.openvino.performance_hint"] = "LATENCY"
-            self._engines[side] = RapidOCR(
-                params=engine_params
-                | {
-                    "Global.log_level": "error",
-                    "Global.text_score": self.min_score,
-                    # our `max_side` already bounds the picture; theirs would shrink it again at 2000
-                    "Global.max_side_len": max(self.max_side, 2000),
-                    # the detector shrinks the picture to `side` (never enlarges it); the lines it
-                    # finds are cut from the picture as given, for recognition
-                    "Det.limit_type": "max",
-                    "Det.limit_side_len": side,
-                    # ONNX Runtime's memory arena keeps buffers between pictures: the detector ran
-                    # 15 % faster (0.076 s against 0.089 s a photo here); RapidOCR turns it off
-                    "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,
-                }
-            )
+                self._engines[side] = self._start(side)
+            except ReaderError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever the engine raises, the reader cannot run
+                if not (self.engine == "openvino" and self._fallback):
+                    other = f", or set ${ENGINE_ENV}=onnxruntime" if self.engine == "openvino" else ""
+                    raise ReaderError(
+                        f"the word reader could not load its models in {self.engine} ({type(e).__name__}: {e}); "
+                        f"photos stay searchable by picture: fix this and run `cnclip index --ocr-only`{other}"
+                    ) from e
+                log.warning(
+                    "OpenVINO could not load the word reader's models (%s: %s); reading in ONNX Runtime",
+                    type(e).__name__,
+                    e,
+                )
+                self.engine, self._fallback, self._engines = "onnxruntime", False, {}
+                return self._load(side)
         return self._engines[side]
+
+    def _start(self, side: int):
+        """A RapidOCR engine for `side`, its three models loaded now rather than at the first
+        picture with words, so that a failure to load them is told apart from a picture's."""
+        faults.point("words.load_reader")
+        try:
+            from rapidocr import EngineType, RapidOCR
+        except ImportError as e:
+            raise ReaderError(
+                f"reading words in photos needs rapidocr: pip install 'rapidocr=={RAPIDOCR_VERSION}' "
+                "(or index with --no-ocr)"
+            ) from e
+        # Its own logger prints every model path at INFO; a library here stays quiet.
+        logging.getLogger("RapidOCR").setLevel(logging.ERROR)
+        engine_params = {}
+        if self.engine == "openvino":
+            for stage, file in model_files().items():
+                engine_params[f"{stage}.engine_type"] = EngineType.OPENVINO
+                engine_params[f"{stage}.model_path"] = str(file)
+            # one picture at a time, as fast as it can go (not throughput over parallel requests)
+            engine_params["EngineConfig.openvino.performance_hint"] = "LATENCY"
+        engine = RapidOCR(
+            params=engine_params
+            | {
+                "Global.log_level": "error",
+                "Global.text_score": self.min_score,
+                # our `max_side` already bounds the picture; theirs would shrink it again at 2000
+                "Global.max_side_len": max(self.max_side, 2000),
+                # the detector shrinks the picture to `side` (never enlarges it); the lines it
+                # finds are cut from the picture as given, for recognition
+                "Det.limit_type": "max",
+                "Det.limit_side_len": side,
+                # ONNX Runtime's memory arena keeps buffers between pictures: the detector ran
+                # 15 % faster (0.076 s against 0.089 s a photo here); RapidOCR turns it off
+                "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,
+            }
+        )
+        # RapidOCR loads each model at its first use: the detector on any picture, the direction
+        # classifier and the recognizer on a line. A blank line loads the last two.
+        blank = np.full((48, 192, 3), 255, dtype=np.uint8)
+        engine(blank, **_STAGES)
+        engine(blank, use_det=False, use_cls=True, use_rec=True)
+        return engine
 
     def read_file(self, path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Line]:
         """The lines in an image file (decoded as for embedding: upright per EXIF, HEIC, ...).
@@ -176,10 +212,10 @@ class WordReader:
             image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
             scale *= shrink
         tall = max(image.size) >= TALL_ASPECT * min(image.size)
-        engine = self._load(self.tall_detect_side if tall else self.detect_side)
         with self._lock:
+            engine = self._load(self.tall_detect_side if tall else self.detect_side)
             try:
-                result = engine(image)
+                result = engine(image, **_STAGES)
             except Exception as e:  # noqa: BLE001 - a third-party reader's failure is one photo's, not the run's
                 raise ImageError(f"the word reader failed on this picture ({type(e).__name__}: {e})") from e
         texts = result.txts or ()

@@ -124,6 +124,21 @@ def test_a_file_the_reader_cannot_read_gets_one_line_and_stays_searchable(tmp_pa
     assert str(photos / "soon-broken.png") in paths  # its vector is still there
 
 
+def test_a_reader_that_cannot_load_is_one_line_and_marks_no_photo(tmp_path, model_dir):
+    photos, idx = tmp_path / "photos", tmp_path / "idx"
+    word_photo(photos / "kuaidi.png", ["请凭取件码领取"])
+    out = run_cli(
+        "index", photos, "--index", idx, "--model", model_dir, env=OCR | {"CNCLIP_FAULT": "words.load_reader=EIO"}
+    )
+    assert out.returncode == 1
+    [line] = [x for x in out.stderr.splitlines() if x.startswith("cnclip: error:")]
+    assert "could not load its models" in line and "searchable by picture" in line and "Traceback" not in out.stderr
+    info = json.loads(run_cli("info", "--index", idx, "--json").stdout)
+    assert info["images"] == 1 and info["words"] == {"photos": 1, "read": 0, "with_words": 0, "failed": 0}
+    again = run_cli("index", "--index", idx, "--ocr-only", "--json", "-q")
+    assert again.returncode == 0 and json.loads(again.stdout)["words"]["with_words"] == 1
+
+
 @needs_openvino
 def test_a_cpu_with_fast_bf16_reads_in_openvino_and_says_so(tmp_path, model_dir):
     """As an AMX or AVX-512 BF16 machine would run it (CNCLIP_CPU_BF16=1 makes that choice here)."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import sys
 
 import numpy as np
 import pytest
 from conftest import random_images, word_photo, write_video
 
 import cnclip
-from cnclip.errors import ImageError, QueryError
+from cnclip.errors import ImageError, QueryError, ReaderError
 from cnclip.index.words import WordQuery, matching_lines, spans, tokens
 from cnclip.model.ocr import WordReader, default_reader
 
@@ -219,6 +220,19 @@ def test_a_photo_the_reader_fails_on_keeps_its_vector(tiny_vit, tmp_path):
         assert str(root / "bad.png") in {h.path for h in index.search_text("发票", k=2)}  # by its picture
         assert index.catalog.words_progress()["failed"] == 1
         assert index.read_words(reader=reader).read == 0  # recorded: not retried until it changes
+
+
+def test_a_reader_that_cannot_load_records_nothing_and_the_next_run_reads_all(tiny_vit, tmp_path, monkeypatch):
+    """Not installed, or its models do not load: no photo's fault, so none is marked as failed (a
+    failure recorded per photo would never be retried until the photo changed)."""
+    index, root = _indexed_words(tiny_vit, tmp_path, {"a.png": ["取件码"], "b.png": ["发票"]})
+    with index:
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "rapidocr", None)  # as if it were not installed
+            with pytest.raises(ReaderError, match="needs rapidocr: pip install 'rapidocr==3.10.0'"):
+                index.read_words(reader=WordReader(engine="onnxruntime"))
+        assert index.catalog.words_progress() == {"photos": 2, "read": 0, "with_words": 0, "failed": 0}
+        assert index.read_words(reader=WordReader(engine="onnxruntime")).with_words == 2
 
 
 def test_reading_stops_between_photos_and_the_next_run_goes_on(tiny_vit, tmp_path):

@@ -12,7 +12,8 @@ import pytest
 from conftest import NO_OPENVINO, X86, needs_openvino, word_photo
 from PIL import Image
 
-from cnclip.errors import CNClipError, ImageError
+from cnclip.errors import CNClipError, ImageError, ReaderError
+from cnclip.model import ocr
 from cnclip.model.ocr import (
     ENGINES,
     RAPIDOCR_VERSION,
@@ -81,7 +82,7 @@ def test_a_file_that_is_no_image_is_one_clear_error(tmp_path, reader):
 def test_a_reader_failure_is_an_image_error_not_a_crash(tmp_path, monkeypatch):
     reader = WordReader()
 
-    def explode(image):
+    def explode(image, **stages):
         raise RuntimeError("onnxruntime: bad input shape")
 
     monkeypatch.setattr(reader, "_load", lambda side=None: explode)
@@ -199,3 +200,19 @@ def test_both_engines_read_the_same_lines_in_the_same_places(tmp_path):
     for a, b in zip(ort, ov, strict=True):  # bf16 where the CPU has it: a few pixels, a little score
         assert abs(a.score - b.score) < 0.05
         assert max(abs(pa - pb) for p, q in zip(a.box, b.box, strict=True) for pa, pb in zip(p, q, strict=True)) <= 6
+
+
+@needs_openvino
+def test_openvino_picked_for_the_cpu_falls_back_when_it_cannot_load(tmp_path, monkeypatch, caplog):
+    path = word_photo(tmp_path / "k.png", ["取件码"])
+    monkeypatch.setenv("CNCLIP_CPU_BF16", "1")  # this CPU would read in OpenVINO
+    monkeypatch.delenv("CNCLIP_OCR_ENGINE", raising=False)
+    monkeypatch.setattr(ocr, "model_files", lambda: dict.fromkeys(("Det", "Rec", "Cls"), tmp_path / "gone.onnx"))
+    reader = WordReader()
+    assert reader.engine == "openvino"
+    with caplog.at_level("WARNING", logger="cnclip.model.ocr"):
+        assert [line.text for line in reader.read_file(path)] == ["取件码"]
+    assert reader.engine == "onnxruntime" and "reading in ONNX Runtime" in caplog.text
+    # asked for by name, it is not swapped behind the user's back: one line that says what to do
+    with pytest.raises(ReaderError, match="could not load its models in openvino.*CNCLIP_OCR_ENGINE=onnxruntime"):
+        WordReader(engine="openvino").read_file(path)
