@@ -53,6 +53,18 @@ def solid_photo(path, rgb, size=(48, 40)):
     return path
 
 
+def mount_tmpfs(path) -> None:
+    """Mount a fresh 16 MB tmpfs at `path`: a real drive to unplug (skips where mounting is refused;
+    CI runs as root)."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "cnclip-test", str(path)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"mounting a tmpfs needs root (CI runs as root): {done.stderr.decode().strip()}")
+
+
+def umount(path) -> None:
+    subprocess.run(["umount", str(path)], check=True)
+
+
 # The word reader's second engine, OpenVINO, is installed on x86-64 only (pyproject.toml).
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 NO_OPENVINO = "OpenVINO is installed on x86-64 only (pyproject.toml)"

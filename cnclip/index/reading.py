@@ -6,7 +6,8 @@ Words are recorded per content (vector), a batch per transaction: a run killed a
 keeps every batch it committed and the next run reads only what is left; a copy or a restored
 photo is never read twice; a photo whose content changed is new content and is read again.
 A photo the reader fails on keeps its vector and gets one line (recorded, so it is not retried
-until its content changes).
+until its content changes). A photo that cannot be got at (deleted since, its drive unmounted or
+dropped, permission refused) is not recorded: the next run reads it if it is back.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class ReadSummary:
     read: int = 0
     with_words: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
+    # could not be opened or read through now (gone, offline, refused): not recorded, tried again next run
+    unreachable: list[tuple[str, str]] = field(default_factory=list)
     stopped: bool = False  # asked to stop before the end; the next run goes on
     engine: str = ""  # what ran the reader's models (onnxruntime, openvino)
 
@@ -44,23 +47,45 @@ class ReadSummary:
             "read": self.read,
             "with_words": self.with_words,
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "unreachable": [{"path": p, "reason": r} for p, r in self.unreachable],
             "stopped": self.stopped,
             "engine": self.engine,
         }
 
 
-def _read_one(reader: WordReader, path: str) -> list[Line] | str:
+@dataclass(frozen=True)
+class _Unreachable:
+    """A photo that could not be opened or read through (it went away, or its drive dropped or
+    refused): not recorded, so the next run tries it again."""
+
+    reason: str
+
+
+def _io_error(error: BaseException | None) -> OSError | None:
+    """The operating system's error behind `error`, if any: one with an errno (ENOENT, EIO,
+    ESTALE, EACCES...). A decoder's complaint about the data itself has none."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error = error.__cause__
+    return None
+
+
+def _read_one(reader: WordReader, path: str) -> list[Line] | str | _Unreachable:
     """The lines in one photo, or in one key frame of a video (its frame decoded again: a seek to
-    the key frame it was embedded from); a one-line reason when it cannot be read."""
+    the key frame it was embedded from); a one-line reason when it cannot be read (recorded: the
+    same content would fail again), or `_Unreachable` when the file cannot be got at now."""
     file, t = split_frame_path(from_catalog_path(path))
     try:
         return reader.read_file(file) if t is None else reader.read(frame_at(file, t))
     except ReaderError:
         raise  # no photo's fault: nothing is recorded, and the run stops with this one line
-    except (CNClipError, VideoError) as e:
-        return str(e) if t is None else f"{file} at {t:g} s: {e}"
-    except OSError as e:  # the file went away or became unreadable since it was embedded
-        return f"{file}: {e.strerror or e}"
+    except (CNClipError, VideoError, OSError) as e:
+        if isinstance(e, OSError):  # the file went away or became unreadable since it was embedded
+            reason = f"{file}: {e.strerror or e}"
+        else:
+            reason = str(e) if t is None else f"{file} at {t:g} s: {e}"
+        return _Unreachable(reason) if _io_error(e) is not None else reason
 
 
 def read_words(
@@ -90,6 +115,10 @@ def read_words(
                     summary.stopped = True
                     break
                 result = future.result()
+                if isinstance(result, _Unreachable):  # gone or offline since it was embedded
+                    log.warning("cannot get at %s to read its words now: %s", from_catalog_path(path), result.reason)
+                    summary.unreachable.append((from_catalog_path(path), result.reason))
+                    continue
                 if isinstance(result, str):
                     log.warning("cannot read the words in %s: %s", from_catalog_path(path), result)
                     summary.failed.append((from_catalog_path(path), result))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
-from conftest import needs_openvino, random_images, run_cli, word_photo
+from conftest import mount_tmpfs, needs_openvino, random_images, run_cli, umount, word_photo
 from PIL import Image
 
 OCR = {"CNCLIP_OCR": "1"}  # the suite's default is off (tests/conftest.py); these tests are about it
@@ -43,7 +44,14 @@ def test_index_reads_the_words_after_the_vectors(indexed):
     _, summary, stderr = indexed
     assert summary["added"] == 6 and summary["embedded"] == 6
     # the suite pins CNCLIP_CPU_BF16=0 (tests/conftest.py): the reader runs in ONNX Runtime
-    assert summary["words"] == {"read": 6, "with_words": 3, "failed": [], "stopped": False, "engine": "onnxruntime"}
+    assert summary["words"] == {
+        "read": 6,
+        "with_words": 3,
+        "failed": [],
+        "unreachable": [],
+        "stopped": False,
+        "engine": "onnxruntime",
+    }
     assert "Traceback" not in stderr
 
 
@@ -122,6 +130,36 @@ def test_a_file_the_reader_cannot_read_gets_one_line_and_stays_searchable(tmp_pa
     assert words["read"] == 2 and [f["path"] for f in words["failed"]] == [str(photos / "soon-broken.png")]
     paths = {h["path"] for h in json.loads(run_cli("search", "红色", "--index", idx, "-k", "5", "--json").stdout)}
     assert str(photos / "soon-broken.png") in paths  # its vector is still there
+
+
+def test_photos_on_a_drive_unplugged_before_their_words_are_read_get_them_when_it_is_back(tmp_path, model_dir):
+    photos, idx, stash = tmp_path / "photos", tmp_path / "idx", tmp_path / "stash"
+    word_photo(photos / "home.png", ["会议纪要"])
+    word_photo(stash / "receipt.png", ["增值税普通发票"], seed=1)
+    usb = photos / "usb"
+    usb.mkdir()
+    mount_tmpfs(usb)
+    try:
+        shutil.copy2(stash / "receipt.png", usb / "receipt.png")
+        assert run_cli("index", photos, "--index", idx, "--model", model_dir, "-q", "--no-ocr").returncode == 0
+        umount(usb)  # unplugged before the words were read
+        out = run_cli("index", "--index", idx, "--ocr-only", "--json")
+        assert out.returncode == 0, out.stderr
+        words = json.loads(out.stdout)["words"]
+        assert words["read"] == 1 and words["failed"] == []
+        assert [u["path"] for u in words["unreachable"]] == [str(usb / "receipt.png")]
+        assert f"could not get at {usb / 'receipt.png'} to read its words" in out.stderr
+        assert "the next run tries again" in out.stderr
+
+        mount_tmpfs(usb)  # plugged in again
+        shutil.copy2(stash / "receipt.png", usb / "receipt.png")
+        again = json.loads(run_cli("index", "--index", idx, "--ocr-only", "--json", "-q").stdout)["words"]
+        assert again["read"] == 1 and again["with_words"] == 1 and again["unreachable"] == []
+        [hit] = json.loads(run_cli("search", "发票", "--index", idx, "--words", "--json").stdout)
+        assert hit["path"] == str(usb / "receipt.png")
+    finally:
+        while os.path.ismount(usb):
+            umount(usb)
 
 
 def test_a_reader_that_cannot_load_is_one_line_and_marks_no_photo(tmp_path, model_dir):

@@ -6,10 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 
 import pytest
-from conftest import random_images
+from conftest import mount_tmpfs, random_images, umount
 
 from cnclip.index import scan
 from cnclip.index.index import Index
@@ -246,16 +245,6 @@ def test_a_photo_that_cannot_be_read_is_kept_not_removed(tmp_path, index, monkey
 # -- mount points and devices -----------------------------------------------------------------------
 
 
-def _mount_tmpfs(path) -> None:
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "cnclip-test", str(path)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"mounting a tmpfs needs root (CI runs as root): {done.stderr.decode().strip()}")
-
-
-def _umount(path) -> None:
-    subprocess.run(["umount", str(path)], check=True)
-
-
 @pytest.fixture
 def usb(tmp_path):
     """Pictures/ with 6 photos and Pictures/usb, a real mount point (tmpfs) holding 4."""
@@ -263,7 +252,7 @@ def usb(tmp_path):
     _photos(pictures, 6, seed=14)
     mount = pictures / "usb"
     mount.mkdir()
-    _mount_tmpfs(mount)
+    mount_tmpfs(mount)
     try:
         stash = _photos(tmp_path / "stash", 4, seed=15)
         for p in stash:
@@ -271,20 +260,20 @@ def usb(tmp_path):
         yield pictures, mount, stash
     finally:
         while os.path.ismount(mount):
-            _umount(mount)
+            umount(mount)
 
 
 def test_an_unmounted_drive_leaves_an_empty_mount_point_and_keeps_its_files(usb, index):
     pictures, mount, stash = usb
     assert index.add_folder(pictures).added == 10
-    _umount(mount)  # the mount point is an empty folder again
+    umount(mount)  # the mount point is an empty folder again
     summary = index.add_folder(pictures)
     assert summary.removed == 0
     [offline] = summary.offline
     assert offline["path"] == str(mount) and offline["files"] == 4 and "mount point" in offline["reason"]
     assert index.catalog.collect_garbage() == 0 and index.catalog.unused_vectors() == 0
 
-    _mount_tmpfs(mount)  # plugged in again (a new device number, the same photos)
+    mount_tmpfs(mount)  # plugged in again (a new device number, the same photos)
     for p in stash:
         shutil.copy2(p, mount / p.name)
     back = index.add_folder(pictures)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import sqlite3
 import sys
@@ -109,15 +111,18 @@ def _photos(root):
 class CountingReader(WordReader):
     """The process's real reader (its models loaded once), counting what it reads, failing on names in `fail`."""
 
-    def __init__(self, fail=()):
+    def __init__(self, fail=(), eio=()):
         super().__init__()
         self.paths: list[str] = []
-        self.fail = set(fail)
+        self.fail, self.eio = set(fail), set(eio)
 
     def read_file(self, path, max_pixels=None):
         self.paths.append(str(path))
         if any(str(path).endswith(name) for name in self.fail):
             raise ImageError(f"{path}: the reader gave up (test)")
+        if any(str(path).endswith(name) for name in self.eio):  # as a network mount that dropped mid-read
+            error = OSError(errno.EIO, os.strerror(errno.EIO))
+            raise ImageError(f"{path}: truncated or corrupt image data ({error})") from error
         return default_reader().read_file(path)
 
 
@@ -220,6 +225,25 @@ def test_a_photo_the_reader_fails_on_keeps_its_vector(tiny_vit, tmp_path):
         assert str(root / "bad.png") in {h.path for h in index.search_text("发票", k=2)}  # by its picture
         assert index.catalog.words_progress()["failed"] == 1
         assert index.read_words(reader=reader).read == 0  # recorded: not retried until it changes
+
+
+def test_a_photo_that_cannot_be_got_at_is_not_marked_and_is_read_when_back(tiny_vit, tmp_path):
+    """Deleted since it was embedded (restored from the trash later), or on a drive that dropped:
+    nothing about its content is known, so nothing is recorded and the next run reads it."""
+    index, root = _indexed_words(tiny_vit, tmp_path, {"a.png": ["取件码"], "trash.png": ["发票"], "nas.png": ["合同"]})
+    with index:
+        saved = (root / "trash.png").read_bytes()
+        (root / "trash.png").unlink()
+        summary = index.read_words(reader=CountingReader(eio={"nas.png"}))
+        assert summary.read == 1 and summary.failed == []
+        assert sorted(p for p, _ in summary.unreachable) == [str(root / "nas.png"), str(root / "trash.png")]
+        assert "Input/output error" in dict(summary.unreachable)[str(root / "nas.png")]
+        assert index.catalog.words_progress() == {"photos": 3, "read": 1, "with_words": 1, "failed": 0}
+
+        (root / "trash.png").write_bytes(saved)  # back from the trash, and the drive is back
+        again = index.read_words(reader=CountingReader())
+        assert again.read == 2 and again.unreachable == [] and again.with_words == 2
+        assert [h.path for h in index.search_text("发票", words="only")] == [str(root / "trash.png")]
 
 
 def test_a_reader_that_cannot_load_records_nothing_and_the_next_run_reads_all(tiny_vit, tmp_path, monkeypatch):

@@ -137,6 +137,8 @@ def _read_words(index, args: argparse.Namespace, folder: str | None = None):
         bar.close()
     for path, reason in summary.failed:
         say(f"could not read the words in {path}: {reason} (its picture stays searchable)")
+    for path, reason in summary.unreachable:
+        say(f"could not get at {path} to read its words: {reason} (the next run tries again)")
     if not args.json:
         say(f"words: {summary.read} photos read, {summary.with_words} with words ({summary.engine})")
     return summary
