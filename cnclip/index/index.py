@@ -629,13 +629,20 @@ class Index:
         progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         wait: float = 0.0,
+        retry_failed: bool = False,
     ) -> ReadSummary:
-        """Read the words in the indexed photos (under `folder`, or all) not read yet; see
-        `cnclip.index.reading`. Holds the writer lock, as `add_folder` does."""
+        """Read the words in the indexed photos (under `folder`, or all) not read yet, and with
+        `retry_failed` those the reader failed on; see `cnclip.index.reading`. Holds the writer
+        lock, as `add_folder` does."""
         root = None if folder is None else to_catalog_path(os.path.abspath(expand_user(folder)))
         with self.lock.hold(wait):
             return reading.read_words(
-                self.catalog, reader or default_reader(), root=root, progress=progress, should_stop=should_stop
+                self.catalog,
+                reader or default_reader(),
+                root=root,
+                progress=progress,
+                should_stop=should_stop,
+                retry_failed=retry_failed,
             )
 
     def query_vector(self, query: str) -> np.ndarray:

@@ -95,16 +95,19 @@ def read_words(
     root: str | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    retry_failed: bool = False,
 ) -> ReadSummary:
-    """Read the words of every photo under `root` (catalog path; None: the whole index) not read yet."""
+    """Read the words of every photo under `root` (catalog path; None: the whole index) not read
+    yet, and with `retry_failed` those it failed on before (same content: the failure is kept
+    until then, so that an ordinary run does not spend the reader on them again)."""
     counts = catalog.words_progress(root)
     summary = ReadSummary(engine=reader.engine)
-    todo, after = counts["photos"] - counts["read"], 0
+    todo, after = counts["photos"] - counts["read"] + (counts["failed"] if retry_failed else 0), 0
     # Two threads: one picture decodes while the one before it is read (the reader takes one
     # picture at a time and keeps both cores busy).
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cnclip-words") as pool:
         while not summary.stopped:
-            batch = catalog.photos_to_read(root, after=after, limit=BATCH)
+            batch = catalog.photos_to_read(root, after=after, limit=BATCH, retry_failed=retry_failed)
             if not batch:
                 break
             after = batch[-1][0]

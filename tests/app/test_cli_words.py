@@ -130,6 +130,11 @@ def test_a_file_the_reader_cannot_read_gets_one_line_and_stays_searchable(tmp_pa
     assert words["read"] == 2 and [f["path"] for f in words["failed"]] == [str(photos / "soon-broken.png")]
     paths = {h["path"] for h in json.loads(run_cli("search", "红色", "--index", idx, "-k", "5", "--json").stdout)}
     assert str(photos / "soon-broken.png") in paths  # its vector is still there
+    info = run_cli("info", "--index", idx).stdout
+    assert "1 could not be read (--ocr-only tries again)" in info
+    again = json.loads(run_cli("index", "--index", idx, "--ocr-only", "--json", "-q").stdout)["words"]
+    assert again["read"] == 1 and len(again["failed"]) == 1  # tried again, still broken: still one line
+    assert json.loads(run_cli("info", "--index", idx, "--json").stdout)["words"]["failed"] == 1
 
 
 def test_photos_on_a_drive_unplugged_before_their_words_are_read_get_them_when_it_is_back(tmp_path, model_dir):

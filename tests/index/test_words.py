@@ -225,6 +225,11 @@ def test_a_photo_the_reader_fails_on_keeps_its_vector(tiny_vit, tmp_path):
         assert str(root / "bad.png") in {h.path for h in index.search_text("发票", k=2)}  # by its picture
         assert index.catalog.words_progress()["failed"] == 1
         assert index.read_words(reader=reader).read == 0  # recorded: not retried until it changes
+        # asked for by name (`cnclip index --ocr-only`), it is tried again; read this time, it is found
+        again = index.read_words(reader=CountingReader(), retry_failed=True)
+        assert again.read == 1 and again.failed == [] and again.with_words == 1
+        assert index.catalog.words_progress()["failed"] == 0
+        assert [h.path for h in index.search_text("发票", words="only")] == [str(root / "bad.png")]
 
 
 def test_a_photo_that_cannot_be_got_at_is_not_marked_and_is_read_when_back(tiny_vit, tmp_path):

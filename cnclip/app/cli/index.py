@@ -79,7 +79,8 @@ def add_index(sub: Subparsers) -> None:
     ocr.add_argument(
         "--ocr-only",
         action="store_true",
-        help="only read the words of photos already indexed (under FOLDER, or all), without scanning",
+        help="only read the words of photos already indexed (under FOLDER, or all), without scanning; "
+        "photos the reader failed on are tried again",
     )
     _add_ray_options(p)
     p.set_defaults(func=_cmd_index)
@@ -128,11 +129,13 @@ def _reads_words(args: argparse.Namespace) -> bool:
     return ocr_default() if args.ocr is None else args.ocr
 
 
-def _read_words(index, args: argparse.Namespace, folder: str | None = None):
+def _read_words(index, args: argparse.Namespace, folder: str | None = None, retry_failed: bool = False):
     """The second stage: the words in the photos not read yet, with their own progress bar."""
     bar = progress_bar("reading words", args)
     try:
-        summary = index.read_words(folder if folder is not None else args.folder, progress=bar, wait=args.wait)
+        summary = index.read_words(
+            folder if folder is not None else args.folder, progress=bar, wait=args.wait, retry_failed=retry_failed
+        )
     finally:
         bar.close()
     for path, reason in summary.failed:
@@ -145,13 +148,14 @@ def _read_words(index, args: argparse.Namespace, folder: str | None = None):
 
 
 def _cmd_read_words(args: argparse.Namespace) -> int:
-    """`cnclip index [FOLDER] --ocr-only`: read the words of photos already indexed."""
+    """`cnclip index [FOLDER] --ocr-only`: read the words of photos already indexed, trying again
+    the ones the reader failed on (asked for by name, unlike the stage after each indexing)."""
     from cnclip.index.index import Index
 
     if args.texts or args.watch or args.ray or args.address:
         raise CNClipError("--ocr-only reads words of photos already indexed; leave out --texts, --watch and --ray")
     with Index.open(args.index) as index:
-        summary = _read_words(index, args, folder=args.folder)
+        summary = _read_words(index, args, folder=args.folder, retry_failed=True)
     if args.json:
         print(as_json({"words": summary.to_dict()}))
     return 0
@@ -355,7 +359,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(
             f"words    {words['with_words']:,} photos with words; {words['read']:,} of {words['photos']:,} read"
             + (f", {left:,} to read (cnclip index --ocr-only)" if left else "")
-            + (f", {words['failed']:,} could not be read" if words["failed"] else "")
+            + (f", {words['failed']:,} could not be read (--ocr-only tries again)" if words["failed"] else "")
         )
     else:
         print("words    none read yet (cnclip index --ocr-only reads them)")
