@@ -1221,6 +1221,17 @@ class Catalog:
                 out[int(file_id)] = [line["text"] for line in json.loads(lines)]
         return out
 
+    def words_of_file(self, file_id: int) -> dict | None:
+        """What was read in file `file_id`: {"lines": [{"text", "score", "box"}], "error": reason or
+        None, "reader": who read it}; None when its content was not read yet (or there is no such file)."""
+        row = self._db.execute(
+            "SELECT w.lines, w.error, w.reader FROM files f JOIN words w ON w.vector_id = f.vector_id WHERE f.id = ?",
+            (int(file_id),),
+        ).fetchone()
+        if row is None:
+            return None
+        return {"lines": json.loads(row[0]), "error": row[1], "reader": row[2]}
+
     def words_progress(self, root: str | None = None) -> dict[str, int]:
         """How far reading words is (under `root`, or everywhere): online pictures by content
         (photos and video frames), how many of them were read, how many have words, how many

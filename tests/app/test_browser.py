@@ -551,6 +551,28 @@ def test_photos_found_by_their_words_show_them_marked(browser, words_server):
     assert sorted(lines) == ["增值税普通发票", "發票號碼 2024"] and marks.count("发票") == 1 and "發票" in marks
     _shot(browser, "14-words")
 
+    # the big photo shows every line read in it, the match marked, and copies them
+    first = names.index("发票.png")
+    browser.find_elements(By.CSS_SELECTOR, "#results .hit button:not(.like)")[first].click()
+    _wait(browser, lambda d: d.find_element(By.ID, "lightbox-words").is_displayed(), "the words under the photo")
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#lightbox-lines li")] == ["增值税普通发票"]
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#lightbox-lines mark")] == ["发票"]
+    _shot(browser, "15-words-lightbox")
+    browser.find_element(By.ID, "lightbox-copy").click()
+    copied = "return document.getElementById('lightbox-copy').textContent"
+    _wait(browser, lambda d: d.execute_script(copied) != "复制文字", "the copy")
+    if browser.execute_script(copied) != "已复制":  # no clipboard for this page: the lines are selected
+        assert browser.execute_script("return window.getSelection().toString()").strip() == "增值税普通发票"
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    _wait(browser, lambda d: not d.find_element(By.ID, "lightbox").is_displayed(), "the lightbox to close")
+    # a photo without words shows none
+    plain = next(i for i, name in enumerate(names) if name.startswith("风景"))
+    browser.find_elements(By.CSS_SELECTOR, "#results .hit button:not(.like)")[plain].click()
+    _wait(browser, lambda d: d.find_element(By.ID, "lightbox").is_displayed(), "the lightbox")
+    time.sleep(0.5)  # its (empty) words have come back by now
+    assert not browser.find_element(By.ID, "lightbox-words").is_displayed()
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+
     Select(browser.find_element(By.ID, "words")).select_by_value("only")
     browser.find_element(By.ID, "q").send_keys(Keys.ENTER)
     _wait(browser, lambda d: "找到 2 张图片" in d.find_element(By.ID, "status").text, "the words-only search")

@@ -715,8 +715,24 @@ def test_search_uses_the_words_in_photos_and_returns_the_matched_lines(tmp_path,
         index.add_folder(photos)
     with TestClient(create_app(tmp_path / "idx"), base_url=LOCAL) as client:
         assert client.get("/api/health").json()["words"]["read"] == 0
+        receipt = client.get("/api/search", params={"q": "发票", "k": 5}).json()["results"]
+        receipt_id = next(r["id"] for r in receipt if r["name"] == "receipt.png")
+        assert client.get(f"/api/words/{receipt_id}").json() == {
+            "id": receipt_id,
+            "read": False,
+            "lines": [],
+            "error": None,
+        }
         with cnclip.Index.open(tmp_path / "idx") as writer:  # another process reads the words meanwhile
             assert writer.read_words().with_words == 2
+        # every line read in a photo, with its box, for the page to show and copy
+        words = client.get(f"/api/words/{receipt_id}").json()
+        assert words["read"] is True and words["error"] is None
+        [line] = words["lines"]
+        assert line["text"] == "增值税普通发票" and 0.9 < line["score"] <= 1 and len(line["box"]) == 4
+        plain = next(r["id"] for r in receipt if r["name"] not in ("receipt.png", "m.png"))
+        assert client.get(f"/api/words/{plain}").json() == {"id": plain, "read": True, "lines": [], "error": None}
+        assert client.get("/api/words/999999").status_code == 404
         assert client.get("/api/health").json()["words"] == {"photos": 5, "read": 5, "with_words": 2, "failed": 0}
         first = client.get("/api/search", params={"q": "发票", "k": 5}).json()["results"]
         assert first[0]["name"] == "receipt.png"

@@ -24,6 +24,7 @@ from cnclip.app.serve.media import DecodeBudget, decoded_upload, make_thumbnail,
 from cnclip.app.serve.schemas import (
     DupesResponse,
     LabelResult,
+    PhotoWords,
     SearchResponse,
     TagResponse,
     TextResult,
@@ -201,6 +202,15 @@ def _file_routes(api: APIRouter, worker: IndexWorker, thumbs: LRUCache[int, byte
                 raise HTTPException(404, f"file {file_id} no longer decodes; run cnclip index to update") from e
             thumbs.put(file_id, data)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    @api.get("/words/{file_id}", response_model=PhotoWords)
+    def words(file_id: FileId):
+        """Every line of words read in an indexed photo (or video frame), with boxes, to show and copy."""
+        path_of(file_id)  # 404 for a file not in the index, as its image
+        record = worker.run(on_index.words_of, file_id)
+        if record is None:
+            return PhotoWords(id=file_id, read=False, lines=[])
+        return PhotoWords(id=file_id, read=True, lines=record["lines"], error=record["error"])
 
     @api.get("/image/{file_id}", response_class=FileResponse, responses={200: {"content": {"image/*": {}}}})
     def image(file_id: FileId):

@@ -22,6 +22,19 @@ class WordLine(BaseModel):
     spans: list[list[int]]  # [start, end) character ranges of `text` that match the query
 
 
+class ReadLine(BaseModel):
+    text: str  # a line of words read in the photo
+    score: float  # the recognizer's confidence, 0-1
+    box: list[list[int]]  # its four corners (x, y) in the photo's pixels, clockwise from top left
+
+
+class PhotoWords(BaseModel):
+    id: int
+    read: bool  # false: its words were not read yet (cnclip index --ocr-only reads them)
+    lines: list[ReadLine]  # every line read in it, top to bottom
+    error: str | None = None  # why it could not be read, when it could not
+
+
 class ImageResult(BaseModel):
     id: int
     path: str

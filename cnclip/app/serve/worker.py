@@ -129,6 +129,11 @@ def frame_time(index: Index, file_id: int) -> float | None:
     return None if record is None else split_frame_path(record.path)[1]
 
 
+def words_of(index: Index, file_id: int) -> dict | None:
+    """What was read in the file (`Catalog.words_of_file`)."""
+    return index.catalog.words_of_file(file_id)
+
+
 def servable(index: Index, file_id: int) -> tuple[FileRecord | None, dict[str, float]]:
     """The catalog's record of `file_id` (None if there is none) and the indexed folders, for `resolve_file`."""
     return index.catalog.files_by_ids([file_id]).get(file_id), index.catalog.roots()

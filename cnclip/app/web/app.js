@@ -92,24 +92,73 @@ function showResults(data, what, imageUrl) {
   setStatus(`${what}：${found}，用时 ${Math.round(data.took_ms)} 毫秒`, imageUrl);
 }
 
-// The lines of words a photo was found by, the matched characters marked (built as nodes, never as HTML).
+// A line of words with the [start, end) character ranges in `spans` marked (nodes, never HTML).
+function markedText(text, spans) {
+  const out = document.createDocumentFragment();
+  let at = 0;
+  spans.forEach(([start, end]) => {
+    out.append(document.createTextNode(text.slice(at, start)));
+    const mark = document.createElement("mark");
+    mark.textContent = text.slice(start, end);
+    out.append(mark);
+    at = end;
+  });
+  out.append(document.createTextNode(text.slice(at)));
+  return out;
+}
+
+// The lines of words a photo was found by, the matched characters marked.
 function wordsLine(lines) {
   const p = document.createElement("p");
   p.className = "words";
   p.title = "照片里的文字";
   lines.forEach((line, i) => {
     if (i > 0) p.append(document.createTextNode(" / "));
-    let at = 0;
-    line.spans.forEach(([start, end]) => {
-      p.append(document.createTextNode(line.text.slice(at, start)));
-      const mark = document.createElement("mark");
-      mark.textContent = line.text.slice(start, end);
-      p.append(mark);
-      at = end;
-    });
-    p.append(document.createTextNode(line.text.slice(at)));
+    p.append(markedText(line.text, line.spans));
   });
   return p;
+}
+
+// Under the big photo: every line read in it, to read and copy, the query's matches marked. The
+// words are extra: when they cannot be had, the photo shows without them.
+async function showPhotoWords(hit) {
+  const panel = $("lightbox-words");
+  panel.hidden = true;
+  $("lightbox").classList.remove("with-words");
+  $("lightbox-lines").replaceChildren();
+  $("lightbox-copy").textContent = "复制文字";
+  let data;
+  try {
+    data = await api(`/api/words/${hit.id}`);
+  } catch (_) {
+    return;
+  }
+  if (state.hits[state.current] !== hit || !data.lines.length) return; // stepped on, or no words
+  const matched = new Map((hit.words || []).map((line) => [line.text, line.spans]));
+  data.lines.forEach((line) => {
+    const item = document.createElement("li");
+    item.append(markedText(line.text, matched.get(line.text) || []));
+    $("lightbox-lines").append(item);
+  });
+  $("lightbox").classList.add("with-words");
+  panel.hidden = false;
+}
+
+// The clipboard needs a secure page (https, or this computer); elsewhere the lines are selected
+// for Ctrl+C instead.
+async function copyPhotoWords() {
+  const lines = $("lightbox-lines");
+  const text = [...lines.children].map((item) => item.textContent).join("\n");
+  try {
+    await navigator.clipboard.writeText(text);
+    $("lightbox-copy").textContent = "已复制";
+  } catch (_) {
+    const range = document.createRange();
+    range.selectNodeContents(lines);
+    window.getSelection().removeAllRanges();
+    window.getSelection().addRange(range);
+    $("lightbox-copy").textContent = "已选中，按 Ctrl+C 复制";
+  }
 }
 
 // Combined queries: the 不要 field's texts (split at commas or 、) are subtracted from the query text.
@@ -250,6 +299,7 @@ function openLightbox(i) {
   $("lightbox-open").href = hit.image;
   $("lightbox").hidden = false;
   $("lightbox-close").focus();
+  showPhotoWords(hit);
 }
 
 // The arrow keys and a swipe: one photo on, or back, stopping at either end.
@@ -362,6 +412,7 @@ function wire() {
   });
 
   $("lightbox-close").addEventListener("click", closeLightbox);
+  $("lightbox-copy").addEventListener("click", copyPhotoWords);
   $("lightbox").addEventListener("click", (event) => {
     if (event.target === $("lightbox")) closeLightbox(); // a click or a tap beside the photo
   });
