@@ -101,7 +101,7 @@ def read_words(
     yet, and with `retry_failed` those it failed on before (same content: the failure is kept
     until then, so that an ordinary run does not spend the reader on them again)."""
     counts = catalog.words_progress(root)
-    summary = ReadSummary(engine=reader.engine)
+    summary = ReadSummary()
     todo, after = counts["photos"] - counts["read"] + (counts["failed"] if retry_failed else 0), 0
     # Two threads: one picture decodes while the one before it is read (the reader takes one
     # picture at a time and keeps both cores busy).
@@ -137,4 +137,5 @@ def read_words(
             summary.read += len(rows)
             if progress is not None:
                 progress(Progress(summary.read, max(todo, summary.read)))
+    summary.engine = reader.engine  # read last: an engine picked for the CPU may have fallen back
     return summary

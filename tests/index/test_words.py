@@ -10,11 +10,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import random_images, word_photo, write_video
+from conftest import needs_openvino, random_images, word_photo, write_video
 
 import cnclip
 from cnclip.errors import ImageError, QueryError, ReaderError
 from cnclip.index.words import WordQuery, matching_lines, spans, tokens
+from cnclip.model import ocr
 from cnclip.model.ocr import WordReader, default_reader
 
 # -- tokens, queries, highlights (no model) -----------------------------------------------------------
@@ -262,6 +263,16 @@ def test_a_reader_that_cannot_load_records_nothing_and_the_next_run_reads_all(ti
                 index.read_words(reader=WordReader(engine="onnxruntime"))
         assert index.catalog.words_progress() == {"photos": 2, "read": 0, "with_words": 0, "failed": 0}
         assert index.read_words(reader=WordReader(engine="onnxruntime")).with_words == 2
+
+
+@needs_openvino
+def test_the_summary_names_the_engine_that_read_after_a_fallback(tiny_vit, tmp_path, monkeypatch):
+    index, _ = _indexed_words(tiny_vit, tmp_path, {"a.png": ["取件码"]})
+    monkeypatch.setenv("CNCLIP_CPU_BF16", "1")  # OpenVINO picked for this CPU, and it cannot load
+    monkeypatch.setattr(ocr, "model_files", lambda: dict.fromkeys(("Det", "Rec", "Cls"), tmp_path / "gone.onnx"))
+    with index:
+        summary = index.read_words(reader=WordReader())
+    assert summary.engine == "onnxruntime" and summary.with_words == 1
 
 
 def test_reading_stops_between_photos_and_the_next_run_goes_on(tiny_vit, tmp_path):
