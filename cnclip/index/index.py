@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from cnclip import atomic
-from cnclip.errors import CNClipError, ModelMismatchError, QueryError
+from cnclip.errors import CNClipError, ModelMismatchError, PathError, QueryError
 from cnclip.index import reading
 from cnclip.index.catalog import CATALOG_FILE, Catalog, ModelIdentity
 from cnclip.index.filters import SearchFilter, parse_date, parse_size
@@ -620,6 +620,16 @@ class Index:
         hits, _ = self._fold_videos(found[0][keep].tolist(), scores[0][keep].tolist())
         lines = self.catalog.words_for_ids([h.id for h in hits])
         return [replace(h, words=tuple(matching_lines(lines.get(h.id, []), wanted.terms))) for h in hits]
+
+    def words_of(self, path: str | os.PathLike) -> dict | None:
+        """What was read in the indexed photo at `path`: {"lines": [{"text", "score", "box"}],
+        "error", "reader"}, or None when its words were not read yet. Raises PathError for a
+        file that is not in the index."""
+        absolute = os.path.abspath(expand_user(path))
+        file_id = self.catalog.file_id_for_path(to_catalog_path(absolute))
+        if file_id is None:
+            raise PathError(f"{absolute} is not in this index ({self.catalog.folder}); index its folder first")
+        return self.catalog.words_of_file(file_id)
 
     def read_words(
         self,

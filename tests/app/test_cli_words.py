@@ -101,6 +101,8 @@ def test_no_ocr_then_ocr_only_later_and_kill_9_in_between(tmp_path, model_dir):
     assert run_cli("search", "发票", "--index", idx, "--words", "--json").stdout.strip() == "[]"
     info = json.loads(run_cli("info", "--index", idx, "--json").stdout)["words"]
     assert info == {"photos": 20, "read": 0, "with_words": 0, "failed": 0}
+    unread = run_cli("words", photos / "00.png", "--index", idx)
+    assert unread.returncode == 0 and unread.stdout == "" and "not read yet (cnclip index --ocr-only" in unread.stderr
 
     killed = run_cli("index", "--index", idx, "--ocr-only", "-q", env={"CNCLIP_FAULT": "words.after_batch"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -194,3 +196,22 @@ def test_a_cpu_with_fast_bf16_reads_in_openvino_and_says_so(tmp_path, model_dir)
     assert "words: 2 photos read, 1 with words (openvino)" in out.stderr
     [hit] = json.loads(run_cli("search", "取件码", "--index", idx, "--words", "--json").stdout)
     assert hit["path"] == str(photos / "kuaidi.png") and hit["words"] == [{"text": "请凭取件码领取", "spans": [[2, 5]]}]
+
+
+def test_cnclip_words_prints_the_lines_of_a_photo_to_copy(indexed, photos):
+    idx, _, _ = indexed
+    shot = photos / "截图" / "kuaidi.png"
+    out = run_cli("words", shot, "--index", idx)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["您的快递已到", "请凭取件码 8-3-2017 领取"]  # as read, to copy
+    both = run_cli("words", shot, photos / "风景" / "0.jpg", "--index", idx, "--json")
+    [kuaidi, plain] = json.loads(both.stdout)
+    assert kuaidi["path"] == str(shot) and kuaidi["read"] and [x["text"] for x in kuaidi["lines"]][0] == "您的快递已到"
+    assert len(kuaidi["lines"][0]["box"]) == 4 and plain == {
+        "path": str(photos / "风景" / "0.jpg"),
+        "read": True,
+        "lines": [],
+        "error": None,
+    }
+    missing = run_cli("words", photos / "nowhere.png", "--index", idx)
+    assert missing.returncode == 1 and "is not in this index" in missing.stderr and "Traceback" not in missing.stderr

@@ -19,7 +19,7 @@ from cnclip.app.cli.common import DownloadBar
 from cnclip.app.cli.evaluate import add_eval
 from cnclip.app.cli.index import add_gc, add_index, add_info
 from cnclip.app.cli.models import add_convert, add_export_onnx, add_models
-from cnclip.app.cli.search import add_dupes, add_search, add_tag
+from cnclip.app.cli.search import add_dupes, add_search, add_tag, add_words
 from cnclip.app.cli.serve import add_serve
 from cnclip.app.cli.train import add_import_official, add_pretrain_text, add_train, run_train
 from cnclip.errors import CNClipError
@@ -37,6 +37,7 @@ COMMANDS = (
     add_index,
     add_gc,
     add_search,
+    add_words,
     add_info,
     add_dupes,
     add_tag,

@@ -20,6 +20,7 @@ from cnclip.app.cli.common import (
     say,
 )
 from cnclip.errors import CNClipError
+from cnclip.userpath import expand_user
 
 SEARCH_EPILOG = """combined queries:
   One text or one --image searches as it is. Anything more is combined on the unit embeddings:
@@ -172,6 +173,43 @@ def _write_sheets(args: argparse.Namespace, hits, title: str) -> None:
         say(f"wrote {write_grid(items, args.grid, title=title)}")
     if args.html:
         say(f"wrote {write_html(items, args.html, title=title)}")
+
+
+def add_words(sub: Subparsers) -> None:
+    p = sub.add_parser("words", help="the lines of words read in indexed photos, to read or copy")
+    p.add_argument("files", nargs="+", metavar="FILE", help="photos in the index")
+    add_index_option(p)
+    p.add_argument("--json", action="store_true", help="per photo: {path, read, lines: [{text, score, box}], error}")
+    p.set_defaults(func=_cmd_words)
+
+
+def _cmd_words(args: argparse.Namespace) -> int:
+    from cnclip.index.index import Index
+
+    with Index.open(args.index) as index:
+        found = [(os.path.abspath(expand_user(f)), index.words_of(f)) for f in args.files]
+    if args.json:
+        print(
+            as_json(
+                [
+                    {"path": path, "read": rec is not None}
+                    | ({"lines": [], "error": None} if rec is None else {"lines": rec["lines"], "error": rec["error"]})
+                    for path, rec in found
+                ]
+            )
+        )
+        return 0
+    for path, rec in found:
+        if len(found) > 1:
+            print(f"{path}:")
+        indent = "\t" if len(found) > 1 else ""
+        if rec is None:
+            say(f"{path}: its words are not read yet (cnclip index --ocr-only reads them)")
+        elif rec["error"]:
+            say(f"{path}: its words could not be read: {rec['error']}")
+        for line in [] if rec is None else rec["lines"]:
+            print(f"{indent}{line['text']}")
+    return 0
 
 
 def add_tag(sub: Subparsers) -> None:
