@@ -557,6 +557,16 @@ def test_photos_found_by_their_words_show_them_marked(browser, words_server):
     _wait(browser, lambda d: d.find_element(By.ID, "lightbox-words").is_displayed(), "the words under the photo")
     assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#lightbox-lines li")] == ["增值税普通发票"]
     assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#lightbox-lines mark")] == ["发票"]
+    # and over the photo, a box where the matched line is (drawn at x=53, y=80 of 640×480, 40 px high)
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#lightbox-boxes polygon"), "the box over the words")
+    where = browser.execute_script(
+        "const i = document.getElementById('lightbox-img').getBoundingClientRect();"
+        "const b = document.querySelector('#lightbox-boxes polygon').getBoundingClientRect();"
+        "return [(b.left - i.left) / i.width, (b.top - i.top) / i.height, b.width / i.width, b.height / i.height];"
+    )
+    left, top, width, height = where
+    assert abs(left - 53 / 640) < 0.04 and abs(top - 80 / 480) < 0.05, where
+    assert 0.35 < width < 0.6 and 0.06 < height < 0.2, where
     _shot(browser, "15-words-lightbox")
     browser.find_element(By.ID, "lightbox-copy").click()
     copied = "return document.getElementById('lightbox-copy').textContent"

@@ -124,6 +124,8 @@ function wordsLine(lines) {
 async function showPhotoWords(hit) {
   const panel = $("lightbox-words");
   panel.hidden = true;
+  $("lightbox-boxes").toggleAttribute("hidden", true); // an <svg> has no .hidden property
+  $("lightbox-boxes").replaceChildren();
   $("lightbox").classList.remove("with-words");
   $("lightbox-lines").replaceChildren();
   $("lightbox-copy").textContent = "复制文字";
@@ -142,6 +144,26 @@ async function showPhotoWords(hit) {
   });
   $("lightbox").classList.add("with-words");
   panel.hidden = false;
+  if (hit.t === null || hit.t === undefined) drawWordBoxes(hit, data.lines.filter((line) => matched.has(line.text)));
+}
+
+// Over the photo, where the matched lines are: their boxes are in the photo's pixels (upright, as
+// the browser shows it), so the drawing's coordinates are the picture's own.
+function drawWordBoxes(hit, lines) {
+  const img = $("lightbox-img");
+  const draw = () => {
+    const svg = $("lightbox-boxes");
+    if (state.hits[state.current] !== hit || !img.naturalWidth || !lines.length) return; // stepped on
+    svg.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
+    lines.forEach((line) => {
+      const box = document.createElementNS("http://www.w3.org/2000/svg", "polygon");
+      box.setAttribute("points", line.box.map(([x, y]) => `${x},${y}`).join(" "));
+      svg.append(box);
+    });
+    svg.toggleAttribute("hidden", false);
+  };
+  if (img.complete) draw();
+  else img.addEventListener("load", draw, { once: true });
 }
 
 // The clipboard needs a secure page (https, or this computer); elsewhere the lines are selected
