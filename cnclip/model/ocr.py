@@ -1,16 +1,15 @@
-"""Reading the words in a picture: PP-OCR text detection, direction and recognition in ONNX Runtime.
+"""Reading the words in a picture: PP-OCR text detection, direction and recognition.
 
 The reader is RapidOCR (`rapidocr`, pinned in pyproject.toml), whose wheel carries the PP-OCRv6
 Chinese/English detection and recognition models and the direction classifier as ONNX files: it
 reads with no download, and on a bare server (it uses opencv-python-headless, which needs no
 libGL). The models run in ONNX Runtime, or in OpenVINO where the CPU has fast bf16 (AMX, AVX-512
 BF16): OpenVINO then computes in bf16 on its own and reads a photo in half the time (see
-`default_engine`). Only this module touches RapidOCR, through its documented call and result fields, so a
-change in its options (which crashed Immich's OCR in 2025) shows up here and in
+`default_engine`). Only this module touches RapidOCR, through its documented options, call and
+result fields, so a change in them (which crashed Immich's OCR in 2025) shows up here and in
 tests/model/test_ocr.py, nowhere else. Torch-free: `cnclip index` can read words in a process
 that never loads torch.
 """
-
 from __future__ import annotations
 
 import importlib.util
