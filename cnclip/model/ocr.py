@@ -10,6 +10,7 @@ result fields, so a change in them (which crashed Immich's OCR in 2025) shows up
 tests/model/test_ocr.py, nowhere else. Torch-free: `cnclip index` can read words in a process
 that never loads torch.
 """
+
 from __future__ import annotations
 
 import importlib.util
