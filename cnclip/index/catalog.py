@@ -1164,19 +1164,19 @@ class Catalog:
 
     def photos_to_read(
         self, root: str | None = None, after: int = 0, limit: int = 64, retry_failed: bool = False
-    ) -> list[tuple[int, str]]:
-        """Up to `limit` (vector id, path) of online photos and video frames under `root` whose
-        content was never read for words (or, with `retry_failed`, could not be), one path per
-        vector, in vector id order after `after`."""
+    ) -> list[tuple[int, list[str]]]:
+        """Up to `limit` (vector id, its paths) of online photos and video frames under `root`
+        whose content was never read for words (or, with `retry_failed`, could not be), in vector
+        id order after `after`; a content's paths (its copies) sorted."""
         lo, hi = _prefix_range(_absolute(root)) if root else ("", "\U0010ffff")
         rows = self._db.execute(
-            "SELECT f.vector_id, min(f.path) FROM files f WHERE f.vector_id > ? AND f.offline IS NULL "
+            "SELECT f.vector_id, json_group_array(f.path) FROM files f WHERE f.vector_id > ? AND f.offline IS NULL "
             "AND f.path >= ? AND f.path < ? "
             "AND NOT EXISTS (SELECT 1 FROM words w WHERE w.vector_id = f.vector_id AND (? = 0 OR w.error IS NULL)) "
             "GROUP BY f.vector_id ORDER BY f.vector_id LIMIT ?",
             (after, lo, hi, int(retry_failed), limit),
         ).fetchall()
-        return [(int(v), str(p)) for v, p in rows]
+        return [(int(v), sorted(json.loads(paths))) for v, paths in rows]
 
     def put_words(self, reader: str, rows: Sequence[tuple[int, list[dict], str | None, str]]) -> None:
         """Record what `reader` read, in one transaction: per vector id its lines (dicts with

@@ -88,6 +88,20 @@ def _read_one(reader: WordReader, path: str) -> list[Line] | str | _Unreachable:
         return _Unreachable(reason) if _io_error(e) is not None else reason
 
 
+def _read_content(reader: WordReader, paths: list[str]) -> tuple[str, list[Line] | str | _Unreachable]:
+    """(the path read, what `_read_one` gave) for one content indexed under `paths`: a copy that
+    can be got at stands in for one that cannot (a photo kept both on a laptop and on a NAS that
+    is not mounted just now)."""
+    first: tuple[str, _Unreachable] | None = None
+    for path in paths:
+        result = _read_one(reader, path)
+        if not isinstance(result, _Unreachable):
+            return path, result
+        first = first or (path, result)
+    assert first is not None  # every content has a path
+    return first
+
+
 def read_words(
     catalog: Catalog,
     reader: WordReader,
@@ -111,13 +125,13 @@ def read_words(
             if not batch:
                 break
             after = batch[-1][0]
-            futures = [pool.submit(_read_one, reader, path) for _, path in batch]
+            futures = [pool.submit(_read_content, reader, paths) for _, paths in batch]
             rows = []
-            for (vector_id, path), future in zip(batch, futures, strict=True):
+            for (vector_id, _), future in zip(batch, futures, strict=True):
                 if should_stop is not None and should_stop():
                     summary.stopped = True
                     break
-                result = future.result()
+                path, result = future.result()
                 if isinstance(result, _Unreachable):  # gone or offline since it was embedded
                     log.warning("cannot get at %s to read its words now: %s", from_catalog_path(path), result.reason)
                     summary.unreachable.append((from_catalog_path(path), result.reason))

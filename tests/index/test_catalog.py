@@ -157,7 +157,7 @@ def test_a_version_1_catalog_is_upgraded_with_its_files_and_vectors(tmp_path, mo
         assert c.precision_counts() == {"unrecorded": 1}  # computed before precisions were kept
         # words came with schema 6: the photo waits to be read, its vector is not touched
         assert c.words_progress() == {"photos": 1, "read": 0, "with_words": 0, "failed": 0}
-        assert c.photos_to_read() == [(1, f"{root}/a.jpg")] and not c.has_words()
+        assert c.photos_to_read() == [(1, [f"{root}/a.jpg"])] and not c.has_words()
 
 
 def test_every_catalog_has_its_own_identity_for_life(tmp_path):

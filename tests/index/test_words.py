@@ -252,6 +252,20 @@ def test_a_photo_that_cannot_be_got_at_is_not_marked_and_is_read_when_back(tiny_
         assert [h.path for h in index.search_text("发票", words="only")] == [str(root / "trash.png")]
 
 
+def test_a_copy_that_can_be_got_at_stands_in_for_one_that_cannot(tiny_vit, tmp_path):
+    """The same photo on a NAS that dropped and on the laptop: its words are read from the laptop."""
+    index, root = _indexed_words(tiny_vit, tmp_path, {"1-nas/a.png": ["取件码"]})
+    shutil.copytree(root / "1-nas", root / "2-laptop")
+    with index:
+        index.add_folder(root, workers=1)
+        reader = CountingReader(eio={"1-nas/a.png"})
+        summary = index.read_words(reader=reader)
+        assert summary.read == 1 and summary.with_words == 1 and summary.unreachable == []
+        assert reader.paths == [str(root / "1-nas" / "a.png"), str(root / "2-laptop" / "a.png")]
+        hits = {h.path for h in index.search_text("取件码", words="only")}
+        assert hits == {str(root / "1-nas" / "a.png"), str(root / "2-laptop" / "a.png")}  # words are per content
+
+
 def test_a_reader_that_cannot_load_records_nothing_and_the_next_run_reads_all(tiny_vit, tmp_path, monkeypatch):
     """Not installed, or its models do not load: no photo's fault, so none is marked as failed (a
     failure recorded per photo would never be retried until the photo changed)."""
