@@ -11,6 +11,8 @@ import pytest
 from conftest import mount_tmpfs, needs_openvino, random_images, run_cli, umount, word_photo
 from PIL import Image
 
+from cnclip.model.ocr import default_engine
+
 OCR = {"CNCLIP_OCR": "1"}  # the suite's default is off (tests/conftest.py); these tests are about it
 
 
@@ -43,14 +45,15 @@ def _search(idx, *args):
 def test_index_reads_the_words_after_the_vectors(indexed):
     _, summary, stderr = indexed
     assert summary["added"] == 6 and summary["embedded"] == 6
-    # the suite pins CNCLIP_CPU_BF16=0 (tests/conftest.py): the reader runs in ONNX Runtime
+    # the engine this CPU picks: ONNX Runtime under the suite's CNCLIP_CPU_BF16=0 (tests/conftest.py),
+    # OpenVINO under `CNCLIP_CPU_BF16=1 pytest` (as an AMX machine would run it)
     assert summary["words"] == {
         "read": 6,
         "with_words": 3,
         "failed": [],
         "unreachable": [],
         "stopped": False,
-        "engine": "onnxruntime",
+        "engine": default_engine(),
     }
     assert "Traceback" not in stderr
 
@@ -172,9 +175,9 @@ def test_photos_on_a_drive_unplugged_before_their_words_are_read_get_them_when_i
 def test_a_reader_that_cannot_load_is_one_line_and_marks_no_photo(tmp_path, model_dir):
     photos, idx = tmp_path / "photos", tmp_path / "idx"
     word_photo(photos / "kuaidi.png", ["请凭取件码领取"])
-    out = run_cli(
-        "index", photos, "--index", idx, "--model", model_dir, env=OCR | {"CNCLIP_FAULT": "words.load_reader=EIO"}
-    )
+    # an I/O error as the models load, in the engine named (one picked for the CPU would fall back)
+    fault = {"CNCLIP_FAULT": "words.load_reader=EIO", "CNCLIP_OCR_ENGINE": "onnxruntime"}
+    out = run_cli("index", photos, "--index", idx, "--model", model_dir, env=OCR | fault)
     assert out.returncode == 1
     [line] = [x for x in out.stderr.splitlines() if x.startswith("cnclip: error:")]
     assert "could not load its models" in line and "searchable by picture" in line and "Traceback" not in out.stderr
