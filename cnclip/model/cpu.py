@@ -1,4 +1,4 @@
-"""What this CPU and install offer for inference: fast bf16 (AMX, AVX-512 BF16), ONNX Runtime.
+"""What this CPU and install offer for inference: fast bf16 (AMX, AVX-512 BF16), ONNX Runtime, OpenVINO.
 
 Torch-free, read from /proc/cpuinfo and the installed packages.
 """
@@ -30,6 +30,11 @@ def cpu_has_fast_bf16() -> bool:
 
 def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def openvino_available() -> bool:
+    """OpenVINO, the word reader's engine on CPUs with fast bf16 (installed on x86-64)."""
+    return importlib.util.find_spec("openvino") is not None
 
 
 def package_version(name: str) -> str | None:

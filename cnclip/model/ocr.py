@@ -25,7 +25,7 @@ from PIL import Image
 
 from cnclip import faults
 from cnclip.errors import CNClipError, ImageError, ReaderError
-from cnclip.model.cpu import cpu_has_fast_bf16
+from cnclip.model.cpu import cpu_has_fast_bf16, openvino_available
 from cnclip.model.transform import DEFAULT_MAX_PIXELS, load_image
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def default_engine() -> str:
         if forced not in ENGINES:
             raise ReaderError(f"${ENGINE_ENV}={forced!r} is not a reader engine; use one of: {', '.join(ENGINES)}")
         return forced
-    if cpu_has_fast_bf16() and importlib.util.find_spec("openvino") is not None:
+    if cpu_has_fast_bf16() and openvino_available():
         return "openvino"
     return "onnxruntime"
 
@@ -118,7 +118,7 @@ class WordReader:
         self.engine = default_engine() if engine is None else engine
         if self.engine not in ENGINES:
             raise ReaderError(f"{self.engine!r} is not a reader engine; use one of: {', '.join(ENGINES)}")
-        if self.engine == "openvino" and importlib.util.find_spec("openvino") is None:
+        if self.engine == "openvino" and not openvino_available():
             raise ReaderError("the openvino reader engine needs OpenVINO: pip install openvino (or use onnxruntime)")
         self.max_side = max_side
         self.min_score = min_score
